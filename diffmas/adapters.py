@@ -1,0 +1,140 @@
+"""LoRA adapters over a backbone: one shared by every agent, or one per agent (peft multi-adapter).
+
+peft's ``set_adapter`` freezes every inactive adapter, which in a per-agent, coupled run would silently stop
+the writers' adapters from learning after the first switch; :func:`activate` restores the trainable set.
+Adapters are saved in peft's own format plus a small ``diffmas_adapters.json`` that says which role uses
+which adapter and which base model they were trained on, so loading into the wrong model fails clearly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from diffmas.backbone import Backbone
+from diffmas.errors import DiffMASError
+
+META_FILE = "diffmas_adapters.json"
+SHARED = "default"  # peft's name for the first adapter; keeps a shared adapter loadable by plain peft
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters and layout."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    layout: str = "shared"
+    """``shared``: one adapter for all agents; ``per-agent``: one adapter per role."""
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("shared", "per-agent"):
+            raise DiffMASError(f"lora.layout: must be 'shared' or 'per-agent', got '{self.layout}'")
+        if self.rank < 1:
+            raise DiffMASError("lora.rank: must be >= 1")
+
+
+def _model_signature(backbone: Backbone) -> dict:
+    cfg = backbone.lm.config
+    return {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+            "vocab_size": cfg.vocab_size}
+
+
+def attach_lora(backbone: Backbone, settings: LoraSettings, roles: list[str]) -> dict[str, str]:
+    """Wrap the backbone's model with fresh LoRA adapter(s); returns role -> adapter name."""
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.targets), task_type="CAUSAL_LM")
+    names = [SHARED] if settings.layout == "shared" else list(roles)
+    model = get_peft_model(backbone.lm, config, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, config)
+    backbone.model = model
+    _remember_trainable(backbone)
+    return {role: (SHARED if settings.layout == "shared" else role) for role in roles}
+
+
+def _remember_trainable(backbone: Backbone) -> None:
+    backbone.cache["lora_params"] = [p for n, p in backbone.model.named_parameters() if "lora_" in n]
+
+
+def trainable_parameters(backbone: Backbone) -> list[torch.nn.Parameter]:
+    """Every LoRA parameter of every adapter (the optimizer's parameter list)."""
+    return list(backbone.cache.get("lora_params", []))
+
+
+def set_trainable(backbone: Backbone, trainable: bool) -> None:
+    for p in trainable_parameters(backbone):
+        p.requires_grad_(trainable)
+
+
+def activate(backbone: Backbone, adapter: str | None) -> None:
+    """Make ``adapter`` the active one without freezing the others (see module docstring)."""
+    if adapter is None or not isinstance(backbone.model, PeftModel) or backbone.model.active_adapter == adapter:
+        return
+    states = [p.requires_grad for p in trainable_parameters(backbone)]
+    backbone.model.set_adapter(adapter)
+    for p, state in zip(trainable_parameters(backbone), states):
+        p.requires_grad_(state)
+
+
+def save_adapters(backbone: Backbone, out: Path, roles: dict[str, str], settings: LoraSettings,
+                  extra: dict | None = None) -> None:
+    """Adapters in peft's format (``PeftModel.from_pretrained`` loads them) plus the role map.
+
+    ``extra`` (system, topology, latent steps, ...) is stored too, so inference can default to the
+    settings the adapters were trained with.
+    """
+    if not isinstance(backbone.model, PeftModel):
+        raise DiffMASError("no LoRA adapter attached: nothing to save")
+    backbone.model.save_pretrained(str(out))
+    meta = {"roles": roles, "lora": asdict(settings), "base_model": backbone.name, "model": _model_signature(backbone),
+            **(extra or {})}
+    (Path(out) / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _adapter_path(root: Path, name: str) -> Path:
+    # peft writes the adapter named "default" at the root and every other one in a sub-folder of its name.
+    return root if name == SHARED else root / name
+
+
+def read_adapter_meta(folder: str | Path) -> dict:
+    """The metadata written by :func:`save_adapters`, with a clear error when it is missing or corrupt."""
+    meta_path = Path(folder) / META_FILE
+    if not meta_path.is_file():
+        raise DiffMASError(f"adapter folder {folder} not found or has no {META_FILE} (train one with `diffmas train`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta.get("roles"), dict):
+            raise KeyError("roles")
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise DiffMASError(f"adapter metadata {meta_path} is corrupt: {exc}") from exc
+    return meta
+
+
+def load_adapters(backbone: Backbone, folder: str | Path, trainable: bool = False) -> dict[str, str]:
+    """Load adapters saved by :func:`save_adapters`; returns role -> adapter name."""
+    root = Path(folder)
+    meta = read_adapter_meta(root)
+    roles: dict[str, str] = meta["roles"]
+    if meta.get("model") != _model_signature(backbone):
+        raise DiffMASError(
+            f"adapter in {root} was trained on '{meta.get('base_model')}' {meta.get('model')}, "
+            f"not on '{backbone.name}' {_model_signature(backbone)}"
+        )
+    names = sorted(set(roles.values()))
+    try:
+        model = PeftModel.from_pretrained(backbone.lm, str(_adapter_path(root, names[0])), adapter_name=names[0],
+                                          is_trainable=trainable)
+        for name in names[1:]:
+            model.load_adapter(str(_adapter_path(root, name)), adapter_name=name, is_trainable=trainable)
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise DiffMASError(f"could not load adapters from {root}: {str(exc).splitlines()[0]}") from exc
+    backbone.model = model.eval() if not trainable else model
+    _remember_trainable(backbone)
+    return roles

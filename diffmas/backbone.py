@@ -1,0 +1,107 @@
+"""Load a causal LM and its tokenizer, and expose the few pieces the rollout needs.
+
+The rollout never calls the model's top-level forward: it runs the decoder body (hidden states only) and
+applies the LM head to the positions that need logits. Over a 49k vocabulary the head is a large share of a
+small model's cost, so computing it only where a token is sampled or a loss is taken matters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from diffmas.assets import DEFAULT_MODEL, resolve_model
+from diffmas.errors import DiffMASError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error, not a silent CPU run."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffMASError(f"device '{device}' requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise DiffMASError(f"unknown dtype '{dtype}'; choose one of {sorted(set(DTYPES))}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Backbone:
+    """A model (possibly wrapped by peft) with its tokenizer and the name it was loaded from."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    name: str = DEFAULT_MODEL
+    cache: dict = field(default_factory=dict)  # per-model derived tensors (realignment), computed once
+
+    @property
+    def lm(self) -> PreTrainedModel:
+        """The underlying causal LM, with any LoRA layers injected in place."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if get_base is not None else self.model
+
+    @property
+    def body(self) -> torch.nn.Module:
+        """Decoder without LM head: returns last-layer (final-normed) hidden states."""
+        return self.lm.base_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.get_input_embeddings().weight.dtype
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Token ids that end a reply: the tokenizer's EOS and the model's generation EOS ids."""
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.lm.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(int(i) for i in source)
+        return ids
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """LM head on the given hidden states only (callers pass just the positions they need)."""
+        return self.lm.get_output_embeddings()(hidden).float()
+
+
+def load_backbone(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32") -> Backbone:
+    """Load ``model`` (embedded alias, local folder, or hub id) onto ``device`` in ``dtype``."""
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    path = resolve_model(model)
+    hf_logging.set_verbosity_error()  # silence load-time chatter; our own errors say what went wrong
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffMASError(f"could not load model '{model}': {first}") from exc
+    lm.to(torch_device).eval()
+    return Backbone(model=lm, tokenizer=tokenizer, name=model)

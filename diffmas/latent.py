@@ -1,0 +1,105 @@
+"""Latent thoughts: map the last hidden state back into input-embedding space and feed it as the next input.
+
+Realignment (LatentMAS): W_a solves the ridge problem (W_outᵀW_out + λI) W_a = W_outᵀW_in, where W_out is the
+LM head and W_in the input embedding matrix (both [V, D]). h @ W_a is the input embedding whose image under
+the head best matches h's, so the next step sees something shaped like a token embedding. The result is
+rescaled to the mean input-embedding norm (this applies even with realignment off, or for tied embeddings,
+where W_a is close to identity). W_a depends only on the frozen embeddings (LoRA never touches them), so it is
+computed once per model and cached in memory and on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffmas.assets import diffmas_home
+from diffmas.backbone import Backbone
+from diffmas.kv import Trace
+
+
+def solve_realignment(w_out: Tensor, w_in: Tensor, ridge: float = 1e-5) -> Tensor:
+    """W_a [D, D] solving (W_outᵀW_out + ridge·I) W_a = W_outᵀW_in, computed in float64."""
+    w_out64, w_in64 = w_out.detach().double(), w_in.detach().double()
+    gram = w_out64.T @ w_out64
+    gram.diagonal().add_(ridge)
+    return torch.linalg.solve(gram, w_out64.T @ w_in64)
+
+
+def _fingerprint(backbone: Backbone, ridge: float) -> str:
+    # Shapes plus a strided sample of both matrices: cheap, and different weights give a different key.
+    w_in = backbone.lm.get_input_embeddings().weight.detach()
+    w_out = backbone.lm.get_output_embeddings().weight.detach()
+    digest = hashlib.sha256(f"{tuple(w_in.shape)}{tuple(w_out.shape)}{ridge}".encode())
+    for w in (w_in, w_out):
+        digest.update(w.flatten()[:: max(1, w.numel() // 65536)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Realigner:
+    """Maps last-layer hidden states [B, D] to input embeddings [B, D]."""
+
+    matrix: Tensor | None  # None: realignment switched off (norm rescaling only)
+    target_norm: float
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        x = hidden.float()
+        if self.matrix is not None:
+            x = x @ self.matrix
+        x = x * (self.target_norm / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        return x.to(hidden.dtype)
+
+
+def get_realigner(backbone: Backbone, enabled: bool = True, ridge: float = 1e-5) -> Realigner:
+    """The backbone's realigner, computed once (in memory and under ``$DIFFMAS_HOME/realign``)."""
+    key = ("realigner", enabled, ridge)
+    if key in backbone.cache:
+        return backbone.cache[key]
+    w_in = backbone.lm.get_input_embeddings().weight
+    target_norm = float(w_in.detach().float().norm(dim=-1).mean())
+    matrix = None
+    if enabled:
+        path = diffmas_home() / "realign" / f"{_fingerprint(backbone, ridge)}.pt"
+        if path.is_file():
+            matrix = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            matrix = solve_realignment(backbone.lm.get_output_embeddings().weight, w_in, ridge).float().cpu()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{id(matrix)}")
+            torch.save(matrix, tmp)
+            tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        matrix = matrix.to(backbone.device)
+    realigner = Realigner(matrix, target_norm)
+    backbone.cache[key] = realigner
+    return realigner
+
+
+def latent_steps(
+    backbone: Backbone,
+    trace: Trace,
+    last_hidden: Tensor,
+    steps: int,
+    realigner: Realigner,
+    lens_top_k: int = 0,
+) -> tuple[Trace, Tensor, list[list[list[str]]]]:
+    """Take ``steps`` latent steps from ``last_hidden`` [B, D]; nothing is decoded.
+
+    Returns the extended trace, the final last hidden state, and (when ``lens_top_k`` > 0) a logit lens:
+    for each row and step, the top-k vocabulary tokens the hidden state that was fed would have decoded to.
+    """
+    lens: list[list[list[str]]] = [[] for _ in range(trace.batch_size)]
+    step_mask = torch.ones(trace.batch_size, 1, dtype=torch.long, device=trace.mask.device)
+    for _ in range(steps):
+        if lens_top_k:
+            with torch.no_grad():
+                top = backbone.logits(last_hidden).topk(lens_top_k, dim=-1).indices.tolist()
+            for row, ids in enumerate(top):
+                lens[row].append([backbone.tokenizer.decode([i]) for i in ids])
+        embeds = realigner(last_hidden)[:, None, :]
+        trace, hidden = trace.extend(backbone.body, step_mask, inputs_embeds=embeds)
+        last_hidden = hidden[:, -1]
+    return trace, last_hidden, lens

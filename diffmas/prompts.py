@@ -1,0 +1,141 @@
+"""Agents, topologies, and rendering each agent's segment with the tokenizer's chat template.
+
+An agent's segment is one chat turn: its role as the system message, its instruction and the task's
+question as the user message, and the assistant header, so the agent "speaks" next (in latent steps, in
+text, or as the final answer). The final agent of a topology is the one whose output is the system's answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+from transformers import PreTrainedTokenizerBase
+
+from diffmas.errors import DiffMASError
+
+
+@dataclass(frozen=True)
+class Agent:
+    """One role in a topology."""
+
+    role: str
+    system: str
+    instruction: str
+    reads_trace: bool = True
+    """False: the agent sees only its own segment (parallel workers); its segment is still added to the trace."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Ordered agents; every agent but the last writes to the trace, the last one answers."""
+
+    name: str
+    agents: tuple[Agent, ...]
+
+    def __post_init__(self) -> None:
+        if not self.agents:
+            raise DiffMASError(f"topology '{self.name}' has no agents")
+        roles = [a.role for a in self.agents]
+        if len(set(roles)) != len(roles):
+            raise DiffMASError(f"topology '{self.name}' repeats a role name: {roles}")
+
+    @property
+    def writers(self) -> tuple[Agent, ...]:
+        return self.agents[:-1]
+
+    @property
+    def final(self) -> Agent:
+        return self.agents[-1]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "agents": [asdict(a) for a in self.agents]}
+
+
+_TEAM = "You are the {role} in a team of agents that solve a problem together."
+_FINAL_INSTRUCTION = (
+    "The team's work on this problem is in the context above. Use it, check it, and solve the problem."
+)
+
+SOLVER = Agent("solver", "You are a careful problem solver.", "Solve the problem.")
+
+SEQUENTIAL = Topology(
+    "sequential",
+    (
+        Agent("planner", _TEAM.format(role="Planner"),
+              "Write a short step-by-step plan for solving the problem below. Do not state the final answer."),
+        Agent("critic", _TEAM.format(role="Critic"),
+              "Check the plan above for mistakes or missing steps and say how to fix them."),
+        Agent("refiner", _TEAM.format(role="Refiner"),
+              "Combine the plan and the critique above into a corrected, complete plan."),
+        Agent("judger", _TEAM.format(role="Judger"), _FINAL_INSTRUCTION),
+    ),
+)
+
+HIERARCHICAL = Topology(
+    "hierarchical",
+    (
+        Agent("math", _TEAM.format(role="Math expert"),
+              "Solve the problem below with careful mathematical reasoning.", reads_trace=False),
+        Agent("science", _TEAM.format(role="Science expert"),
+              "Solve the problem below, using scientific knowledge where it helps.", reads_trace=False),
+        Agent("code", _TEAM.format(role="Programming expert"),
+              "Solve the problem below, reasoning as a programmer would.", reads_trace=False),
+        Agent("summarizer", _TEAM.format(role="Summarizer"),
+              "Three experts have worked on this problem independently (context above). "
+              "Weigh their work and solve the problem."),
+    ),
+)
+
+SINGLE = Topology("single", (SOLVER,))
+
+TOPOLOGIES = {t.name: t for t in (SEQUENTIAL, HIERARCHICAL, SINGLE)}
+
+
+def topology_from_dict(data: dict, default_name: str = "custom") -> Topology:
+    """Inverse of :meth:`Topology.to_dict`."""
+    try:
+        agents = tuple(Agent(**a) for a in data["agents"])
+    except (KeyError, TypeError) as exc:
+        raise DiffMASError(f"invalid topology: {exc}") from exc
+    return Topology(str(data.get("name", default_name)), agents)
+
+
+def load_topology(spec: str | dict) -> Topology:
+    """A built-in topology by name, a dict, or a YAML file ``{name, agents: [{role, system, instruction, reads_trace}]}``."""
+    if isinstance(spec, dict):
+        return topology_from_dict(spec)
+    if spec in TOPOLOGIES:
+        return TOPOLOGIES[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise DiffMASError(f"unknown topology '{spec}': use one of {sorted(TOPOLOGIES)} or a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DiffMASError(f"invalid topology file {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise DiffMASError(f"invalid topology file {path}: expected a mapping with 'agents'")
+    return topology_from_dict(data, path.stem)
+
+
+def render_agent(tokenizer: PreTrainedTokenizerBase, agent: Agent, question: str) -> list[int]:
+    """Token ids of an agent's segment up to (and including) its assistant header."""
+    user = f"{agent.instruction}\n\n{question}"
+    if tokenizer.chat_template:
+        messages = [{"role": "system", "content": agent.system}, {"role": "user", "content": user}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:  # base models: a plain layout with a clear place to answer
+        text = f"{agent.system}\n\n{user}\n\nResponse:"
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Text that closes an assistant turn (the EOS token for chat models)."""
+    return tokenizer.eos_token or ""
+
+
+def render_target(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
+    """Token ids of a training target followed by the end of the turn, so the model learns to stop."""
+    return tokenizer(target + end_of_turn(tokenizer), add_special_tokens=False).input_ids
