@@ -51,10 +51,11 @@ def attach_lora(backbone: Backbone, settings: LoraSettings, roles: list[str]) ->
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.targets), task_type="CAUSAL_LM")
     names = [SHARED] if settings.layout == "shared" else list(roles)
+    was_training = backbone.lm.training
     model = get_peft_model(backbone.lm, config, adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, config)
-    backbone.model = model
+    backbone.model = model.train(was_training)  # new dropout modules start in training mode: match the base
     _remember_trainable(backbone)
     return {role: (SHARED if settings.layout == "shared" else role) for role in roles}
 

@@ -88,7 +88,8 @@ class Backbone:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """LM head on the given hidden states only (callers pass just the positions they need)."""
-        return self.lm.get_output_embeddings()(hidden).float()
+        logits = self.lm.get_output_embeddings()(hidden)
+        return logits.float() if logits.element_size() < 4 else logits
 
 
 def load_backbone(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32") -> Backbone:

@@ -47,9 +47,9 @@ class Realigner:
     target_norm: float
 
     def __call__(self, hidden: Tensor) -> Tensor:
-        x = hidden.float()
+        x = hidden.float() if hidden.element_size() < 4 else hidden  # half precision: realign in fp32
         if self.matrix is not None:
-            x = x @ self.matrix
+            x = x @ self.matrix.to(x.dtype)
         x = x * (self.target_norm / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
         return x.to(hidden.dtype)
 

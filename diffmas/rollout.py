@@ -81,6 +81,8 @@ class RolloutResult:
     nll_sum: list[float] = field(default_factory=list)
     loss: Tensor | None = None
     target_tokens: int = 0
+    trace: Trace | None = None
+    """The writers' trace the final agent read (for inspection; not part of per-question records)."""
 
     def per_question(self) -> list[dict]:
         """JSON-ready records: answer, per-agent stats, trace_tokens, and the final reply's NLL."""
@@ -220,13 +222,13 @@ def rollout(
         records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], 0, [0] * batch,
                                    (time.perf_counter() - start) / batch))
         return RolloutResult([""] * batch, [[] for _ in range(batch)], records, trace_tokens, [0.0] * batch,
-                             loss=loss_sum / n_target, target_tokens=n_target)
+                             loss=loss_sum / n_target, target_tokens=n_target, trace=trace)
 
     with torch.no_grad():
         activate(backbone, adapters.get(final.role))
         seqs, ids, mask = _render(backbone, final, prompts)
-        trace, hidden = trace.extend(backbone.body, mask, input_ids=ids)
-        reply = decode(backbone, trace, hidden[:, -1], decode_cfg)
+        final_trace, hidden = trace.extend(backbone.body, mask, input_ids=ids)
+        reply = decode(backbone, final_trace, hidden[:, -1], decode_cfg)
     records.append(AgentRecord(final.role, [len(s) for s in seqs], 0, [len(t) for t in reply.tokens],
                                (time.perf_counter() - start) / batch))
-    return RolloutResult(reply.texts, reply.tokens, records, trace_tokens, reply.nll_sum)
+    return RolloutResult(reply.texts, reply.tokens, records, trace_tokens, reply.nll_sum, trace=trace)

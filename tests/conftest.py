@@ -62,9 +62,9 @@ MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": 
                  "gemma3": Gemma3ForCausalLM}
 
 
-def make_backbone(arch: str = "llama", tied: bool = True, seed: int = 0) -> Backbone:
+def make_backbone(arch: str = "llama", tied: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32) -> Backbone:
     torch.manual_seed(seed)
-    model = MODEL_CLASSES[arch](tiny_config(arch, tied)).eval()
+    model = MODEL_CLASSES[arch](tiny_config(arch, tied)).to(dtype).eval()
     model.generation_config.eos_token_id = 256
     model.generation_config.pad_token_id = 257
     return Backbone(model=model, tokenizer=make_tokenizer(), name=f"tiny-{arch}")
