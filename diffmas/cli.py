@@ -121,6 +121,49 @@ def run(
 
 @app.command()
 @user_errors
+def train(
+    out: Path = typer.Option(..., help="Output dir: adapters, checkpoints, metrics.jsonl, config.yaml."),
+    config: Optional[Path] = typer.Option(None, help="YAML TrainConfig; flags below override it."),
+    system: Optional[str] = typer.Option(None, help="diffmas | single_sft"),
+    model: Optional[str] = typer.Option(None),
+    task: Optional[str] = typer.Option(None, help="e.g. rg:chain_sum"),
+    source: Optional[str] = typer.Option(None, help="Local jsonl of {question, target} rows."),
+    target_style: Optional[str] = typer.Option(None, help="answer | worked"),
+    steps: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    grad_accum: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    lora_rank: Optional[int] = typer.Option(None),
+    latent_steps: Optional[int] = typer.Option(None),
+    topology: Optional[str] = typer.Option(None),
+    grad_mode: Optional[str] = typer.Option(None, help="coupled | detached"),
+    adapters: Optional[str] = typer.Option(None, help="shared | per-agent"),
+    seed: Optional[int] = typer.Option(None),
+    checkpoint_every: Optional[int] = typer.Option(None),
+    activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing"),
+    mixed_precision: Optional[str] = typer.Option(None, help="no | bf16"),
+    device: Optional[str] = typer.Option(None),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
+) -> None:
+    """Train DiffMAS (or the single_sft baseline) with LoRA; runs unchanged under `accelerate launch`."""
+    from diffmas.config import load_config
+    from diffmas.train.loop import train as run_training
+
+    overrides = {
+        "system": system, "model.name": model, "data.task": task, "data.source": source,
+        "data.target_style": target_style, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
+        "lr": lr, "lora.rank": lora_rank, "latent_steps": latent_steps, "topology": topology,
+        "grad_mode": grad_mode, "lora.layout": adapters, "seed": seed, "checkpoint_every": checkpoint_every,
+        "activation_checkpointing": activation_checkpointing, "mixed_precision": mixed_precision,
+        "model.device": device,
+    }
+    summary = run_training(load_config(config, overrides), out, resume=resume)
+    console.print(f"adapters, checkpoints and metrics in {summary['out']}; held-out loss "
+                  f"{summary['heldout_loss_start']:.4f} -> {summary['heldout_loss_end']:.4f}")
+
+
+@app.command()
+@user_errors
 def pull(model: str = typer.Option(DEFAULT_MODEL, help="Embedded model alias to convert.")) -> None:
     """Convert an embedded model into the cache once (offline); later loads take about a second."""
     from diffmas.assets import resolve_model

@@ -1,0 +1,168 @@
+"""Typed configs with a YAML round trip; invalid values are reported with the dotted name of the field.
+
+The resolved config is saved beside every checkpoint and result, so a number can always be traced back to
+the exact settings that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffmas.adapters import LoraSettings
+from diffmas.assets import DEFAULT_MODEL
+from diffmas.errors import DiffMASError
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL
+    """Embedded alias, local folder, or hub id."""
+    device: str = "auto"
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    task: str = "rg:chain_sum"
+    """Task whose prompt format and answers are used; ``rg:<generator>`` generates examples offline."""
+    source: str | None = None
+    """Optional local jsonl with {question, target} rows (or a hub id where a hub is reachable)."""
+    target_style: str = "answer"
+    """``answer``: "Answer: <gold>" only; ``worked``: a short worked solution, then the answer."""
+    heldout_examples: int = 32
+    """Examples held out for the held-out loss (disjoint from training)."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run of a trainable system."""
+
+    system: str = "diffmas"
+    """``diffmas`` (multi-agent latent trace) or ``single_sft`` (the fair single-agent baseline)."""
+    topology: str = "sequential"
+    latent_steps: int = 10
+    grad_mode: str = "coupled"
+    """``coupled``: the loss reaches the writers through the trace; ``detached``: only the reader learns."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    steps: int = 100
+    batch_size: int = 8
+    """Examples per process per micro-batch."""
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    eval_every: int = 0
+    """Held-out loss every N steps (0: only at the start and the end)."""
+    activation_checkpointing: bool = False
+    mixed_precision: str = "no"
+    """``no`` or ``bf16`` (autocast; CPUs with avx512_bf16 benefit too)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.system in ("diffmas", "single_sft"), "system", "must be 'diffmas' or 'single_sft'"),
+            (self.grad_mode in ("coupled", "detached"), "grad_mode", "must be 'coupled' or 'detached'"),
+            (self.latent_steps >= 0, "latent_steps", "must be >= 0"),
+            (self.steps >= 1, "steps", "must be >= 1"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum", "must be >= 1"),
+            (self.lr > 0, "lr", "must be > 0"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]"),
+            (self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1"),
+            (self.mixed_precision in ("no", "bf16"), "mixed_precision", "must be 'no' or 'bf16'"),
+            (self.data.target_style in ("answer", "worked"), "data.target_style", "must be 'answer' or 'worked'"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise DiffMASError(f"config field '{name}' {why}")
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        return _check_type(value, hint, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise DiffMASError(f"config field '{where}' must be a list, got {value!r}")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise DiffMASError(f"config field '{where}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown fields and wrong types by name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DiffMASError(f"config section '{prefix or cls.__name__}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise DiffMASError(f"unknown config field(s) {[f'{prefix}{u}' for u in unknown]}")
+    kwargs = {k: _check_type(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except DiffMASError as exc:
+        if prefix and "config field '" in str(exc):
+            raise DiffMASError(str(exc).replace("config field '", f"config field '{prefix}", 1)) from None
+        raise
+
+
+def to_dict(obj: Any) -> dict:
+    """Plain-data view of a config (tuples become lists, so YAML stays readable)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(obj))
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file (optional) with dotted-key overrides applied on top."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DiffMASError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DiffMASError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(TrainConfig, data)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,74 @@
+"""Training data: {prompt, target} examples for a task, deterministic in the seed and disjoint from evaluation.
+
+The default source is reasoning-gym (``rg:<generator>``): examples are generated offline from seeds that the
+evaluation sets never use, and any question that also appears in the task's evaluation set is dropped.
+A local jsonl with ``{question, target}`` rows works for any task.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffmas.config import TrainConfig
+from diffmas.errors import DiffMASError
+from diffmas.eval.tasks import Example, get_task
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    prompt: str
+    """The task's rendered question (with its answer-format instruction)."""
+    target: str
+
+
+def _from_jsonl(path: Path) -> list[Example]:
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows.append(Example(id=f"{path.name}:{lineno}", question=str(row["question"]), answer=str(row.get("answer", "")),
+                                target=str(row["target"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DiffMASError(f"{path}:{lineno}: malformed training row (need 'question' and 'target'): {exc}") from exc
+    if not rows:
+        raise DiffMASError(f"{path} has no training rows")
+    return rows
+
+
+def _draw(cfg: TrainConfig, n: int, seed: int, exclude: set[str]) -> list[Example]:
+    task_name = cfg.data.task
+    if cfg.data.source:
+        path = Path(cfg.data.source)
+        if not path.is_file():
+            raise DiffMASError(f"training source {path} does not exist (a local jsonl with question/target rows)")
+        pool = [ex for ex in _from_jsonl(path) if ex.question not in exclude]
+        if not pool:
+            raise DiffMASError(f"every row of {path} is in the evaluation set or excluded")
+        import random
+
+        rng = random.Random(seed)
+        return [pool[rng.randrange(len(pool))] for _ in range(n)]
+    if not task_name.startswith("rg:"):
+        raise DiffMASError(f"task '{task_name}' has no offline training generator: set data.source to a jsonl of "
+                           "{question, target} rows")
+    from diffmas.eval.rg import training_examples
+
+    return training_examples(task_name[3:], n, seed, cfg.data.target_style, exclude)
+
+
+def build_datasets(cfg: TrainConfig, n_train: int) -> tuple[list[TrainExample], list[TrainExample]]:
+    """``n_train`` training examples and ``cfg.data.heldout_examples`` held-out ones, all disjoint from the
+    task's evaluation questions (and from each other)."""
+    task = get_task(cfg.data.task)
+    exclude = {ex.question for ex in task.load()} if cfg.data.task.startswith("rg:") else set()
+    train = _draw(cfg, n_train, cfg.seed, exclude)
+    heldout = _draw(cfg, cfg.data.heldout_examples, cfg.seed + 1_000_003, exclude | {ex.question for ex in train})
+
+    def render(examples: list[Example]) -> list[TrainExample]:
+        return [TrainExample(task.prompt(ex), ex.target or "") for ex in examples]
+
+    return render(train), render(heldout)

@@ -1,0 +1,199 @@
+"""The training recipe, top to bottom: setup, train, save. Runs as-is under ``accelerate launch`` (DDP).
+
+    diffmas train --config configs/train/demo.yaml --out runs/demo/diffmas
+
+The loss of a step is the mean cross-entropy over every target token of the global batch (all micro-batches
+of all processes). Each process scales its summed loss by the global token count, known up front because
+every process builds the same global batch, so 1 process and N processes follow the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+
+from diffmas.adapters import attach_lora, save_adapters, trainable_parameters
+from diffmas.backbone import Backbone, load_backbone
+from diffmas.config import TrainConfig, save_config, to_dict
+from diffmas.errors import DiffMASError
+from diffmas.prompts import SINGLE, load_topology, render_target
+from diffmas.rollout import RolloutSpec, rollout
+from diffmas.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffmas.train.data import TrainExample, build_datasets
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrajectoryLoss(torch.nn.Module):
+    """The rollout as a module, so DDP wraps one forward whose graph covers the whole trajectory."""
+
+    def __init__(self, backbone: Backbone, spec: RolloutSpec, grad_mode: str, checkpointing: bool) -> None:
+        super().__init__()
+        self.model = backbone.model  # registers the parameters for DDP
+        self.backbone, self.spec, self.grad_mode, self.checkpointing = backbone, spec, grad_mode, checkpointing
+
+    def forward(self, prompts: list[str], targets: list[str]) -> torch.Tensor:
+        """Summed cross-entropy over the target tokens of this micro-batch."""
+        result = rollout(self.backbone, self.spec, prompts, targets=targets, grad_mode=self.grad_mode,
+                         checkpoint=self.checkpointing)
+        return result.loss * result.target_tokens
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio``."""
+    warmup = max(1, int(round(cfg.warmup_ratio * cfg.steps))) if cfg.warmup_ratio > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_spec(cfg: TrainConfig, roles: dict[str, str] | None = None) -> RolloutSpec:
+    topology = load_topology(cfg.topology) if cfg.system == "diffmas" else SINGLE
+    return RolloutSpec(topology, "latent", cfg.latent_steps if cfg.system == "diffmas" else 0, adapters=roles)
+
+
+def heldout_loss(backbone: Backbone, spec: RolloutSpec, examples: list[TrainExample], batch_size: int) -> float:
+    """Token-mean teacher-forced loss on held-out examples (dropout off, no grad)."""
+    was_training = backbone.model.training
+    backbone.model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for lo in range(0, len(examples), batch_size):
+            chunk = examples[lo: lo + batch_size]
+            r = rollout(backbone, spec, [e.prompt for e in chunk], targets=[e.target for e in chunk],
+                        grad_mode="detached")
+            total += float(r.loss) * r.target_tokens
+            tokens += r.target_tokens
+    backbone.model.train(was_training)
+    return total / max(1, tokens)
+
+
+def _prepare_out(out: Path, resume: bool, cfg: TrainConfig) -> Path | None:
+    ckpt = latest_checkpoint(out)
+    if resume:
+        if ckpt is None:
+            raise DiffMASError(f"--resume: no complete checkpoint under {out}/checkpoints")
+        saved = (ckpt / "config.yaml")
+        from diffmas.config import load_config
+
+        old = to_dict(load_config(saved)) if saved.is_file() else None
+        new = to_dict(cfg)
+        if old is not None:
+            old.pop("steps"), new.pop("steps")
+            if old != new:
+                diff = sorted(k for k in new if old.get(k) != new.get(k))
+                raise DiffMASError(f"--resume: config differs from checkpoint {ckpt.name} in {diff}")
+        return ckpt
+    if ckpt is not None or (out / METRICS_FILE).exists():
+        raise DiffMASError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
+    return None
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    # A run killed after logging step k+1 but before checkpointing it would otherwise log that step twice.
+    if path.is_file():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= last_step]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
+    """Train ``cfg.system``'s LoRA adapter(s); writes adapters, checkpoints, metrics and config under ``out``."""
+    out = Path(out)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=cfg.model.device == "cpu",
+        # Detached mode and per-agent adapters leave some adapters without gradient in a step.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    ckpt = _prepare_out(out, resume, cfg)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = cfg.batch_size * world  # examples per micro-batch over all processes
+    global_batch = micro * cfg.grad_accum
+
+    backbone = load_backbone(cfg.model.name, str(accelerator.device), cfg.model.dtype)
+    spec = build_spec(cfg)
+    roles = attach_lora(backbone, cfg.lora, [a.role for a in spec.topology.agents])
+    spec = build_spec(cfg, roles)
+    backbone.model.train()
+    params = trainable_parameters(backbone)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Not passed to accelerate: its scheduler wrapper steps once per process, which would change the schedule.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    module = accelerator.prepare(TrajectoryLoss(backbone, spec, cfg.grad_mode, cfg.activation_checkpointing))
+
+    train_set, heldout = build_datasets(cfg, cfg.steps * global_batch)
+    start_step = 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, backbone, optimizer, scheduler, rank)
+        start_step = state["step"]
+        if accelerator.is_main_process:
+            _truncate_metrics(out / METRICS_FILE, start_step)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    def log(record: dict) -> None:
+        if accelerator.is_main_process:
+            with open(out / METRICS_FILE, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    if start_step == 0:
+        log({"step": 0, "heldout_loss": heldout_loss(backbone, spec, heldout, cfg.batch_size)})
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=f"train {cfg.system}",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    last_good = ckpt
+    for step in bar:
+        started = time.perf_counter()
+        batch = train_set[step * global_batch: (step + 1) * global_batch]
+        n_tokens = sum(len(render_target(backbone.tokenizer, ex.target)) for ex in batch)
+        local = torch.zeros((), device=accelerator.device)
+        for m in range(cfg.grad_accum):
+            mine = batch[m * micro: (m + 1) * micro][rank::world]
+            sync = accelerator.no_sync(module) if m < cfg.grad_accum - 1 else nullcontext()
+            with sync:
+                loss_sum = module([e.prompt for e in mine], [e.target for e in mine])
+                # DDP averages gradients over processes: scale so the result is the global token mean.
+                accelerator.backward(loss_sum * world / n_tokens)
+            local += loss_sum.detach()
+        loss = float(accelerator.reduce(local, "sum")) / n_tokens
+        if not math.isfinite(loss):
+            raise DiffMASError(f"non-finite loss ({loss}) at step {step + 1}; stopped before the update. "
+                               f"Last good checkpoint: {last_good or 'none'}")
+        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.clip))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "target_tokens": n_tokens, "tokens_per_s": n_tokens / seconds, "seconds": seconds}
+        done = step + 1 == cfg.steps
+        if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+            record["heldout_loss"] = heldout_loss(backbone, spec, heldout, cfg.batch_size)
+        log(record)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if done or (step + 1) % cfg.checkpoint_every == 0:
+            last_good = save_checkpoint(out, step + 1, (step + 1) * global_batch, backbone, optimizer, scheduler,
+                                        cfg, accelerator)
+
+    if accelerator.is_main_process:
+        topology = spec.topology.name if spec.topology.name in ("sequential", "hierarchical", "single") \
+            else spec.topology.to_dict()
+        save_adapters(backbone, out, roles, cfg.lora,
+                      extra={"system": cfg.system, "topology": topology, "latent_steps": spec.latent_steps,
+                             "grad_mode": cfg.grad_mode, "task": cfg.data.task, "steps": cfg.steps})
+    accelerator.wait_for_everyone()
+    metrics = [json.loads(l) for l in (out / METRICS_FILE).read_text().splitlines()] if (out / METRICS_FILE).exists() else []
+    held = [m["heldout_loss"] for m in metrics if "heldout_loss" in m]
+    return {"out": str(out), "steps": cfg.steps, "heldout_loss_start": held[0] if held else None,
+            "heldout_loss_end": held[-1] if held else None, "world_size": world}
