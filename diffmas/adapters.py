@@ -35,9 +35,9 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.layout not in ("shared", "per-agent"):
-            raise DiffMASError(f"lora.layout: must be 'shared' or 'per-agent', got '{self.layout}'")
+            raise DiffMASError(f"config field 'layout' must be 'shared' or 'per-agent', got '{self.layout}'")
         if self.rank < 1:
-            raise DiffMASError("lora.rank: must be >= 1")
+            raise DiffMASError("config field 'rank' must be >= 1")
 
 
 def _model_signature(backbone: Backbone) -> dict:
@@ -57,6 +57,7 @@ def attach_lora(backbone: Backbone, settings: LoraSettings, roles: list[str]) ->
         model.add_adapter(name, config)
     backbone.model = model.train(was_training)  # new dropout modules start in training mode: match the base
     _remember_trainable(backbone)
+    set_trainable(backbone, True)  # peft adds every adapter but the first one frozen
     return {role: (SHARED if settings.layout == "shared" else role) for role in roles}
 
 

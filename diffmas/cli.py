@@ -158,8 +158,9 @@ def train(
         "model.device": device,
     }
     summary = run_training(load_config(config, overrides), out, resume=resume)
-    console.print(f"adapters, checkpoints and metrics in {summary['out']}; held-out loss "
-                  f"{summary['heldout_loss_start']:.4f} -> {summary['heldout_loss_end']:.4f}")
+    if summary["is_main_process"]:
+            console.print(f"adapters, checkpoints and metrics in {summary['out']}; held-out loss "
+                      f"{summary['heldout_loss_start']:.4f} -> {summary['heldout_loss_end']:.4f}")
 
 
 @app.command()

@@ -196,4 +196,5 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     metrics = [json.loads(l) for l in (out / METRICS_FILE).read_text().splitlines()] if (out / METRICS_FILE).exists() else []
     held = [m["heldout_loss"] for m in metrics if "heldout_loss" in m]
     return {"out": str(out), "steps": cfg.steps, "heldout_loss_start": held[0] if held else None,
-            "heldout_loss_end": held[-1] if held else None, "world_size": world}
+            "heldout_loss_end": held[-1] if held else None, "world_size": world,
+            "is_main_process": accelerator.is_main_process}
