@@ -1,0 +1,355 @@
+"""Evaluate systems on tasks: a per-sample log that survives a kill, and a results.json rebuilt from it.
+
+    diffmas eval --systems single,latent_mas,diffmas:runs/demo/diffmas --task rg:chain_sum --limit 100 --out runs/eval
+
+``out/samples.jsonl`` gets one line per finished sample, appended and fsynced batch by batch; running the same
+command again skips every (system, task, seed, id) already there, so a crash costs at most one batch.
+``out/results.json`` is a pure function of the config and the samples (plus wall times, versions and commit),
+so a killed and resumed run ends with the same results as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from diffmas.adapters import read_adapter_meta
+from diffmas.assets import DEFAULT_MODEL
+from diffmas.backbone import Backbone, load_backbone, resolve_device
+from diffmas.decode import DecodeConfig
+from diffmas.errors import DiffMASError
+from diffmas.eval.metrics import across_seeds, mean_stderr, pass_at_k, summarize
+from diffmas.eval.tasks import Example, Task, get_task
+from diffmas.systems import System, build_system, get_kind
+
+__all__ = ["SampleLog", "SystemEntry", "compute_results", "parse_systems", "run_eval", "sample_key", "RESULTS_FILE",
+           "SAMPLES_FILE"]
+
+SAMPLES_FILE = "samples.jsonl"
+RESULTS_FILE = "results.json"
+# Settings that change what a sample is: resuming into a folder written with other values would mix experiments.
+_SAMPLE_SETTINGS = ("model", "dtype", "max_new_tokens", "writer_max_new_tokens", "topology", "latent_steps",
+                    "temperature", "source")
+
+
+def sample_key(system: str, task: str, seed: int, example_id: str) -> tuple[str, str, int, str]:
+    """What makes a sample unique: resuming skips every key already in samples.jsonl."""
+    return system, task, int(seed), str(example_id)
+
+
+class SampleLog:
+    """samples.jsonl: one JSON object per line, appended and fsynced one batch at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.samples: dict[tuple[str, str, int, str], dict] = {}
+        if path.is_file():
+            self._load()
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self.samples
+
+    def _load(self) -> None:
+        raw = self.path.read_bytes()
+        *lines, tail = raw.split(b"\n")  # ``tail`` is b"" unless a kill cut the last line short
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    self._add(json.loads(line))
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise DiffMASError(f"{self.path} line {number} is corrupt ({exc}); only a cut-off last line "
+                                       "is repaired automatically") from exc
+        if tail.strip():
+            try:  # the write that was cut may still have been a whole record, minus its newline
+                self._add(json.loads(tail))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+            # Rewrite cleanly (atomically) so later appends start on a fresh line.
+            tmp = self.path.with_suffix(".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.samples.values())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+
+    def _add(self, record: dict) -> None:
+        self.samples.setdefault(sample_key(record["system"], record["task"], record["seed"], record["id"]), record)
+
+    def append(self, records: list[dict]) -> None:
+        """Append finished samples and force them to disk, so a kill right after loses nothing."""
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            self._add(r)
+
+
+@dataclass(frozen=True)
+class SystemEntry:
+    """One system to evaluate: its display label, registry name and adapter folder (trained systems)."""
+
+    label: str
+    name: str
+    adapter: str | None = None
+
+
+def parse_systems(entries: Sequence[str]) -> list[SystemEntry]:
+    """Parse ``name`` / ``name:ADAPTER_DIR`` entries; a name given twice is labelled ``name@<dir basename>``.
+
+    Names, adapter presence and adapter metadata are checked here, before any model is loaded.
+    """
+    pairs = []
+    for entry in entries:
+        name, _, adapter = entry.strip().partition(":")
+        kind = get_kind(name.strip())
+        adapter = adapter.strip() or None
+        if kind.trained and adapter is None:
+            raise DiffMASError(f"system '{kind.name}' needs an adapter: write it as {kind.name}:DIR")
+        if not kind.trained and adapter is not None:
+            raise DiffMASError(f"system '{kind.name}' is training-free and takes no adapter (got '{entry}')")
+        if adapter is not None:
+            read_adapter_meta(adapter)  # a clear error now beats one after minutes of other systems
+        pairs.append((kind.name, adapter))
+    if not pairs:
+        raise DiffMASError("no systems given")
+    counts = Counter(name for name, _ in pairs)
+    parsed = [SystemEntry(f"{name}@{Path(adapter).name}" if counts[name] > 1 and adapter else name, name, adapter)
+              for name, adapter in pairs]
+    dupes = [label for label, n in Counter(e.label for e in parsed).items() if n > 1]
+    if dupes:
+        raise DiffMASError(f"system(s) listed twice: {', '.join(dupes)}")
+    return parsed
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout this package runs from; (None, None) outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    if commit.returncode != 0:
+        return None, None
+    return commit.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "diffmas"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _finite(value: Any) -> Any:
+    """NaN -> None, recursively: keeps results.json strict JSON and comparable with ``==``."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _row(label: str, task: Task, records: list[dict], seeds: list[int], temperature: float,
+         partial: str | None) -> dict:
+    """One system x task result; ``records`` ordered by (seed, example order) so float sums are reproducible."""
+    row: dict[str, Any] = {"system": label, "task": task.name, "partial": partial}
+    row.update(summarize([{"correct": r["correct"], "format_ok": r["format_ok"], "tokens": r["tokens"],
+                           "seconds": r["seconds"], "nll": r["nll_sum"], "n_tokens_final": r["final_tokens"]}
+                          for r in records]))
+    row["n_samples"] = len(records)
+    if len(seeds) > 1:
+        per_problem: dict[str, list[bool]] = defaultdict(list)
+        for r in records:
+            per_problem[r["id"]].append(bool(r["correct"]))
+        # Samples of one problem are correlated: the standard error is over problems (per-problem mean
+        # accuracy), and the spread over seeds is reported beside it.
+        row["n"] = len(per_problem)
+        row["stderr"] = mean_stderr(sum(c) / len(c) for c in per_problem.values())[1]
+        by_seed = [mean_stderr(r["correct"] for r in records if r["seed"] == s)[0] for s in seeds]
+        mean, std = across_seeds(by_seed)
+        row["seeds"] = {"n": len(seeds), "accuracy_per_seed": by_seed, "accuracy_mean": mean, "accuracy_std": std}
+        if temperature > 0:
+            k = len(seeds)
+            full = [c for c in per_problem.values() if len(c) >= k]
+            value, err = mean_stderr(pass_at_k(len(c), sum(c), k) for c in full)
+            row["pass_at_k"] = {"k": k, "value": value, "stderr": err, "n": len(full)}
+    return row
+
+
+def compute_results(config: dict, samples: dict[tuple, dict], tasks: dict[str, tuple[Task, list[Example]]]) -> dict:
+    """results.json contents from the resolved ``config`` and the finished ``samples`` (keyed by sample_key)."""
+    seeds = list(config["seeds"])
+    rows = []
+    for entry in config["systems"]:
+        for name, (task, examples) in tasks.items():
+            records = [samples[k] for seed in seeds for ex in examples
+                       if (k := sample_key(entry["label"], name, seed, ex.id)) in samples]
+            partial = task.partial if config["source"] is None else None
+            rows.append(_row(entry["label"], task, records, seeds, config["temperature"], partial))
+    notes = []
+    if len(seeds) > 1 and config["temperature"] == 0:
+        notes.append("greedy decoding (temperature 0): every seed gives the same samples; extra seeds are redundant")
+    isolation = None
+    if any(task.kind == "code" for task, _ in tasks.values()):
+        from diffmas.eval.sandbox import isolation_level  # only code tasks need the sandbox (and its probe)
+
+        isolation = isolation_level()
+    commit, dirty = _git_state()
+    return _finite({
+        "config": config, "git_commit": commit, "git_dirty": dirty, "versions": _versions(),
+        "sandbox_isolation": isolation, "notes": notes, "results": rows,
+    })
+
+
+def _check_resumable(out: Path, config: dict) -> None:
+    """Refuse to add samples to a folder whose existing samples were made with other settings."""
+    path = out / RESULTS_FILE
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DiffMASError(f"{path} is unreadable ({exc}); move it away or use another --out") from exc
+    diffs = [f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in _SAMPLE_SETTINGS if old.get(k) != config[k]]
+    old_systems = {s["label"]: s for s in old.get("systems", [])}
+    diffs += [f"system {s['label']}: {old_systems[s['label']]} -> {s}" for s in config["systems"]
+              if s["label"] in old_systems and old_systems[s["label"]] != s]
+    if diffs:
+        raise DiffMASError(f"{out} holds samples made with other settings ({'; '.join(diffs)}); use another --out")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)  # atomic: a kill never leaves a half-written results.json
+
+
+def _record(label: str, task: Task, seed: int, ex: Example, rec: dict) -> dict:
+    grade = task.grade(ex, rec["answer"])
+    return {
+        "system": label, "task": task.name, "seed": seed, "id": ex.id,
+        "correct": bool(grade.correct), "format_ok": bool(grade.format_ok), "extracted": grade.extracted,
+        "detail": grade.detail, "gold": ex.answer, "response": rec["answer"],
+        "tokens": sum(a["generated_tokens"] for a in rec["agents"]), "final_tokens": rec["generated_tokens"],
+        "seconds": sum(a["seconds"] for a in rec["agents"]), "nll_sum": rec["nll_sum"],
+        "trace_tokens": rec["trace_tokens"], "agents": rec["agents"],
+    }
+
+
+def run_eval(
+    systems: list[str],
+    tasks: list[str],
+    out: Path,
+    *,
+    model: str = DEFAULT_MODEL,
+    limit: int | None = None,
+    seeds: Sequence[int] = (0,),
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    writer_max_new_tokens: int = 128,
+    topology: str | None = None,
+    latent_steps: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    source: str | None = None,
+    temperature: float = 0.0,
+    show_progress: bool = True,
+) -> dict:
+    """Evaluate every system on every task for every seed; resumes from ``out/samples.jsonl``.
+
+    Returns the results.json contents (also written to ``out``).
+    """
+    entries = parse_systems(systems)
+    if not tasks:
+        raise DiffMASError("no tasks given")
+    if source is not None and len(tasks) > 1:
+        raise DiffMASError("--source names one task's data: give a single --task with it")
+    if limit is not None and limit < 1:
+        raise DiffMASError("--limit must be >= 1")
+    if batch_size < 1 or not seeds or len(set(seeds)) != len(seeds):
+        raise DiffMASError("need batch size >= 1 and distinct seeds")
+    try:
+        DecodeConfig(max_new_tokens, temperature)
+    except ValueError as exc:
+        raise DiffMASError(str(exc)) from exc
+    config = {
+        "systems": [asdict(e) for e in entries], "tasks": list(dict.fromkeys(tasks)), "model": model, "limit": limit,
+        "seeds": list(seeds), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+        "writer_max_new_tokens": writer_max_new_tokens, "topology": topology, "latent_steps": latent_steps,
+        "device": str(resolve_device(device)), "dtype": dtype, "source": source, "temperature": temperature,
+    }
+    loaded: dict[str, tuple[Task, list[Example]]] = {}
+    for name in config["tasks"]:
+        task = get_task(name)
+        loaded[name] = (task, task.load(limit, source))
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resumable(out, config)
+    log = SampleLog(out / SAMPLES_FILE)
+    _write_json(out / RESULTS_FILE, {"config": config, "status": "running"})
+
+    def pending(label: str, task: Task, seed: int, examples: list[Example]) -> list[Example]:
+        return [ex for ex in examples if sample_key(label, task.name, seed, ex.id) not in log]
+
+    todo = sum(len(pending(e.label, t, s, exs)) for e in entries for t, exs in loaded.values() for s in seeds)
+    shared: Backbone | None = None
+    with tqdm(total=todo, disable=not show_progress, unit="sample", dynamic_ncols=True) as bar:
+        for entry in entries:
+            if not any(pending(entry.label, t, s, exs) for t, exs in loaded.values() for s in seeds):
+                continue
+            if get_kind(entry.name).trained:
+                # peft injects LoRA layers into the model in place: a trained system gets its own copy, so its
+                # adapter cannot leak into the systems that share the plain backbone.
+                backbone = load_backbone(model, device, dtype)
+            else:
+                shared = shared or load_backbone(model, device, dtype)
+                backbone = shared
+            system = build_system(entry.name, backbone, topology=topology, latent_steps=latent_steps,
+                                  adapter=entry.adapter, writer_max_new_tokens=writer_max_new_tokens)
+            for task, examples in loaded.values():
+                for seed in seeds:
+                    bar.set_description(f"{entry.label} {task.name} seed {seed}")
+                    _run_one(system, entry.label, task, seed, examples, log, batch_size, max_new_tokens,
+                             temperature, bar)
+    results = compute_results(config, log.samples, loaded)
+    results["status"] = "complete"
+    _write_json(out / RESULTS_FILE, results)
+    return results
+
+
+def _run_one(system: System, label: str, task: Task, seed: int, examples: list[Example], log: SampleLog,
+             batch_size: int, max_new_tokens: int, temperature: float, bar: tqdm) -> None:
+    """Run the pending examples of one (system, task, seed), appending each finished batch to ``log``."""
+    prompts = [task.prompt(ex) for ex in examples]
+    # Batches are cut from the full example list (length-sorted), not from what is pending, and a batch that a
+    # kill left half-written is rerun whole: a resumed run computes exactly what an uninterrupted one does (same
+    # padding, so the same floating-point sums, and with sampling the same random streams).
+    order = sorted(range(len(examples)), key=lambda i: (len(prompts[i]), i))
+    for number, lo in enumerate(range(0, len(order), batch_size)):
+        batch = order[lo: lo + batch_size]
+        todo = {i for i in batch if sample_key(label, task.name, seed, examples[i].id) not in log}
+        if not todo:
+            continue
+        # One stream per batch: with a single seed per call, row r of every batch would draw the same numbers.
+        cfg = DecodeConfig(max_new_tokens, temperature, seed=seed * 1_000_003 + number)
+        records = system.run([prompts[i] for i in batch], cfg, batch_size)
+        log.append([_record(label, task, seed, examples[i], rec) for i, rec in zip(batch, records) if i in todo])
+        bar.update(len(todo))
