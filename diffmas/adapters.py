@@ -9,6 +9,7 @@ which adapter and which base model they were trained on, so loading into the wro
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from diffmas.backbone import Backbone
 from diffmas.errors import DiffMASError
+
+# peft 0.21 still calls a transformers method that 5.x deprecates; the warning is not actionable for users.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 META_FILE = "diffmas_adapters.json"
 SHARED = "default"  # peft's name for the first adapter; keeps a shared adapter loadable by plain peft

@@ -88,9 +88,20 @@ HIERARCHICAL = Topology(
     ),
 )
 
+# Two agents (same as configs/topologies/duo.yaml): small enough to train on a CPU in minutes.
+DUO = Topology(
+    "duo",
+    (
+        Agent("reasoner", "You are the Reasoner in a team of two agents.",
+              "Think through the problem below step by step. Do not state the final answer."),
+        Agent("solver", "You are the Solver in a team of two agents.",
+              "The Reasoner's work is in the context above. Use it to solve the problem."),
+    ),
+)
+
 SINGLE = Topology("single", (SOLVER,))
 
-TOPOLOGIES = {t.name: t for t in (SEQUENTIAL, HIERARCHICAL, SINGLE)}
+TOPOLOGIES = {t.name: t for t in (SEQUENTIAL, HIERARCHICAL, DUO, SINGLE)}
 
 
 def topology_from_dict(data: dict, default_name: str = "custom") -> Topology:

@@ -24,7 +24,7 @@ from diffmas.adapters import attach_lora, save_adapters, trainable_parameters
 from diffmas.backbone import Backbone, load_backbone
 from diffmas.config import TrainConfig, save_config, to_dict
 from diffmas.errors import DiffMASError
-from diffmas.prompts import SINGLE, load_topology, render_target
+from diffmas.prompts import SINGLE, TOPOLOGIES, load_topology, render_target
 from diffmas.rollout import RolloutSpec, rollout
 from diffmas.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffmas.train.data import TrainExample, build_datasets
@@ -187,8 +187,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
                                         cfg, accelerator)
 
     if accelerator.is_main_process:
-        topology = spec.topology.name if spec.topology.name in ("sequential", "hierarchical", "single") \
-            else spec.topology.to_dict()
+        builtin = TOPOLOGIES.get(spec.topology.name) == spec.topology
+        topology = spec.topology.name if builtin else spec.topology.to_dict()
         save_adapters(backbone, out, roles, cfg.lora,
                       extra={"system": cfg.system, "topology": topology, "latent_steps": spec.latent_steps,
                              "grad_mode": cfg.grad_mode, "task": cfg.data.task, "steps": cfg.steps})

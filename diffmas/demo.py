@@ -1,0 +1,205 @@
+"""The main job: does a trained latent channel beat the alternatives, and what does it cost?
+
+    diffmas demo --out runs/demo                  # make demo: train 2 systems, evaluate 5, table + plots
+    diffmas demo --ablation --out runs/ablation   # make ablation: gradient mode, adapter layout, latent steps
+
+On the embedded SmolLM2-135M-Instruct, DiffMAS (coupled, shared LoRA) and the single_sft baseline are trained
+on the same generated examples for the same number of steps, with answer-only targets; then single,
+text_mas, latent_mas, diffmas and single_sft are evaluated on one held-out set (seeds disjoint from
+training). Every stage resumes: rerunning the command after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from diffmas.config import DataConfig, ModelConfig, TrainConfig
+from diffmas.adapters import META_FILE, LoraSettings
+from diffmas.train.checkpoint import latest_checkpoint
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+
+
+@dataclass
+class DemoConfig:
+    """The demo's budget; defaults fit about 30 minutes on 2 CPU cores."""
+
+    task: str = "rg:chain_sum"
+    topology: str = "duo"
+    latent_steps: int = 5
+    steps: int = 80
+    batch_size: int = 8
+    lr: float = 1e-3
+    n_eval: int = 100
+    eval_batch_size: int = 16
+    max_new_tokens: int = 64
+    writer_max_new_tokens: int = 64
+    model: str = "smollm2-135m-instruct"
+    device: str = "auto"
+    seed: int = 0
+
+    def train_config(self, system: str, **changes) -> TrainConfig:
+        cfg = TrainConfig(
+            system=system, topology=self.topology, latent_steps=self.latent_steps, steps=self.steps,
+            batch_size=self.batch_size, lr=self.lr, seed=self.seed, checkpoint_every=max(1, self.steps // 4),
+            mixed_precision="bf16" if (torch.cuda.is_available() or _cpu_has_bf16()) else "no",
+            model=ModelConfig(name=self.model, device=self.device), data=DataConfig(task=self.task),
+        )
+        return replace(cfg, **changes)
+
+
+def train_once(cfg: TrainConfig, out: Path) -> Path:
+    """Train into ``out`` unless it already holds finished adapters; resume a run that was interrupted."""
+    from diffmas.train.loop import train
+
+    if (out / META_FILE).is_file():
+        print(f"[demo] {out} already trained; reusing it (delete the folder to retrain)")
+        return out
+    train(cfg, out, resume=latest_checkpoint(out) is not None)
+    return out
+
+
+def _markdown_table(results: dict) -> str:
+    lines = ["| system | accuracy ± stderr | n | format failures | tokens / problem | s / problem | perplexity |",
+             "|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        ppl = f"{row['perplexity']:.2f}" if row.get("perplexity") is not None else "–"
+        lines.append(f"| {row['system']} | {row['accuracy']:.3f} ± {row['stderr']:.3f} | {row['n']} | "
+                     f"{row['format_failures']:.2f} | {row['tokens_mean']:.1f} | {row['seconds_mean']:.2f} | {ppl} |")
+    return "\n".join(lines)
+
+
+def _plot_training(runs: dict[str, Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, run in runs.items():
+        metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        steps = [m["step"] for m in metrics if "loss" in m]
+        ax.plot(steps, [m["loss"] for m in metrics if "loss" in m], label=f"{label} (train)", alpha=0.6)
+        held = [(m["step"], m["heldout_loss"]) for m in metrics if "heldout_loss" in m]
+        ax.plot(*zip(*held), "o--", label=f"{label} (held-out)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy on target tokens")
+    ax.legend()
+    ax.set_title("Training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_summary(out: Path, title: str, cfg: DemoConfig, results: dict, notes: list[str]) -> Path:
+    text = [f"# {title}", "",
+            f"Produced by `diffmas demo{' --ablation' if 'ablation' in title.lower() else ''} --out {out}` on "
+            f"{time.strftime('%Y-%m-%d')}, {machine_description()}.", "",
+            f"Task {cfg.task} (held-out seeds, n = {cfg.n_eval} per system), topology `{cfg.topology}`, "
+            f"m = {cfg.latent_steps} latent steps, {cfg.steps} training steps x batch {cfg.batch_size}, "
+            "answer-only targets, greedy decoding, max "
+            f"{cfg.max_new_tokens} new tokens.", "", _markdown_table(results), "", *notes]
+    path = out / "summary.md"
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def _evaluate(systems: list[str], out: Path, cfg: DemoConfig, latent_steps: int | None = None) -> dict:
+    from diffmas.eval.runner import run_eval
+
+    return run_eval(systems, [cfg.task], out, model=cfg.model, limit=cfg.n_eval, batch_size=cfg.eval_batch_size,
+                    max_new_tokens=cfg.max_new_tokens, writer_max_new_tokens=cfg.writer_max_new_tokens,
+                    topology=cfg.topology, latent_steps=cfg.latent_steps if latent_steps is None else latent_steps,
+                    device=cfg.device)
+
+
+def _rows(results: dict) -> dict:
+    """results.json rows keyed the way the markdown table reads them."""
+    rows = []
+    for row in results["results"]:
+        rows.append({"system": row["system"], **{k: row.get(k) for k in (
+            "accuracy", "stderr", "n", "format_failures", "tokens_mean", "seconds_mean", "perplexity")}})
+    return {"rows": rows}
+
+
+def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> Path:
+    """Train diffmas and single_sft, evaluate all five systems, write table, plots and summary under ``out``."""
+    cfg = cfg or DemoConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    runs = {system: train_once(cfg.train_config(system), out / system) for system in ("diffmas", "single_sft")}
+    _plot_training(runs, out / "training.png")
+    systems = ["single", "text_mas", "latent_mas", f"diffmas:{runs['diffmas']}", f"single_sft:{runs['single_sft']}"]
+    results = _evaluate(systems, out / "eval", cfg)
+    return _write_summary(out, "DiffMAS demo", cfg, _rows(results), [
+        "Plots: `eval/accuracy_vs_tokens.png`, `eval/accuracy_vs_time.png`, `training.png`. "
+        "Per-sample outputs: `eval/samples.jsonl`; full metrics and config: `eval/results.json`."])
+
+
+ABLATION = {
+    "coupled / shared / m=5": {},
+    "detached / shared / m=5": {"grad_mode": "detached"},
+    "coupled / per-agent / m=5": {"lora": LoraSettings(layout="per-agent")},
+    "coupled / shared / m=0": {"latent_steps": 0},
+    "coupled / shared / m=10": {"latent_steps": 10},
+}
+
+
+def run_ablation(out: str | Path, cfg: DemoConfig | None = None) -> Path:
+    """Train one diffmas variant per ABLATION row (same data and steps), evaluate each on the same set."""
+    cfg = cfg or DemoConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _rows(_evaluate(["latent_mas"], out / "eval" / "latent_mas", cfg))["rows"]
+    for i, (label, changes) in enumerate(ABLATION.items()):
+        train_cfg = cfg.train_config("diffmas", **changes)
+        run = train_once(train_cfg, out / f"variant{i}")
+        # Each variant is evaluated with the latent steps it was trained with (one eval folder per variant).
+        variant = _rows(_evaluate([f"diffmas:{run}"], out / "eval" / f"variant{i}", cfg, train_cfg.latent_steps))
+        rows += [{**row, "system": f"diffmas {label}"} for row in variant["rows"]]
+    rows = {"rows": rows}
+    _plot_ablation(rows, out / "ablation.png")
+    return _write_summary(out, "DiffMAS ablation", cfg, rows, [
+        "Each variant is evaluated with the latent steps it was trained with. Plot: `ablation.png`."])
+
+
+def _plot_ablation(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [r["system"] for r in rows["rows"]]
+    ax.barh(names, [r["accuracy"] for r in rows["rows"]], xerr=[r["stderr"] for r in rows["rows"]], capsize=3)
+    ax.set_xlabel("accuracy (± stderr)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
