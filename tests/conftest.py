@@ -70,6 +70,16 @@ def make_backbone(arch: str = "llama", tied: bool = True, seed: int = 0, dtype: 
     return Backbone(model=model, tokenizer=make_tokenizer(), name=f"tiny-{arch}")
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny Llama and its tokenizer saved as an ordinary model folder (loadable by path, like a user's)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    backbone = make_backbone()
+    backbone.lm.save_pretrained(path)
+    backbone.tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def backbone() -> Backbone:
     return make_backbone()

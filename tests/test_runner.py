@@ -46,12 +46,8 @@ app(args=sys.argv[1:], prog_name="diffmas")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-llama")
-    bb = make_backbone()
-    bb.lm.save_pretrained(d)
-    bb.tokenizer.save_pretrained(d)
-    return d
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(autouse=True)

@@ -106,15 +106,6 @@ def test_steps_change_every_trainable_parameter_and_no_base_weight():
         assert changed == ("lora_" in name), name
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-model")
-    backbone = make_backbone()
-    backbone.lm.save_pretrained(path)
-    backbone.tokenizer.save_pretrained(path)
-    return path
-
-
 def _config_file(tmp_path: Path, model_dir: Path, **overrides) -> Path:
     cfg = {"model": {"name": str(model_dir), "device": "cpu"}, "latent_steps": 1, "batch_size": 4, "steps": 6,
            "checkpoint_every": 2, "lr": 5e-3, "lora": {"rank": 4, "dropout": 0.0},
