@@ -83,7 +83,7 @@ def latent_steps(
     trace: Trace,
     last_hidden: Tensor,
     steps: int,
-    realigner: Realigner,
+    realigner: Realigner | None,
     lens_top_k: int = 0,
 ) -> tuple[Trace, Tensor, list[list[list[str]]]]:
     """Take ``steps`` latent steps from ``last_hidden`` [B, D]; nothing is decoded.

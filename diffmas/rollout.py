@@ -109,14 +109,20 @@ def _maybe_checkpoint(enabled: bool, fn, trace: Trace, *tensors: Tensor) -> tupl
     return fn(*tensors, *trace.flatten())
 
 
-def _latent_writer(backbone: Backbone, adapter: str | None, steps: int, realigner: Realigner | None):
-    """A checkpointable function: prefill the agent's segment, take latent steps, return trace + last hidden."""
+def _latent_writer(backbone: Backbone, adapter: str | None, steps: int, realigner: Realigner | None,
+                   lens_top_k: int = 0, lens_out: list | None = None):
+    """A checkpointable function: prefill the agent's segment, take latent steps, return trace + last hidden.
+
+    With ``lens_top_k`` the logit lens of every step is appended to ``lens_out`` (strings cannot be outputs
+    of a checkpointed function, so they leave through this list).
+    """
 
     def run(ids: Tensor, mask: Tensor, *trace_tensors: Tensor) -> tuple[Tensor, ...]:
         activate(backbone, adapter)  # inside, so a recomputation in backward uses the same adapter
         trace, hidden = Trace.unflatten(trace_tensors).extend(backbone.body, mask, input_ids=ids)
-        trace, last, _ = latent_steps(backbone, trace, hidden[:, -1], steps, realigner) if steps else (
-            trace, hidden[:, -1], None)
+        trace, last, lens = latent_steps(backbone, trace, hidden[:, -1], steps, realigner, lens_top_k)
+        if lens_out is not None:
+            lens_out.append(lens)
         return (*trace.flatten(), last)
 
     return run
@@ -181,15 +187,12 @@ def rollout(
             lens = texts = None
             generated = [0] * batch
             if spec.writer_mode == "latent":
-                if spec.lens_top_k:  # the logit lens needs strings, so this path is never checkpointed
-                    activate(backbone, adapters.get(agent.role))
-                    branch, hidden = branch.extend(backbone.body, mask, input_ids=ids)
-                    branch, _, lens = latent_steps(backbone, branch, hidden[:, -1], spec.latent_steps, realigner,
-                                                   spec.lens_top_k)
-                else:
-                    fn = _latent_writer(backbone, adapters.get(agent.role), spec.latent_steps, realigner)
-                    out = _maybe_checkpoint(checkpoint and stage_one_grad, fn, branch, ids, mask)
-                    branch = Trace.unflatten(out[:-1])
+                lens_out: list | None = [] if spec.lens_top_k else None
+                fn = _latent_writer(backbone, adapters.get(agent.role), spec.latent_steps, realigner,
+                                    spec.lens_top_k, lens_out)
+                out = _maybe_checkpoint(checkpoint and stage_one_grad, fn, branch, ids, mask)
+                branch = Trace.unflatten(out[:-1])
+                lens = lens_out[-1] if lens_out else None
             else:
                 activate(backbone, adapters.get(agent.role))
                 branch, hidden = branch.extend(backbone.body, mask, input_ids=ids)

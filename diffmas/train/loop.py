@@ -9,8 +9,10 @@ every process builds the same global batch, so 1 process and N processes follow 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -105,6 +107,14 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(l + "\n" for l in lines))
 
 
+def _trackers() -> list[str]:
+    """Experiment trackers, used only when installed (wandb also needs credentials or an explicit mode)."""
+    found = [name for name in ("tensorboard",) if importlib.util.find_spec(name)]
+    if importlib.util.find_spec("wandb") and (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")):
+        found.append("wandb")
+    return found
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     """Train ``cfg.system``'s LoRA adapter(s); writes adapters, checkpoints, metrics and config under ``out``."""
     out = Path(out)
@@ -113,6 +123,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         cpu=cfg.model.device == "cpu",
         # Detached mode and per-agent adapters leave some adapters without gradient in a step.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=_trackers() or None,
+        project_dir=str(out),
     )
     ckpt = _prepare_out(out, resume, cfg)
     accelerator.wait_for_everyone()
@@ -143,7 +155,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
+    if accelerator.log_with:
+        accelerator.init_trackers("diffmas", config={k: str(v) for k, v in to_dict(cfg).items()})
+
     def log(record: dict) -> None:
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if accelerator.is_main_process:
             with open(out / METRICS_FILE, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -193,6 +209,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
                       extra={"system": cfg.system, "topology": topology, "latent_steps": spec.latent_steps,
                              "grad_mode": cfg.grad_mode, "task": cfg.data.task, "steps": cfg.steps})
     accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:  # not end_training(): it also tears down the process group
+        tracker.finish()
     metrics = [json.loads(l) for l in (out / METRICS_FILE).read_text().splitlines()] if (out / METRICS_FILE).exists() else []
     held = [m["heldout_loss"] for m in metrics if "heldout_loss" in m]
     return {"out": str(out), "steps": cfg.steps, "heldout_loss_start": held[0] if held else None,

@@ -1,0 +1,79 @@
+"""The CLI on bad input: one line on stderr, a non-zero exit, and no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_backbone
+
+from diffmas.adapters import LoraSettings, attach_lora, save_adapters
+
+
+def _diffmas(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffmas.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert any(line.startswith("error:") and fragment in line for line in lines), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_question_file(tmp_path, tiny_model_dir):
+    questions = tmp_path / "questions.txt"
+    questions.write_text("\n  \n")
+    _assert_one_line_error(_diffmas("run", "--model", str(tiny_model_dir), "--question-file", str(questions)),
+                           "no questions")
+
+
+def test_unknown_system(tiny_model_dir):
+    _assert_one_line_error(_diffmas("run", "--system", "telepathy", "--question", "hi"), "unknown system 'telepathy'")
+
+
+def test_missing_model_folder(tmp_path):
+    _assert_one_line_error(_diffmas("run", "--model", str(tmp_path / "nowhere"), "--question", "hi"),
+                           "does not exist")
+
+
+def test_adapter_for_another_model(tmp_path, tiny_model_dir):
+    other = make_backbone("qwen2")  # different architecture and shapes than the tiny Llama
+    roles = attach_lora(other, LoraSettings(rank=2), ["solver"])
+    adapter = tmp_path / "adapter"
+    save_adapters(other, adapter, roles, LoraSettings(rank=2), extra={"system": "single_sft"})
+    result = _diffmas("run", "--system", "single_sft", "--adapter", str(adapter), "--model", str(tiny_model_dir),
+                      "--question", "hi")
+    _assert_one_line_error(result, "was trained on")
+
+
+def test_missing_adapter_dir(tmp_path, tiny_model_dir):
+    result = _diffmas("run", "--system", "diffmas", "--adapter", str(tmp_path / "none"), "--model",
+                      str(tiny_model_dir), "--question", "hi")
+    _assert_one_line_error(result, "not found")
+
+
+def test_run_prints_json_records(tiny_model_dir):
+    result = _diffmas("run", "--system", "latent_mas", "--model", str(tiny_model_dir), "--question", "2+2?",
+                      "--latent-steps", "2", "--max-new-tokens", "4", "--json", "--show-latents")
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert len(records) == 1 and set(records[0]) >= {"answer", "agents", "trace_tokens"}
+    assert [a["role"] for a in records[0]["agents"]] == ["planner", "critic", "refiner", "judger"]
+    assert all(a["latent_steps"] == 2 for a in records[0]["agents"][:-1])
+    # The logit lens: top-3 tokens for each latent step of each writer.
+    assert all(len(a["latents"]) == 2 and all(len(top) == 3 for top in a["latents"])
+               for a in records[0]["agents"][:-1])
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": "fast"}, {"lora": {"layout": "diagonal"}}])
+def test_train_rejects_invalid_config(tmp_path, bad):
+    import yaml
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(bad))
+    _assert_one_line_error(_diffmas("train", "--config", str(config), "--out", str(tmp_path / "o")), "config field")
+    assert not (tmp_path / "o").exists()
