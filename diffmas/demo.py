@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from diffmas.config import DataConfig, ModelConfig, TrainConfig
+from diffmas.config import DataConfig, ModelConfig, TrainConfig, load_config, to_dict
 from diffmas.adapters import META_FILE, LoraSettings
 from diffmas.train.checkpoint import latest_checkpoint
 
@@ -73,13 +73,25 @@ class DemoConfig:
         return replace(cfg, **changes)
 
 
-def train_once(cfg: TrainConfig, out: Path) -> Path:
-    """Train into ``out`` unless it already holds finished adapters; resume a run that was interrupted."""
+def _finished_with(run: Path, cfg: TrainConfig) -> bool:
+    return (run / META_FILE).is_file() and (run / "config.yaml").is_file() and \
+        to_dict(load_config(run / "config.yaml")) == to_dict(cfg)
+
+
+def train_once(cfg: TrainConfig, out: Path, reuse: tuple[Path, ...] = ()) -> Path:
+    """Train into ``out`` unless it already holds finished adapters; resume a run that was interrupted.
+
+    A finished run in ``reuse`` with exactly the same config is used instead of training again.
+    """
     from diffmas.train.loop import train
 
     if (out / META_FILE).is_file():
         print(f"[demo] {out} already trained; reusing it (delete the folder to retrain)")
         return out
+    for candidate in reuse:
+        if _finished_with(candidate, cfg):
+            print(f"[demo] reusing {candidate}: same config as {out}")
+            return candidate
     train(cfg, out, resume=latest_checkpoint(out) is not None)
     return out
 
@@ -179,7 +191,7 @@ def run_ablation(out: str | Path, cfg: DemoConfig | None = None) -> Path:
     rows = _rows(_evaluate(["latent_mas"], out / "eval" / "latent_mas", cfg))["rows"]
     for i, (label, changes) in enumerate(ABLATION.items()):
         train_cfg = cfg.train_config("diffmas", **changes)
-        run = train_once(train_cfg, out / f"variant{i}")
+        run = train_once(train_cfg, out / f"variant{i}", reuse=(out.parent / "demo" / "diffmas",))
         # Each variant is evaluated with the latent steps it was trained with (one eval folder per variant).
         variant = _rows(_evaluate([f"diffmas:{run}"], out / "eval" / f"variant{i}", cfg, train_cfg.latent_steps))
         rows += [{**row, "system": f"diffmas {label}"} for row in variant["rows"]]
