@@ -142,12 +142,15 @@ def _write_summary(out: Path, title: str, cfg: DemoConfig, results: dict, notes:
 
 
 def _evaluate(systems: list[str], out: Path, cfg: DemoConfig, latent_steps: int | None = None) -> dict:
+    from diffmas.eval.report import plot
     from diffmas.eval.runner import run_eval
 
-    return run_eval(systems, [cfg.task], out, model=cfg.model, limit=cfg.n_eval, batch_size=cfg.eval_batch_size,
-                    max_new_tokens=cfg.max_new_tokens, writer_max_new_tokens=cfg.writer_max_new_tokens,
-                    topology=cfg.topology, latent_steps=cfg.latent_steps if latent_steps is None else latent_steps,
-                    device=cfg.device)
+    results = run_eval(systems, [cfg.task], out, model=cfg.model, limit=cfg.n_eval, batch_size=cfg.eval_batch_size,
+                       max_new_tokens=cfg.max_new_tokens, writer_max_new_tokens=cfg.writer_max_new_tokens,
+                       topology=cfg.topology, latent_steps=cfg.latent_steps if latent_steps is None else latent_steps,
+                       device=cfg.device)
+    plot(results, out)
+    return results
 
 
 def _rows(results: dict) -> dict:
