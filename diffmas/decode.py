@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from diffmas.backbone import Backbone
-from diffmas.kv import Trace
+from diffmas.kv import Trace, TraceBuilder
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ def decode(
     tokens: list[list[int]] = [[] for _ in range(batch)]
     nll = torch.zeros(batch, dtype=torch.float64, device=device)
     logits = backbone.logits(last_hidden)
+    builder = TraceBuilder(trace)
     for step in range(cfg.max_new_tokens):
         chosen = _choose(logits, cfg, generator)
         live = ~finished
@@ -104,9 +105,9 @@ def decode(
         if last_step and not keep_in_trace:
             break
         # A token is real in the trace iff its row was still live when it was chosen (EOS included).
-        trace, hidden = trace.extend(backbone.body, live.long()[:, None], input_ids=chosen[:, None])
+        hidden = builder.extend(backbone.body, live.long()[:, None], input_ids=chosen[:, None])
         if last_step:
             break
         logits = backbone.logits(hidden[:, -1])
     texts = [_cut_at_stop(backbone.tokenizer.decode(t, skip_special_tokens=True), cfg.stop)[0] for t in tokens]
-    return Decoded(tokens, texts, nll.tolist(), trace)
+    return Decoded(tokens, texts, nll.tolist(), builder.freeze())

@@ -93,18 +93,9 @@ class Trace:
 
         Returns the extended trace and the segment's last-layer hidden states ``[B, S, D]``.
         """
-        cache = _as_cache(self.keys, self.values)
-        out = body(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=torch.cat([self.mask, seg_mask], dim=1),
-            position_ids=segment_positions(self.next_positions, seg_mask),
-            cache=cache,
-            use_cache=True,
-        )
-        keys, values = _cache_tensors(cache)
-        extended = Trace(keys, values, torch.cat([self.mask, seg_mask.to(self.mask.dtype)], dim=1), self.start)
-        return extended, out.last_hidden_state
+        builder = TraceBuilder(self)
+        hidden = builder.extend(body, seg_mask, input_ids=input_ids, inputs_embeds=inputs_embeds)
+        return builder.freeze(), hidden
 
     def concat(self, other: "Trace") -> "Trace":
         """Append a trace that was built independently, starting at this trace's ``next_positions``."""
@@ -144,6 +135,47 @@ class Trace:
         """Inverse of :meth:`flatten`."""
         n = (len(tensors) - 2) // 2
         return cls(tuple(tensors[:n]), tuple(tensors[n : 2 * n]), tensors[-2], tensors[-1])
+
+
+class TraceBuilder:
+    """A trace extended in place by a token-by-token loop (latent steps, decoding).
+
+    One DynamicCache is updated step after step, so each step concatenates once per layer and the previous
+    layer tensors are freed at once; extending an immutable Trace step by step would hold two full copies of
+    the trace during every forward and rebuild the cache object each time. The Trace it started from is not
+    modified (the cache's first update concatenates into new tensors). Gradients flow through it as usual.
+    """
+
+    def __init__(self, trace: Trace) -> None:
+        self._cache = _as_cache(trace.keys, trace.values)
+        self._mask = trace.mask
+        self._start = trace.start
+
+    def extend(
+        self,
+        body: torch.nn.Module,
+        seg_mask: Tensor,
+        *,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+    ) -> Tensor:
+        """Append one segment; returns its last-layer hidden states ``[B, S, D]``."""
+        mask = torch.cat([self._mask, seg_mask.to(self._mask.dtype)], dim=1)
+        out = body(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=segment_positions(self._start + self._mask.sum(1), seg_mask),
+            cache=self._cache,
+            use_cache=True,
+        )
+        self._mask = mask
+        return out.last_hidden_state
+
+    def freeze(self) -> Trace:
+        """The trace as it stands now."""
+        keys, values = _cache_tensors(self._cache)
+        return Trace(keys, values, self._mask, self._start)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[Tensor, Tensor]:

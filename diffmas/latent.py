@@ -18,7 +18,7 @@ from torch import Tensor
 
 from diffmas.assets import diffmas_home
 from diffmas.backbone import Backbone
-from diffmas.kv import Trace
+from diffmas.kv import Trace, TraceBuilder
 
 
 def solve_realignment(w_out: Tensor, w_in: Tensor, ridge: float = 1e-5) -> Tensor:
@@ -93,6 +93,7 @@ def latent_steps(
     """
     lens: list[list[list[str]]] = [[] for _ in range(trace.batch_size)]
     step_mask = torch.ones(trace.batch_size, 1, dtype=torch.long, device=trace.mask.device)
+    builder = TraceBuilder(trace)
     for _ in range(steps):
         if lens_top_k:
             with torch.no_grad():
@@ -100,6 +101,5 @@ def latent_steps(
             for row, ids in enumerate(top):
                 lens[row].append([backbone.tokenizer.decode([i]) for i in ids])
         embeds = realigner(last_hidden)[:, None, :]
-        trace, hidden = trace.extend(backbone.body, step_mask, inputs_embeds=embeds)
-        last_hidden = hidden[:, -1]
-    return trace, last_hidden, lens
+        last_hidden = builder.extend(backbone.body, step_mask, inputs_embeds=embeds)[:, -1]
+    return builder.freeze(), last_hidden, lens
