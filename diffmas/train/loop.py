@@ -58,8 +58,10 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_spec(cfg: TrainConfig, roles: dict[str, str] | None = None) -> RolloutSpec:
+def attach_trainable(backbone: Backbone, cfg: TrainConfig) -> RolloutSpec:
+    """Attach fresh LoRA adapter(s) for the system's agents; returns the rollout spec that uses them."""
     topology = load_topology(cfg.topology) if cfg.system == "diffmas" else SINGLE
+    roles = attach_lora(backbone, cfg.lora, [a.role for a in topology.agents])
     return RolloutSpec(topology, "latent", cfg.latent_steps if cfg.system == "diffmas" else 0, adapters=roles)
 
 
@@ -134,9 +136,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     global_batch = micro * cfg.grad_accum
 
     backbone = load_backbone(cfg.model.name, str(accelerator.device), cfg.model.dtype)
-    spec = build_spec(cfg)
-    roles = attach_lora(backbone, cfg.lora, [a.role for a in spec.topology.agents])
-    spec = build_spec(cfg, roles)
+    spec = attach_trainable(backbone, cfg)
     backbone.model.train()
     params = trainable_parameters(backbone)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -205,7 +205,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     if accelerator.is_main_process:
         builtin = TOPOLOGIES.get(spec.topology.name) == spec.topology
         topology = spec.topology.name if builtin else spec.topology.to_dict()
-        save_adapters(backbone, out, roles, cfg.lora,
+        save_adapters(backbone, out, spec.adapters, cfg.lora,
                       extra={"system": cfg.system, "topology": topology, "latent_steps": spec.latent_steps,
                              "grad_mode": cfg.grad_mode, "task": cfg.data.task, "steps": cfg.steps})
     accelerator.wait_for_everyone()
