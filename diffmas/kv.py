@@ -113,19 +113,6 @@ class Trace:
             tuple(k.detach() for k in self.keys), tuple(v.detach() for v in self.values), self.mask, self.start
         )
 
-    def select(self, rows: Tensor) -> "Trace":
-        """Keep the given batch rows (in that order)."""
-        return Trace(
-            tuple(k[rows] for k in self.keys),
-            tuple(v[rows] for v in self.values),
-            self.mask[rows],
-            self.start[rows],
-        )
-
-    def to_cache(self) -> DynamicCache:
-        """A transformers cache holding this trace (for handing to code that expects one)."""
-        return _as_cache(self.keys, self.values)
-
     def flatten(self) -> list[Tensor]:
         """Tensors of the trace as a flat list (inputs of a checkpointed function)."""
         return [*self.keys, *self.values, self.mask, self.start]
