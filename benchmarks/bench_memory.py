@@ -103,7 +103,8 @@ def child(args: Any) -> None:
     counter = SavedBytes(list(backbone.model.parameters()), cfg.hidden_size // cfg.num_attention_heads)
     start = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-        result = rollout(backbone, spec, prompts, targets=targets, grad_mode="coupled", checkpoint=args.checkpoint)
+        result = rollout(backbone, spec, prompts, targets=targets, grad_mode="coupled", checkpoint=args.checkpoint,
+                         keep_trace=True)
     forward_s = time.perf_counter() - start
     after_forward = rss_mib()
     result.loss.backward()

@@ -88,7 +88,8 @@ def memory_child(args: Any) -> None:
     cfg = DecodeConfig(max_new_tokens=args.new_tokens)
 
     def run(k: int, m: int, prompts: list[str]) -> Any:
-        return rollout(backbone, RolloutSpec(topology(k), "latent", latent_steps=m), prompts, decode_cfg=cfg)
+        return rollout(backbone, RolloutSpec(topology(k), "latent", latent_steps=m), prompts, decode_cfg=cfg,
+                       keep_trace=True)
 
     one = chain_sum_prompts(1)
     run(max(args.agents), 1, one)  # warm-up: kernels' code pages, realignment matrix
@@ -152,7 +153,8 @@ def main() -> None:
     grid = [(k, m) for k in args.agents for m in args.latent_steps]
 
     def run(k: int, m: int) -> Any:
-        return rollout(backbone, RolloutSpec(topology(k), "latent", latent_steps=m), prompts, decode_cfg=cfg)
+        return rollout(backbone, RolloutSpec(topology(k), "latent", latent_steps=m), prompts, decode_cfg=cfg,
+                       keep_trace=True)
 
     run(max(args.agents), 1)  # warm-up: kernels, realignment matrix
     seconds: dict[tuple[int, int], list[float]] = {c: [] for c in grid}

@@ -40,12 +40,61 @@ class DataConfig:
     """Examples held out for the held-out loss (disjoint from training)."""
 
 
+METHODS = ("answer", "curriculum", "distill")
+SYSTEMS = ("diffmas", "single_sft", "single_latent")
+
+
+@dataclass
+class CurriculumConfig:
+    """Coconut-style stages on the thinker (the last writer; the final agent for ``single_latent``)."""
+
+    stages: int = 3
+    """S: at stage s < S the first s worked steps become s x thoughts_per_step latent steps and the rest are
+    written (teacher-forced, with loss); at stage S every step is latent and nothing is written."""
+    thoughts_per_step: int = 2
+    """c: latent steps that replace one written step (``latent_steps`` must be stages x c)."""
+    stage_steps: int = 30
+    """Training steps of each stage 0..S-1; stage S runs until the last step."""
+    mixin: float = 0.3
+    """Probability that a batch uses an earlier stage (drawn uniformly), so earlier stages are not forgotten."""
+    reset_optimizer: bool = True
+    """Clear AdamW's moments when a new stage starts (Coconut)."""
+
+
+@dataclass
+class DistillConfig:
+    """CODI-style distillation from a worked-solution pass (teacher) into the latent pass (student)."""
+
+    weight: float = 1.0
+    """lambda: loss = answer CE + lambda x the hidden-state distance."""
+    layers: tuple[int, ...] = ()
+    """Hidden-state layers compared (1..L; L is the final-normed output); empty = every layer."""
+
+
+@dataclass
+class LinkConfig:
+    """The learned link (``latent_map: link``)."""
+
+    pretrain_steps: int = 0
+    """Steps of pre-training on the task's worked text (hidden[t] -> embedding[t+1], cosine + 0.1 MSE)."""
+    pretrain_lr: float = 1e-3
+
+
 @dataclass
 class TrainConfig:
     """One training run of a trainable system."""
 
     system: str = "diffmas"
-    """``diffmas`` (multi-agent latent trace) or ``single_sft`` (the fair single-agent baseline)."""
+    """``diffmas`` (multi-agent latent trace), ``single_sft`` (the fair single-agent baseline) or
+    ``single_latent`` (one agent thinks in latent steps, then answers: latent thinking without communication)."""
+    method: str = "answer"
+    """``answer``: answer-only targets (or worked, per data.target_style); ``curriculum`` / ``distill``:
+    latent steps grounded in worked solutions (needs data.target_style: worked)."""
+    latent_map: str = "ridge"
+    """How a latent step's hidden state becomes the next input: ``ridge`` (fixed realignment), ``link`` (a
+    learned map, saved beside the adapters) or ``pause`` (one learned embedding: the pause control)."""
+    realign: bool = True
+    """Ridge realignment before the norm rescaling (False: rescaling only, as LatentMAS by default)."""
     topology: str = "sequential"
     latent_steps: int = 10
     grad_mode: str = "coupled"
@@ -70,10 +119,39 @@ class TrainConfig:
     """``no`` or ``bf16`` (autocast; CPUs with avx512_bf16 benefit too)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
+
+    @property
+    def thinks(self) -> bool:
+        """Whether this system takes latent steps at all."""
+        return self.system != "single_sft" and self.latent_steps > 0
 
     def __post_init__(self) -> None:
+        cur = self.curriculum
+        grounded = self.method != "answer"
         checks = [
-            (self.system in ("diffmas", "single_sft"), "system", "must be 'diffmas' or 'single_sft'"),
+            (self.system in SYSTEMS, "system", f"must be one of {SYSTEMS}"),
+            (self.method in METHODS, "method", f"must be one of {METHODS}"),
+            (self.latent_map in ("ridge", "link", "pause"), "latent_map", "must be 'ridge', 'link' or 'pause'"),
+            (not grounded or self.data.target_style == "worked", "method",
+             f"'{self.method}' grounds latent steps in worked solutions: set data.target_style: worked"),
+            (not grounded or self.system != "single_sft", "method",
+             f"'{self.method}' trains latent steps, which single_sft has none of (use single_latent)"),
+            (self.latent_map == "ridge" or self.thinks, "latent_map",
+             f"'{self.latent_map}' needs latent steps (latent_steps > 0, system diffmas or single_latent)"),
+            (self.method != "curriculum" or self.latent_steps == cur.stages * cur.thoughts_per_step, "latent_steps",
+             f"must equal curriculum.stages x curriculum.thoughts_per_step "
+             f"({cur.stages} x {cur.thoughts_per_step} = {cur.stages * cur.thoughts_per_step}) for method curriculum"),
+            (cur.stages >= 1 and cur.thoughts_per_step >= 1 and cur.stage_steps >= 1, "curriculum",
+             "stages, thoughts_per_step and stage_steps must be >= 1"),
+            (self.method != "curriculum" or self.steps > cur.stages * cur.stage_steps, "steps",
+             f"must exceed curriculum.stages x curriculum.stage_steps ({cur.stages * cur.stage_steps}) so that the "
+             "last (all-latent) stage is trained"),
+            (0 <= cur.mixin < 1, "curriculum.mixin", "must be in [0, 1)"),
+            (self.distill.weight >= 0, "distill.weight", "must be >= 0"),
+            (self.link.pretrain_steps >= 0, "link.pretrain_steps", "must be >= 0"),
             (self.grad_mode in ("coupled", "detached"), "grad_mode", "must be 'coupled' or 'detached'"),
             (self.latent_steps >= 0, "latent_steps", "must be >= 0"),
             (self.steps >= 1, "steps", "must be >= 1"),

@@ -88,13 +88,16 @@ class Trace:
         *,
         input_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
+        all_layers: bool = False,
     ) -> tuple["Trace", Tensor]:
         """Run ``body`` (a decoder without LM head) on one segment on top of this trace.
 
-        Returns the extended trace and the segment's last-layer hidden states ``[B, S, D]``.
+        Returns the extended trace and the segment's last-layer hidden states ``[B, S, D]`` (with
+        ``all_layers``: a tuple, the embeddings' output, then every layer's, the last one final-normed).
         """
         builder = TraceBuilder(self)
-        hidden = builder.extend(body, seg_mask, input_ids=input_ids, inputs_embeds=inputs_embeds)
+        hidden = builder.extend(body, seg_mask, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                all_layers=all_layers)
         return builder.freeze(), hidden
 
     def concat(self, other: "Trace") -> "Trace":
@@ -145,8 +148,10 @@ class TraceBuilder:
         *,
         input_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
+        all_layers: bool = False,
     ) -> Tensor:
-        """Append one segment; returns its last-layer hidden states ``[B, S, D]``."""
+        """Append one segment; returns its last-layer hidden states ``[B, S, D]`` (every layer's with
+        ``all_layers``)."""
         mask = torch.cat([self._mask, seg_mask.to(self._mask.dtype)], dim=1)
         out = body(
             input_ids=input_ids,
@@ -155,9 +160,10 @@ class TraceBuilder:
             position_ids=segment_positions(self._start + self._mask.sum(1), seg_mask),
             cache=self._cache,
             use_cache=True,
+            output_hidden_states=all_layers,
         )
         self._mask = mask
-        return out.last_hidden_state
+        return out.hidden_states if all_layers else out.last_hidden_state
 
     def freeze(self) -> Trace:
         """The trace as it stands now."""
@@ -165,11 +171,16 @@ class TraceBuilder:
         return Trace(keys, values, self._mask, self._start)
 
 
-def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Left-pad token lists into ``(ids [B, S], mask [B, S])``; every row must be non-empty."""
-    if any(len(s) == 0 for s in sequences):
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str,
+             allow_empty: bool = False) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists into ``(ids [B, S], mask [B, S])``.
+
+    Every row must be non-empty unless ``allow_empty`` (a teacher-forced continuation that some rows lack:
+    such a row is all padding, so it adds no real position to the trace).
+    """
+    if not allow_empty and any(len(s) == 0 for s in sequences):
         raise ValueError("cannot pad an empty segment: every agent segment needs at least one token")
-    width = max(len(s) for s in sequences)
+    width = max(1, max(len(s) for s in sequences))
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):

@@ -83,10 +83,13 @@ def latent_steps(
     trace: Trace,
     last_hidden: Tensor,
     steps: int,
-    realigner: Realigner | None,
+    latent_map,
     lens_top_k: int = 0,
 ) -> tuple[Trace, Tensor, list[list[list[str]]]]:
     """Take ``steps`` latent steps from ``last_hidden`` [B, D]; nothing is decoded.
+
+    ``latent_map`` turns a last hidden state into the next input embedding (a :class:`Realigner`,
+    :class:`LearnedLink` or :class:`PauseEmbedding`).
 
     Returns the extended trace, the final last hidden state, and (when ``lens_top_k`` > 0) a logit lens:
     for each row and step, the top-k vocabulary tokens the hidden state that was fed would have decoded to.
@@ -100,6 +103,92 @@ def latent_steps(
                 top = backbone.logits(last_hidden).topk(lens_top_k, dim=-1).indices.tolist()
             for row, ids in enumerate(top):
                 lens[row].append([backbone.tokenizer.decode([i]) for i in ids])
-        embeds = realigner(last_hidden)[:, None, :]
+        embeds = latent_map(last_hidden)[:, None, :]
         last_hidden = builder.extend(backbone.body, step_mask, inputs_embeds=embeds)[:, -1]
     return builder.freeze(), last_hidden, lens
+
+
+LATENT_MAPS = ("ridge", "link", "pause")
+MAP_FILE = "latent_map.safetensors"
+
+
+class LearnedLink(torch.nn.Module):
+    """A trainable hidden -> embedding map: the ridge realignment, a residual MLP, then the norm rescaling.
+
+    The MLP's output layer starts at zero, so an untrained link is exactly the ridge realigner: training (and
+    the optional text pre-training) starts from the fixed map that already works rather than from noise.
+    """
+
+    def __init__(self, base: Realigner, dim: int, expansion: int = 2) -> None:
+        super().__init__()
+        matrix = base.matrix if base.matrix is not None else torch.eye(dim)
+        self.register_buffer("matrix", matrix.detach().clone().float(), persistent=False)
+        self.target_norm = base.target_norm
+        self.norm = torch.nn.LayerNorm(dim)
+        self.up = torch.nn.Linear(dim, expansion * dim)
+        self.down = torch.nn.Linear(expansion * dim, dim)
+        torch.nn.init.zeros_(self.down.weight)
+        torch.nn.init.zeros_(self.down.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        x = hidden.float() @ self.matrix
+        x = x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+        x = x * (self.target_norm / x.float().norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        return x.to(hidden.dtype)
+
+
+class PauseEmbedding(torch.nn.Module):
+    """The pause control: one learned input embedding in every latent position, whatever the hidden state.
+
+    The trace gets the same number of positions as with latent thoughts, but they carry no thought content,
+    so "the thoughts carry information" can be told apart from "there are more positions to attend to".
+    """
+
+    def __init__(self, init: Tensor) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Parameter(init.detach().clone().float())
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.embedding.to(hidden.dtype).expand(hidden.shape[0], -1)
+
+
+def build_latent_map(backbone: Backbone, kind: str, realign: bool = True):
+    """The map a rollout feeds latent steps through: ``ridge`` (fixed), ``link`` or ``pause`` (trainable)."""
+    if kind not in LATENT_MAPS:
+        raise ValueError(f"latent map must be one of {LATENT_MAPS}, got {kind!r}")
+    base = get_realigner(backbone, realign)
+    if kind == "ridge":
+        return base
+    if kind == "link":
+        module = LearnedLink(base, backbone.lm.config.hidden_size)
+    else:
+        w_in = backbone.lm.get_input_embeddings().weight.detach().float()
+        mean = w_in.mean(0)
+        module = PauseEmbedding(mean * (base.target_norm / mean.norm().clamp(min=1e-6)))
+    return module.to(backbone.device)
+
+
+def save_latent_map(latent_map, folder) -> str:
+    """Save a trainable map beside the adapters; returns its kind (``ridge`` maps have nothing to save)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    if isinstance(latent_map, Realigner):
+        return "ridge"
+    save_file({k: v.detach().cpu().contiguous() for k, v in latent_map.state_dict().items()},
+              str(Path(folder) / MAP_FILE))
+    return "link" if isinstance(latent_map, LearnedLink) else "pause"
+
+
+def load_latent_map(backbone: Backbone, kind: str, folder, realign: bool = True):
+    """Inverse of :func:`save_latent_map` (a ``ridge`` map is rebuilt from the model)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    latent_map = build_latent_map(backbone, kind, realign)
+    if kind != "ridge":
+        latent_map.load_state_dict(load_file(str(Path(folder) / MAP_FILE)))
+        latent_map.eval()
+    return latent_map

@@ -53,6 +53,9 @@ class Topology:
         return {"name": self.name, "agents": [asdict(a) for a in self.agents]}
 
 
+ANSWER_KEY = "Answer:"
+"""What introduces the final answer in targets and in the answer-format instruction."""
+
 _TEAM = "You are the {role} in a team of agents that solve a problem together."
 _FINAL_INSTRUCTION = (
     "The team's work on this problem is in the context above. Use it, check it, and solve the problem."

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,8 @@ from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig, decode
 from diffmas.errors import DiffMASError
 from diffmas.kv import Trace, left_pad
-from diffmas.latent import Realigner, get_realigner, latent_steps
-from diffmas.prompts import Agent, Topology, render_agent, render_target
+from diffmas.latent import get_realigner, latent_steps
+from diffmas.prompts import ANSWER_KEY, Agent, Topology, render_agent, render_target
 
 WRITER_MODES = ("latent", "text")
 GRAD_MODES = ("coupled", "detached")
@@ -49,11 +50,15 @@ class RolloutSpec:
     """Role -> adapter name; None leaves the model's adapters (if any) as they are."""
     lens_top_k: int = 0
     """> 0: record a logit lens (top-k tokens) for every latent step."""
+    final_latent_steps: int = 0
+    """Latent steps the final agent takes after its prompt, before it answers (``single_latent``)."""
+    latent_map: Any = None
+    """A trained hidden -> embedding map (learned link, pause embedding); None: the fixed ridge realigner."""
 
     def __post_init__(self) -> None:
         if self.writer_mode not in WRITER_MODES:
             raise DiffMASError(f"writer_mode must be one of {WRITER_MODES}, got '{self.writer_mode}'")
-        if self.latent_steps < 0:
+        if self.latent_steps < 0 or self.final_latent_steps < 0:
             raise DiffMASError("latent_steps must be >= 0")
 
 
@@ -82,7 +87,9 @@ class RolloutResult:
     loss: Tensor | None = None
     target_tokens: int = 0
     trace: Trace | None = None
-    """The writers' trace the final agent read (for inspection; not part of per-question records)."""
+    """The writers' trace the final agent read, with ``keep_trace`` (for inspection; not in per-question records)."""
+    captured: tuple[Tensor, ...] = ()
+    """Training with ``capture``: the final agent's hidden states [B, D] per layer at the answer-predicting position."""
 
     def per_question(self) -> list[dict]:
         """JSON-ready records: answer, per-agent stats, trace_tokens, and the final reply's NLL."""
@@ -102,51 +109,120 @@ class RolloutResult:
         return out
 
 
-def _maybe_checkpoint(enabled: bool, fn, trace: Trace, *tensors: Tensor) -> tuple[Tensor, ...]:
+def _maybe_checkpoint(enabled: bool, fn, trace: Trace, *tensors: Tensor | None) -> tuple[Tensor, ...]:
     # Trace tensors go in as explicit inputs so the recomputation in backward sees the same values.
     if enabled:
         return torch_checkpoint(fn, *tensors, *trace.flatten(), use_reentrant=False)
     return fn(*tensors, *trace.flatten())
 
 
-def _latent_writer(backbone: Backbone, adapter: str | None, steps: int, realigner: Realigner | None,
-                   lens_top_k: int = 0, lens_out: list | None = None):
-    """A checkpointable function: prefill the agent's segment, take latent steps, return trace + last hidden.
+def _forced_ce(backbone: Backbone, predictors: Tensor, labels: Tensor) -> Tensor:
+    """Summed cross-entropy of ``labels`` (-100 = no loss) predicted from ``predictors`` [B, S, D]."""
+    # Logits only where a target token is predicted: the LM head is a large share of a small model's cost.
+    keep = labels != -100
+    return F.cross_entropy(backbone.logits(predictors[keep]), labels[keep], reduction="sum")
 
+
+def _at_columns(layers: tuple[Tensor, ...], columns: Tensor) -> tuple[Tensor, ...]:
+    rows = torch.arange(columns.shape[0], device=columns.device)
+    return tuple(h[rows, columns] for h in layers)
+
+
+def _agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *, lens_top_k: int = 0,
+              lens_out: list | None = None, capture: bool = False):
+    """A checkpointable agent call: prefill the segment, take ``steps`` latent steps, then teacher-force a
+    continuation (if given) with a summed cross-entropy on its labelled tokens.
+
+    Inputs: ``ids, mask`` (the prompt, or prompt + forced text when there are no latent steps, with
+    ``labels`` on the forced part), ``forced_ids, forced_mask, forced_labels`` (a forced text that follows
+    latent steps, its own left-padded segment), ``capture_col`` (per row, the column whose every-layer hidden
+    states are returned: in the forced segment when there is one, else in the first), then the trace.
+    Returns the summed loss, the last hidden state, the captured states (every layer's, with ``capture``),
+    then the trace's tensors.
     With ``lens_top_k`` the logit lens of every step is appended to ``lens_out`` (strings cannot be outputs
     of a checkpointed function, so they leave through this list).
     """
 
-    def run(ids: Tensor, mask: Tensor, *trace_tensors: Tensor) -> tuple[Tensor, ...]:
+    def run(ids: Tensor, mask: Tensor, labels: Tensor | None, forced_ids: Tensor | None,
+            forced_mask: Tensor | None, forced_labels: Tensor | None, capture_col: Tensor | None,
+            *trace_tensors: Tensor) -> tuple[Tensor, ...]:
         activate(backbone, adapter)  # inside, so a recomputation in backward uses the same adapter
-        trace, hidden = Trace.unflatten(trace_tensors).extend(backbone.body, mask, input_ids=ids)
-        trace, last, lens = latent_steps(backbone, trace, hidden[:, -1], steps, realigner, lens_top_k)
+        capture_here = capture and forced_ids is None
+        trace, hidden = Trace.unflatten(trace_tensors).extend(backbone.body, mask, input_ids=ids,
+                                                              all_layers=capture_here)
+        captured: tuple[Tensor, ...] = _at_columns(hidden, capture_col) if capture_here else ()
+        hidden = hidden[-1] if capture_here else hidden
+        loss = _forced_ce(backbone, hidden[:, :-1], labels[:, 1:]) if labels is not None else hidden.new_zeros(())
+        trace, last, lens = latent_steps(backbone, trace, hidden[:, -1], steps, latent_map, lens_top_k)
         if lens_out is not None:
             lens_out.append(lens)
-        return (*trace.flatten(), last)
+        if forced_ids is not None:
+            trace, layers = trace.extend(backbone.body, forced_mask, input_ids=forced_ids, all_layers=capture)
+            forced_hidden = layers[-1] if capture else layers
+            # Under left padding a row's first forced token follows padding: its predictor is the last latent
+            # state, not the padding column before it.
+            prev = torch.cat([last[:, None], forced_hidden[:, :-1]], 1)
+            prev_real = torch.cat([torch.ones_like(forced_mask[:, :1]), forced_mask[:, :-1]], 1).bool()
+            predictors = torch.where(prev_real[..., None], prev, last[:, None])
+            loss = loss + _forced_ce(backbone, predictors, forced_labels)
+            captured = _at_columns(layers, capture_col) if capture else ()
+            last = forced_hidden[:, -1]
+        return (loss, last, *captured, *trace.flatten())
 
     return run
 
 
-def _teacher_forced_loss(backbone: Backbone, adapter: str | None):
-    """A checkpointable function: summed cross-entropy of the final agent on its target tokens."""
+def _labelled(seqs: list[list[int]], forced: list[list[int]], pad_id: int, device,
+              allow_empty: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-pad ``seq + forced`` rows; labels hold the forced tokens and -100 elsewhere."""
+    ids, mask = left_pad([s + f for s, f in zip(seqs, forced)], pad_id, device, allow_empty)
+    labels = torch.full_like(ids, -100)
+    for row, tokens in enumerate(forced):
+        if tokens:
+            labels[row, ids.shape[1] - len(tokens):] = torch.tensor(tokens, device=device)
+    return ids, mask, labels
 
-    def run(ids: Tensor, mask: Tensor, labels: Tensor, *trace_tensors: Tensor) -> tuple[Tensor]:
-        activate(backbone, adapter)
-        _, hidden = Trace.unflatten(trace_tensors).extend(backbone.body, mask, input_ids=ids)
-        # Logits only where a target token is predicted: the LM head is a large share of a small model's cost.
-        targets = labels[:, 1:]
-        keep = targets != -100
-        logits = backbone.logits(hidden[:, :-1][keep])
-        return (F.cross_entropy(logits, targets[keep], reduction="sum"),)
 
-    return run
+def answer_predictor_index(tokenizer, forced_text: str) -> int:
+    """Index, within the tokens of ``render_target(forced_text)``, of the token that predicts the answer's
+    value: the last token of the final "Answer:" (where CODI-style distillation compares hidden states)."""
+    cut = forced_text.rfind(ANSWER_KEY)
+    if cut < 0:
+        raise DiffMASError(f"no '{ANSWER_KEY}' in the target {forced_text[:60]!r}")
+    prefix = tokenizer(forced_text[: cut + len(ANSWER_KEY)], add_special_tokens=False).input_ids
+    full = render_target(tokenizer, forced_text)
+    if full[: len(prefix)] != prefix:
+        raise DiffMASError(f"the tokenizer merges '{ANSWER_KEY}' with what follows in {forced_text[:60]!r}")
+    return len(prefix) - 1
 
 
 def _render(backbone: Backbone, agent: Agent, prompts: list[str]) -> tuple[list[list[int]], Tensor, Tensor]:
     seqs = [render_agent(backbone.tokenizer, agent, p) for p in prompts]
     ids, mask = left_pad(seqs, backbone.pad_id, backbone.device)
     return seqs, ids, mask
+
+
+def forced_texts(spec: RolloutSpec, targets: list[str], thinker_texts: list[str] | None
+                 ) -> tuple[list[str] | None, list[str]]:
+    """What training teacher-forces: (the last writer's continuation or None, the final agent's target).
+
+    The thinker is the last writer; with no writers (``single_latent``) the final agent thinks, and its
+    continuation is written before its answer in its own segment.
+    """
+    if thinker_texts is None:
+        return None, list(targets)
+    if spec.topology.writers:
+        return list(thinker_texts), list(targets)
+    return None, [f"{t}\n{a}" if t else a for t, a in zip(thinker_texts, targets)]
+
+
+def count_forced_tokens(backbone: Backbone, spec: RolloutSpec, targets: list[str],
+                        thinker_texts: list[str] | None = None) -> int:
+    """Tokens that carry loss in a training rollout (known before it runs, for a global token mean)."""
+    writer, final = forced_texts(spec, targets, thinker_texts)
+    tok = backbone.tokenizer
+    return sum(len(render_target(tok, t)) for t in final) + \
+        sum(len(render_target(tok, t)) for t in (writer or []) if t)
 
 
 def rollout(
@@ -156,13 +232,24 @@ def rollout(
     *,
     decode_cfg: DecodeConfig | None = None,
     targets: list[str] | None = None,
+    thinker_texts: list[str] | None = None,
+    thinker_latent_steps: int | None = None,
+    capture: bool = False,
+    writer_prompts: list[str] | None = None,
     grad_mode: str = "coupled",
     checkpoint: bool = False,
+    keep_trace: bool = False,
 ) -> RolloutResult:
     """Run ``spec`` on a batch of task prompts.
 
     Inference (``targets`` None): returns the final agent's decoded answers. Training: teacher-forces the final
-    agent on ``targets`` and returns ``loss`` (mean over target tokens) with the graph attached per ``grad_mode``.
+    agent on ``targets`` and returns ``loss`` (mean over every teacher-forced token) with the graph attached
+    per ``grad_mode``. Training options (grounded latent training, see diffmas.train.objectives):
+    ``thinker_texts`` are teacher-forced, with loss, after the thinker's latent steps (the thinker is the last
+    writer, or the final agent when there are no writers); ``thinker_latent_steps`` overrides its number of
+    latent steps; ``capture`` returns the final agent's every-layer hidden states at the position that
+    predicts the answer's value. ``writer_prompts`` makes the writers work on other questions than the final
+    agent (the shuffled-trace control).
     """
     if not prompts:
         raise DiffMASError("no questions to run")
@@ -171,27 +258,56 @@ def rollout(
         raise DiffMASError(f"grad_mode must be one of {GRAD_MODES}, got '{grad_mode}'")
     if training and spec.writer_mode == "text" and spec.topology.writers:
         raise DiffMASError("text writers decode discrete tokens and cannot be trained end to end; use latent writers")
+    if (thinker_texts is not None or capture) and not training:
+        raise DiffMASError("thinker_texts and capture are training options: pass targets too")
     decode_cfg = decode_cfg or DecodeConfig()
     adapters = spec.adapters or {}
-    batch, device = len(prompts), backbone.device
-    realigner = get_realigner(backbone, spec.realign) if spec.writer_mode == "latent" and spec.latent_steps else None
+    batch, device, tok = len(prompts), backbone.device, backbone.tokenizer
+    for name, rows in (("targets", targets), ("thinker_texts", thinker_texts), ("writer_prompts", writer_prompts)):
+        if rows is not None and len(rows) != batch:
+            raise DiffMASError(f"{len(rows)} {name} for {batch} prompts")
+    writers = spec.topology.writers
+    final = spec.topology.final
+    final_steps = spec.final_latent_steps
+    writer_text, final_text = forced_texts(spec, targets, thinker_texts) if training else (None, None)
+    if thinker_latent_steps is not None and not writers:
+        final_steps = thinker_latent_steps
+    uses_latent = spec.writer_mode == "latent" and (spec.latent_steps or final_steps or thinker_latent_steps)
+    latent_map = (spec.latent_map or get_realigner(backbone, spec.realign)) if uses_latent else None
     trace = Trace.empty(batch, device)
     records: list[AgentRecord] = []
     stage_one_grad = training and grad_mode == "coupled"
+    loss_sum = torch.zeros((), device=device)
+    n_forced = 0
 
     with torch.set_grad_enabled(stage_one_grad):
-        for agent in spec.topology.writers:
+        for number, agent in enumerate(writers):
             start = time.perf_counter()
-            seqs, ids, mask = _render(backbone, agent, prompts)
+            seqs, ids, mask = _render(backbone, agent, writer_prompts or prompts)
             branch = trace if agent.reads_trace else Trace.empty(batch, device, start=trace.next_positions)
             lens = texts = None
             generated = [0] * batch
+            steps = spec.latent_steps
             if spec.writer_mode == "latent":
+                thinker = number == len(writers) - 1
+                if thinker and thinker_latent_steps is not None:
+                    steps = thinker_latent_steps
+                forced = [render_target(tok, t) if t else [] for t in writer_text] if thinker and writer_text \
+                    else None
+                labels = f_ids = f_mask = f_labels = None
+                if forced and any(forced) and steps == 0:  # one prefill: prompt + text, loss on the text
+                    ids, mask, labels = _labelled(seqs, forced, backbone.pad_id, device)
+                elif forced and any(forced):
+                    f_ids, f_mask, f_labels = _labelled([[] for _ in forced], forced, backbone.pad_id, device,
+                                                        allow_empty=True)
+                n_forced += sum(len(f) for f in forced or [])
                 lens_out: list | None = [] if spec.lens_top_k else None
-                fn = _latent_writer(backbone, adapters.get(agent.role), spec.latent_steps, realigner,
-                                    spec.lens_top_k, lens_out)
-                out = _maybe_checkpoint(checkpoint and stage_one_grad, fn, branch, ids, mask)
-                branch = Trace.unflatten(out[:-1])
+                fn = _agent_fn(backbone, adapters.get(agent.role), steps, latent_map,
+                               lens_top_k=spec.lens_top_k, lens_out=lens_out)
+                out = _maybe_checkpoint(checkpoint and stage_one_grad, fn, branch, ids, mask, labels, f_ids,
+                                        f_mask, f_labels, None)
+                branch = Trace.unflatten(out[2:])
+                loss_sum = loss_sum + out[0]
                 lens = lens_out[-1] if lens_out else None
             else:
                 activate(backbone, adapters.get(agent.role))
@@ -201,37 +317,50 @@ def rollout(
                 branch, texts, generated = reply.trace, reply.texts, [len(t) for t in reply.tokens]
             trace = branch if agent.reads_trace else trace.concat(branch)
             records.append(AgentRecord(agent.role, [len(s) for s in seqs],
-                                       spec.latent_steps if spec.writer_mode == "latent" else 0, generated,
+                                       steps if spec.writer_mode == "latent" else 0, generated,
                                        (time.perf_counter() - start) / batch, texts, lens))
 
     if training and grad_mode == "detached":
         trace = trace.detach()
     trace_tokens = trace.real_lengths.tolist()
-    final = spec.topology.final
     start = time.perf_counter()
+    prompt_seqs = [render_agent(tok, final, p) for p in prompts]
 
     if training:
-        if len(targets) != batch:
-            raise DiffMASError(f"{len(targets)} targets for {batch} prompts")
-        prompt_seqs = [render_agent(backbone.tokenizer, final, p) for p in prompts]
-        target_seqs = [render_target(backbone.tokenizer, t) for t in targets]
-        ids, mask = left_pad([p + t for p, t in zip(prompt_seqs, target_seqs)], backbone.pad_id, device)
-        labels = torch.full_like(ids, -100)
-        for row, tgt in enumerate(target_seqs):
-            labels[row, ids.shape[1] - len(tgt):] = torch.tensor(tgt, device=device)
-        fn = _teacher_forced_loss(backbone, adapters.get(final.role))
-        (loss_sum,) = _maybe_checkpoint(checkpoint, fn, trace, ids, mask, labels)
-        n_target = sum(len(t) for t in target_seqs)
-        records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], 0, [0] * batch,
+        forced = [render_target(tok, t) for t in final_text]
+        n_forced += sum(len(f) for f in forced)
+        capture_col = None
+        if capture:
+            where = [answer_predictor_index(tok, t) for t in final_text]
+            capture_col = torch.tensor(where, device=device)
+        if final_steps == 0:
+            ids, mask, labels = _labelled(prompt_seqs, forced, backbone.pad_id, device)
+            f_ids = f_mask = f_labels = None
+            if capture_col is not None:  # column of the predictor inside the padded prompt + target segment
+                capture_col = ids.shape[1] - torch.tensor([len(f) for f in forced], device=device) + capture_col
+        else:
+            ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
+            labels = None
+            f_ids, f_mask, f_labels = _labelled([[] for _ in forced], forced, backbone.pad_id, device)
+            if capture_col is not None:
+                capture_col = f_ids.shape[1] - torch.tensor([len(f) for f in forced], device=device) + capture_col
+        fn = _agent_fn(backbone, adapters.get(final.role), final_steps, latent_map, capture=capture)
+        out = _maybe_checkpoint(checkpoint, fn, trace, ids, mask, labels, f_ids, f_mask, f_labels, capture_col)
+        n_captured = backbone.lm.config.num_hidden_layers + 1 if capture else 0
+        loss_sum = loss_sum + out[0]
+        records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], final_steps, [0] * batch,
                                    (time.perf_counter() - start) / batch))
         return RolloutResult([""] * batch, [[] for _ in range(batch)], records, trace_tokens, [0.0] * batch,
-                             loss=loss_sum / n_target, target_tokens=n_target, trace=trace)
+                             loss=loss_sum / n_forced, target_tokens=n_forced,
+                             trace=trace if keep_trace else None, captured=tuple(out[2: 2 + n_captured]))
 
     with torch.no_grad():
         activate(backbone, adapters.get(final.role))
-        seqs, ids, mask = _render(backbone, final, prompts)
+        ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
         final_trace, hidden = trace.extend(backbone.body, mask, input_ids=ids)
-        reply = decode(backbone, final_trace, hidden[:, -1], decode_cfg)
-    records.append(AgentRecord(final.role, [len(s) for s in seqs], 0, [len(t) for t in reply.tokens],
-                               (time.perf_counter() - start) / batch))
-    return RolloutResult(reply.texts, reply.tokens, records, trace_tokens, reply.nll_sum, trace=trace)
+        final_trace, last, _ = latent_steps(backbone, final_trace, hidden[:, -1], final_steps, latent_map)
+        reply = decode(backbone, final_trace, last, decode_cfg)
+    records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], final_steps,
+                               [len(t) for t in reply.tokens], (time.perf_counter() - start) / batch))
+    return RolloutResult(reply.texts, reply.tokens, records, trace_tokens, reply.nll_sum,
+                         trace=trace if keep_trace else None)

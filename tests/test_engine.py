@@ -108,7 +108,8 @@ def test_hierarchical_workers_do_not_see_each_other(backbone):
         math = Agent("math", math_system, topo.agents[0].instruction, reads_trace=False)
         code = Agent("code", topo.agents[2].system, topo.agents[2].instruction, reads_trace=code_reads_trace)
         team = Topology("t", (math, topo.agents[1], code, topo.final))
-        out = rollout(backbone, RolloutSpec(team, "latent", latent_steps=2), QUESTIONS[:1], decode_cfg=cfg)
+        out = rollout(backbone, RolloutSpec(team, "latent", latent_steps=2), QUESTIONS[:1], decode_cfg=cfg,
+                      keep_trace=True)
         return [v[..., -sizes[2]:, :] for v in out.trace.values]
 
     original = topo.agents[0].system

@@ -179,10 +179,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model_dir,
     forward = loop.TrajectoryLoss.forward
     calls = {"n": 0}
 
-    def poisoned(self, prompts, targets):
+    def poisoned(self, plan, n_tokens, n_rows):
         calls["n"] += 1
-        loss = forward(self, prompts, targets)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        loss, ce, distill = forward(self, plan, n_tokens, n_rows)
+        return (loss * float("nan"), ce, distill) if calls["n"] == 3 else (loss, ce, distill)
 
     monkeypatch.setattr(loop.TrajectoryLoss, "forward", poisoned)
     out = tmp_path / "nan"

@@ -1,6 +1,6 @@
 """Training checkpoints: written atomically, verified on load, never overwritten by a failed run.
 
-A checkpoint folder ``checkpoints/step-000050`` holds the LoRA tensors (exact values, for resuming), the
+A checkpoint folder ``checkpoints/step-000050`` holds the LoRA tensors (and a trainable latent map's) (exact values, for resuming), the
 optimizer and scheduler states, the step and data position, every process's RNG states, and the resolved
 config. It is assembled in a temporary folder and renamed into place, so a run killed mid-write leaves the
 previous checkpoint as the latest complete one.
@@ -26,9 +26,21 @@ STATE_FILE = "state.json"
 LORA_FILE = "lora.safetensors"
 
 
-def _lora_tensors(backbone: Backbone) -> dict[str, torch.Tensor]:
+MAP_PREFIX = "latent_map."
+
+
+def _trainable(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """Every trained tensor by name: the LoRA weights and, when there is one, the trainable latent map's."""
     names = {id(p): n for n, p in backbone.model.named_parameters()}
-    return {names[id(p)]: p.detach().cpu().contiguous() for p in trainable_parameters(backbone)}
+    params = {names[id(p)]: p for p in trainable_parameters(backbone)}
+    latent_map = backbone.cache.get("latent_map")
+    if latent_map is not None:
+        params.update({MAP_PREFIX + n: p for n, p in latent_map.named_parameters()})
+    return params
+
+
+def _lora_tensors(backbone: Backbone) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in _trainable(backbone).items()}
 
 
 def rng_state() -> dict:
@@ -97,7 +109,7 @@ def load_checkpoint(path: Path, backbone: Backbone, optimizer, scheduler, proces
     if set(tensors) != set(current) or any(tensors[k].shape != current[k].shape for k in current):
         raise DiffMASError(f"checkpoint {path} does not match this model/LoRA configuration "
                            f"({len(tensors)} saved tensors vs {len(current)} expected)")
-    params = dict(backbone.model.named_parameters())
+    params = _trainable(backbone)
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from diffmas.config import TrainConfig
 from diffmas.errors import DiffMASError
+from diffmas.prompts import ANSWER_KEY
 from diffmas.eval.tasks import Example, get_task
 
 
@@ -21,6 +22,35 @@ class TrainExample:
     prompt: str
     """The task's rendered question (with its answer-format instruction)."""
     target: str
+    """The whole target (a worked solution ending in its "Answer:" line, or the answer line alone)."""
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The worked steps: the target's non-empty lines before its final "Answer:" line."""
+        return split_worked(self.target)[0]
+
+    @property
+    def answer(self) -> str:
+        """The final "Answer: ..." line (what grounded methods train the final agent on)."""
+        return split_worked(self.target)[1]
+
+
+def split_worked(target: str) -> tuple[tuple[str, ...], str]:
+    """``(steps, answer line)`` of a worked target; a target without an "Answer:" line is all answer."""
+    lines = [line for line in target.splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].lstrip().startswith(ANSWER_KEY):
+            return tuple(lines[:i]), "\n".join(lines[i:])
+    return (), target
+
+
+def check_worked(examples: list[TrainExample], method: str, source: str) -> None:
+    """Grounded methods need worked steps: fail before training, not after minutes of it."""
+    bare = sum(1 for ex in examples if not ex.steps)
+    if bare == len(examples):
+        raise DiffMASError(f"method '{method}' needs worked solutions, but {source} has none (targets are "
+                           "answer-only); use a generator with worked solutions (chain_sum, leg_counting, "
+                           "gsm_symbolic) or a jsonl whose targets hold steps, one per line, then 'Answer: ...'")
 
 
 def _from_jsonl(path: Path) -> list[Example]:
@@ -71,4 +101,7 @@ def build_datasets(cfg: TrainConfig, n_train: int) -> tuple[list[TrainExample], 
     def render(examples: list[Example]) -> list[TrainExample]:
         return [TrainExample(task.prompt(ex), ex.target or "") for ex in examples]
 
-    return render(train), render(heldout)
+    train_set, heldout_set = render(train), render(heldout)
+    if cfg.method != "answer":
+        check_worked(train_set, cfg.method, cfg.data.source or cfg.data.task)
+    return train_set, heldout_set

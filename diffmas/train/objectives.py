@@ -1,0 +1,139 @@
+"""Training objectives over the one rollout: what each step teacher-forces, and how its loss is composed.
+
+- ``answer``: the final agent is teacher-forced on the example's target (answer-only or worked).
+- ``curriculum`` (Coconut, arXiv 2412.06769): at stage s the thinker (the last writer, or the final agent of
+  ``single_latent``) takes s x c latent steps, then writes the remaining worked steps as teacher-forced text
+  with loss; the final agent is trained on the answer line. Stages advance every ``stage_steps`` steps; with
+  probability ``mixin`` a batch replays an earlier stage. At the last stage every step is latent and nothing
+  is written, which is exactly the inference rollout.
+- ``distill`` (CODI, arXiv 2502.21074): a teacher pass whose thinker writes the whole worked solution as text
+  (no gradient), and the student pass with latent thinkers; loss = answer CE + lambda x smooth-L1 between the
+  final agent's hidden states at the position that predicts the answer, each layer divided by the teacher's
+  standard deviation there.
+
+The step loss is normalised globally: summed CE over every teacher-forced token of the global batch divided by
+their number, plus lambda x the distillation term summed over rows divided by the global batch size, so one
+process and N processes follow the same curve.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffmas.backbone import Backbone
+from diffmas.config import TrainConfig
+from diffmas.errors import DiffMASError
+from diffmas.rollout import RolloutSpec, count_forced_tokens, rollout
+from diffmas.train.data import TrainExample
+
+
+def base_stage(step: int, cfg: TrainConfig) -> int:
+    """The curriculum stage scheduled at (0-based) ``step``, before mix-in."""
+    return min(step // cfg.curriculum.stage_steps, cfg.curriculum.stages)
+
+
+def curriculum_stage(step: int, cfg: TrainConfig) -> int:
+    """The stage a batch uses: the scheduled one, or with probability ``mixin`` an earlier one.
+
+    Drawn from a generator seeded by (seed, step), so a resumed run replays the same stages.
+    """
+    stage = base_stage(step, cfg)
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    if stage > 0 and rng.random() < cfg.curriculum.mixin:
+        return rng.randrange(stage)
+    return stage
+
+
+def starts_new_stage(step: int, cfg: TrainConfig) -> bool:
+    """Whether ``step`` is the first step of a scheduled curriculum stage (after stage 0)."""
+    return cfg.method == "curriculum" and step > 0 and base_stage(step, cfg) != base_stage(step - 1, cfg)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one step teacher-forces, for a list of examples."""
+
+    prompts: list[str]
+    targets: list[str]
+    """The final agent's targets."""
+    thinker_texts: list[str] | None = None
+    """Per row, what the thinker writes after its latent steps (teacher-forced, with loss)."""
+    thinker_latent_steps: int | None = None
+    stage: int | None = None
+    teacher_texts: list[str] | None = None
+    """Distillation: the worked steps the teacher pass's thinker writes as text."""
+
+    def rows(self, index: slice | list[int]) -> StepPlan:
+        """The same plan for a subset of rows (a process's share of a micro-batch)."""
+        pick = (lambda xs: xs[index]) if isinstance(index, slice) else (lambda xs: [xs[i] for i in index])
+        opt = lambda xs: None if xs is None else pick(xs)  # noqa: E731
+        return StepPlan(pick(self.prompts), pick(self.targets), opt(self.thinker_texts), self.thinker_latent_steps,
+                        self.stage, opt(self.teacher_texts))
+
+
+def plan_step(cfg: TrainConfig, step: int, examples: list[TrainExample]) -> StepPlan:
+    """The teacher-forcing plan of ``step`` for ``examples`` under ``cfg.method``."""
+    prompts = [ex.prompt for ex in examples]
+    if cfg.method == "answer":
+        return StepPlan(prompts, [ex.target for ex in examples])
+    answers = [ex.answer for ex in examples]
+    if cfg.method == "distill":
+        return StepPlan(prompts, answers, teacher_texts=["\n".join(ex.steps) for ex in examples])
+    stage = curriculum_stage(step, cfg)
+    last = cfg.curriculum.stages
+    texts = ["\n".join(ex.steps[stage:]) if stage < last else "" for ex in examples]
+    return StepPlan(prompts, answers, texts, stage * cfg.curriculum.thoughts_per_step, stage)
+
+
+def heldout_targets(cfg: TrainConfig, examples: list[TrainExample]) -> list[str]:
+    """Held-out targets in the inference configuration: grounded methods answer at once."""
+    return [ex.target if cfg.method == "answer" else ex.answer for ex in examples]
+
+
+def plan_tokens(backbone: Backbone, spec: RolloutSpec, plan: StepPlan) -> int:
+    """Tokens that carry cross-entropy in ``plan`` (the global normaliser, known before the forward)."""
+    return count_forced_tokens(backbone, spec, plan.targets, plan.thinker_texts)
+
+
+def distill_distance(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], layers: tuple[int, ...]) -> Tensor:
+    """Per row [B]: mean over ``layers`` of smooth-L1(student, teacher) / std(teacher), over the hidden size.
+
+    Zero when the states agree; the teacher side carries no gradient. Per-row statistics keep it
+    independent of what else is in the batch.
+    """
+    use = layers or tuple(range(1, len(teacher)))
+    bad = [i for i in use if not 0 <= i < len(teacher)]
+    if bad:
+        raise DiffMASError(f"distill.layers {bad} out of range: this model has layers 1..{len(teacher) - 1}")
+    terms = []
+    for i in use:
+        s, t = student[i].float(), teacher[i].detach().float()
+        scale = t.std(dim=-1).clamp(min=1e-6)
+        terms.append(F.smooth_l1_loss(s, t, reduction="none").mean(-1) / scale)
+    return torch.stack(terms).mean(0)
+
+
+def step_loss(backbone: Backbone, spec: RolloutSpec, cfg: TrainConfig, plan: StepPlan, n_tokens: int,
+              n_rows: int, checkpoint: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(this share's contribution to the global step loss, its summed CE, its summed distillation distance).
+
+    ``n_tokens`` and ``n_rows`` are the global batch's forced tokens and rows.
+    """
+    result = rollout(backbone, spec, plan.prompts, targets=plan.targets, thinker_texts=plan.thinker_texts,
+                     thinker_latent_steps=plan.thinker_latent_steps, capture=plan.teacher_texts is not None,
+                     grad_mode=cfg.grad_mode, checkpoint=checkpoint)
+    ce_sum = result.loss * result.target_tokens
+    loss = ce_sum / n_tokens
+    distill_sum = torch.zeros((), device=ce_sum.device)
+    if plan.teacher_texts is not None:
+        with torch.no_grad():
+            teacher = rollout(backbone, spec, plan.prompts, targets=plan.targets, thinker_texts=plan.teacher_texts,
+                              thinker_latent_steps=0, capture=True, grad_mode="detached")
+        distill_sum = distill_distance(result.captured, teacher.captured, cfg.distill.layers).sum()
+        loss = loss + cfg.distill.weight * distill_sum / n_rows
+    return loss, ce_sum.detach(), distill_sum.detach()
