@@ -124,7 +124,16 @@ def run(
 def train(
     out: Path = typer.Option(..., help="Output dir: adapters, checkpoints, metrics.jsonl, config.yaml."),
     config: Optional[Path] = typer.Option(None, help="YAML TrainConfig; flags below override it."),
-    system: Optional[str] = typer.Option(None, help="diffmas | single_sft"),
+    system: Optional[str] = typer.Option(None, help="diffmas | single_sft | single_latent"),
+    method: Optional[str] = typer.Option(None, help="answer | curriculum | distill (grounded: needs "
+                                                      "--target-style worked)"),
+    latent_map: Optional[str] = typer.Option(None, help="ridge | link | pause (pause: the control)"),
+    curriculum_stages: Optional[int] = typer.Option(None, help="Curriculum stages S (latent_steps = S x c)."),
+    thoughts_per_step: Optional[int] = typer.Option(None, help="Curriculum: latent steps c per replaced step."),
+    stage_steps: Optional[int] = typer.Option(None, help="Curriculum: training steps per stage."),
+    mixin: Optional[float] = typer.Option(None, help="Curriculum: probability of replaying an earlier stage."),
+    distill_weight: Optional[float] = typer.Option(None, help="Distillation: lambda."),
+    link_pretrain_steps: Optional[int] = typer.Option(None, help="Learned link: text pre-training steps."),
     model: Optional[str] = typer.Option(None),
     task: Optional[str] = typer.Option(None, help="e.g. rg:chain_sum"),
     source: Optional[str] = typer.Option(None, help="Local jsonl of {question, target} rows."),
@@ -155,7 +164,10 @@ def train(
         "lr": lr, "lora.rank": lora_rank, "latent_steps": latent_steps, "topology": topology,
         "grad_mode": grad_mode, "lora.layout": adapters, "seed": seed, "checkpoint_every": checkpoint_every,
         "activation_checkpointing": activation_checkpointing, "mixed_precision": mixed_precision,
-        "model.device": device,
+        "model.device": device, "method": method, "latent_map": latent_map,
+        "curriculum.stages": curriculum_stages, "curriculum.thoughts_per_step": thoughts_per_step,
+        "curriculum.stage_steps": stage_steps, "curriculum.mixin": mixin, "distill.weight": distill_weight,
+        "link.pretrain_steps": link_pretrain_steps,
     }
     summary = run_training(load_config(config, overrides), out, resume=resume)
     if summary["is_main_process"]:
@@ -192,6 +204,8 @@ def eval_(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("float32"),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    shuffle_trace: bool = typer.Option(False, "--shuffle-trace", help="Control: each question reads the writers' "
+                                                                      "trace of another question of the set."),
     report: bool = typer.Option(False, "--report", help="Only re-render table and plots from saved result dirs."),
     dirs: Optional[list[Path]] = typer.Argument(None, metavar="DIR", help="With --report: result dirs to merge.",
                                               show_default=False),
@@ -219,7 +233,8 @@ def eval_(
             [s for s in systems.split(",") if s.strip()], tasks, out, model=model, limit=limit,
             seeds=tuple(range(seeds)), batch_size=batch_size, max_new_tokens=max_new_tokens,
             writer_max_new_tokens=writer_max_new_tokens, topology=topology, latent_steps=latent_steps, device=device,
-            dtype=dtype, source=source, temperature=temperature, show_progress=not no_progress)
+            dtype=dtype, source=source, temperature=temperature, show_progress=not no_progress,
+            shuffle_trace=shuffle_trace)
         table, plots = render_table(results), plot(results, out)
         where = f"{out / 'results.json'} (per-sample log {out / 'samples.jsonl'})"
     # Piped output gets a wide console: the default 80 columns would wrap every number.
@@ -248,6 +263,32 @@ def demo(
     summary = (run_ablation if ablation else run_demo)(out, cfg)
     Console().print(summary.read_text())
     console.print(f"summary: {summary}; plots and per-sample results under {out}")
+
+
+@app.command()
+@user_errors
+def compare(
+    dirs: list[Path] = typer.Argument(..., metavar="DIR", help="Folders written by `diffmas eval` (samples.jsonl).",
+                                      show_default=False),
+    baseline: str = typer.Option(..., help="Arm every other arm is compared with."),
+    task: Optional[str] = typer.Option(None, help="Only this task (default: every task found)."),
+    out: Optional[Path] = typer.Option(None, help="Where compare.json and forest_<task>.png go (default: first DIR)."),
+    boot: int = typer.Option(10_000, help="Bootstrap replicates."),
+) -> None:
+    """Paired comparison with a baseline: accuracy difference with a bootstrap 95% CI, and McNemar's test.
+
+    Label training seeds at eval time as ARM/sK (--systems curriculum/s1=diffmas:DIR); with 3+ seeds per side the
+    interval also covers the spread over training seeds.
+    """
+    from diffmas.eval.compare import compare_dirs, comparison_table
+
+    if boot < 1:
+        raise DiffMASError("--boot must be >= 1")
+    by_task, files = compare_dirs(dirs, baseline, task=task, out=out, n_boot=boot)
+    printer = Console() if sys.stdout.isatty() else Console(width=160)  # piped: wide, so numbers do not wrap
+    for name, comparisons in by_task.items():
+        printer.print(comparison_table(comparisons, f"{name}: vs {baseline}"))
+    console.print(f"written: {', '.join(map(str, files))}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

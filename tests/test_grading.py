@@ -6,15 +6,19 @@ import importlib.util
 
 import pytest
 
+from diffmas.eval import sandbox
+from diffmas.eval.benchmarks import BENCHMARKS
 from diffmas.eval.grading import (
     extract_boxed,
     extract_choice,
     extract_code,
     extract_final_answer,
+    extract_last_number,
     grade_choice,
     grade_code,
     grade_math,
 )
+from diffmas.eval.tasks import Example, get_task
 
 HAS_SANDBOX = importlib.util.find_spec("diffmas.eval.sandbox") is not None
 needs_sandbox = pytest.mark.skipif(not HAS_SANDBOX, reason="diffmas.eval.sandbox is not written yet")
@@ -56,7 +60,6 @@ def test_extract_boxed_nested_and_last() -> None:
         ("\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
         ("Answer: 90^\\circ", "90"),
         ("Answer: \\text{Evelyn}", "\\text{Evelyn}"),
-        ("The result is 7 apples in total", "7"),  # last-number fallback
     ],
 )
 def test_grade_math_equivalent(response: str, gold: str) -> None:
@@ -83,7 +86,29 @@ def test_grade_math_prefers_boxed_and_reports_format() -> None:
     g = grade_math("we get 3 and \\boxed{4}\nthen 5", "4")
     assert g.correct and g.extracted == "4" and g.format_ok
     g = grade_math("the answer is 4", "4")
-    assert g.correct and not g.format_ok  # read from the last number, not from the requested format
+    assert g.flexible and not g.correct and not g.format_ok  # read from the last number, not the requested format
+
+
+@pytest.mark.parametrize(
+    ("response", "truncated", "correct", "flexible", "extracted", "format_ok"),
+    [
+        ("Answer: 7", False, True, True, "7", True),
+        ("The result is 7 apples in total", False, False, True, "7", False),  # flexible only: the last number
+        ("The result is 7 apples in total", True, False, False, None, False),  # cut off: its last number is noise
+        ("so \\boxed{7}, and to double-check we add 3 and", True, True, True, "7", True),  # a boxed answer counts
+        ("Answer: 8\nwhich leaves 7", False, False, False, "8", True),  # a later number never overrides it
+        ("Answer: 7\nbut then I realise", True, True, True, "7", True),
+    ],
+)
+def test_grade_math_strict_and_flexible(response: str, truncated: bool, correct: bool, flexible: bool,
+                                        extracted: str | None, format_ok: bool) -> None:
+    g = grade_math(response, "7", truncated=truncated)
+    assert (g.correct, g.flexible, g.extracted, g.format_ok) == (correct, flexible, extracted, format_ok)
+
+
+def test_extract_last_number() -> None:
+    assert extract_last_number("from 1,000 down to -2.5 then 3/4 left") == "3/4"
+    assert extract_last_number("no digits") is None
 
 
 @pytest.mark.parametrize(
@@ -115,10 +140,45 @@ def test_extract_choice_answer_line_beats_earlier_mentions() -> None:
 
 def test_grade_choice() -> None:
     g = grade_choice("Reasoning...\nAnswer: C", "C", 4)
-    assert g.correct and g.format_ok and g.extracted == "C"
+    assert g.correct and g.flexible and g.format_ok and g.extracted == "C"
     g = grade_choice("I think it is (C)", "c", 4)
-    assert g.correct and not g.format_ok
-    assert not grade_choice("Answer: A", "C", 4).correct
+    assert g.flexible and not g.correct and not g.format_ok
+    g = grade_choice("Answer: A", "C", 4)
+    assert not g.correct and not g.flexible
+
+
+@pytest.mark.parametrize(
+    ("response", "truncated", "correct", "flexible", "format_ok"),
+    [
+        ("so \\boxed{C}", False, True, True, True),  # a boxed letter is an answer in the requested format
+        ("\\boxed{\\text{(C)}}", True, True, True, True),
+        ("Answer: (C) Paris\nbecause", True, True, True, True),
+        ("The answer is (C)", False, False, True, False),
+        ("The answer is (C) if we ignore", True, False, False, False),  # cut off: no reading from the prose
+        ("Answer: B\n\\boxed{C}", False, False, False, True),  # the answer line comes first
+    ],
+)
+def test_grade_choice_strict_and_flexible(response: str, truncated: bool, correct: bool, flexible: bool,
+                                          format_ok: bool) -> None:
+    g = grade_choice(response, "C", 4, truncated=truncated)
+    assert (g.correct, g.flexible, g.format_ok) == (correct, flexible, format_ok)
+
+
+def test_benchmarks_and_rg_pass_truncated_on() -> None:
+    math_ex = Example("m", "What is 3 + 4?", "7")
+    assert BENCHMARKS["gsm8k"].grade(math_ex, "so we get 7").flexible
+    assert not BENCHMARKS["gsm8k"].grade(math_ex, "so we get 7", truncated=True).flexible
+    mc_ex = Example("c", "Pick", "B", meta={"choices": ["x", "y", "z"]})
+    assert BENCHMARKS["arc_easy"].grade(mc_ex, "It must be (B)").flexible
+    assert not BENCHMARKS["arc_easy"].grade(mc_ex, "It must be (B)", truncated=True).flexible
+    task = get_task("rg:chain_sum")
+    ex = task.load(limit=1)[0]
+    g = task.grade(ex, f"The sum is {ex.answer}")
+    assert (g.correct, g.flexible, g.format_ok, g.extracted) == (False, True, False, ex.answer)
+    g = task.grade(ex, f"The sum is {ex.answer}", truncated=True)
+    assert (g.correct, g.flexible, g.extracted) == (False, False, None)
+    g = task.grade(ex, f"Answer: {ex.answer}\nand", truncated=True)
+    assert g.correct and g.flexible
 
 
 def test_extract_code() -> None:
@@ -147,3 +207,76 @@ def test_grade_code_mbpp_style_and_timeout() -> None:
     assert grade_code("```python\ndef square(x):\n    return x * x\n```", asserts, None, timeout=10).correct
     g = grade_code("```python\ndef square(x):\n    while True:\n        pass\n```", asserts, None, timeout=1)
     assert not g.correct and g.detail.startswith("timeout")
+
+
+HUMANEVAL_TESTS = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+MBPP_TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
+# Ways to end the run with exit status 0 before any assert has run (or failed).
+FAKES = {
+    "SystemExit(0)": "raise SystemExit(0)",
+    "sys.exit()": "import sys\nsys.exit()",
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "os._exit in the tested function": "def add(a, b):\n    import os\n    os._exit(0)",
+    "exit from atexit after a failed test": "import atexit, os\natexit.register(os._exit, 0)\n"
+                                              "def add(a, b):\n    return 0",
+    "kill own process": "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)",
+}
+
+
+@needs_sandbox
+@pytest.mark.parametrize("style", ["humaneval", "mbpp"])
+@pytest.mark.parametrize("fake", list(FAKES))
+def test_grade_code_cannot_be_faked_by_exiting(style: str, fake: str) -> None:
+    tests, entry = (HUMANEVAL_TESTS, "add") if style == "humaneval" else (MBPP_TESTS, None)
+    g = grade_code(f"```python\n{FAKES[fake]}\n```", tests, entry, timeout=10)
+    assert not g.correct and not g.flexible, g
+
+
+@needs_sandbox
+def test_grade_code_token_cannot_be_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate that prints all it can reach (its source, files, environment, stdin, open files) and exits 0."""
+    runs = []
+    run_code = sandbox.run_code
+
+    def recording_run_code(code: str, timeout: float, stdin: str) -> sandbox.SandboxResult:
+        runs.append((stdin, run_code(code, timeout=timeout, stdin=stdin)))
+        return runs[-1][1]
+
+    monkeypatch.setattr(sandbox, "run_code", recording_run_code)
+    snoop = """
+import glob, os, sys
+def show(what, read):
+    try:
+        print(what, read())
+    except Exception as e:
+        print(what, type(e).__name__)
+show("argv", lambda: sys.argv)
+show("environ", lambda: dict(os.environ))
+show("stdin", lambda: sys.stdin.read())
+for path in sorted(glob.glob("*") + ["/proc/self/cmdline"] + glob.glob("/proc/*/environ") + glob.glob("/proc/*/fd/*")):
+    show(path, lambda: open(path, "rb").read(1 << 16))
+for fd in range(64):
+    show(f"fd {fd}", lambda: os.pread(fd, 1 << 16, 0))
+show("main module", lambda: vars(sys.modules["__main__"]))
+sys.exit(0)
+"""
+    g = grade_code(f"```python\n{snoop}```", HUMANEVAL_TESTS, "add", timeout=10)
+    assert not g.correct and g.detail == "exited with status 0 before the tests finished"
+    (token, result), = runs
+    assert "def run(token, source)" in result.stdout  # it did read the harness script...
+    assert token not in result.stdout + result.stderr  # ...but found the token nowhere
+
+
+@needs_sandbox
+def test_grade_code_right_answers_through_the_benchmarks() -> None:
+    humaneval = Example("HumanEval/x", "from typing import List\n\n\ndef total(xs: List[int]) -> int:\n", "",
+                        meta={"tests": "def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n",
+                              "entry_point": "total"})
+    g = BENCHMARKS["humaneval"].grade(humaneval, "    return sum(xs)\n")  # a body-only completion
+    assert g.correct and g.flexible and g.detail == "passed"
+    mbpp = Example("Mbpp/x", "Write a function to add two numbers.", "",
+                   meta={"tests": "import math\n" + MBPP_TESTS, "entry_point": None, "shown_test": "assert add(2, 3) == 5"})
+    g = BENCHMARKS["mbpp"].grade(mbpp, "```python\ndef add(a, b):\n    print('adding')\n    return a + b\n```")
+    assert g.correct and g.flexible and g.format_ok
+    assert not BENCHMARKS["mbpp"].grade(mbpp, "```python\ndef add(a, b):\n    return a * b\n```").correct

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
 
+from rich.console import Console
+
 from diffmas.eval.metrics import across_seeds, mean_stderr, pass_at_k, perplexity, summarize
+from diffmas.eval.report import render_table
+from diffmas.eval.runner import _record, compute_results, sample_key
+from diffmas.eval.tasks import get_task
 
 
 def test_mean_stderr_hand_computed() -> None:
@@ -67,16 +73,22 @@ def test_perplexity() -> None:
 
 
 def test_summarize_hand_computed() -> None:
+    nll = 2 * math.log(2)
     records = [
-        {"correct": True, "format_ok": True, "tokens": 10, "seconds": 1.0, "nll": 2 * math.log(2), "n_tokens_final": 2},
-        {"correct": False, "format_ok": False, "tokens": 20, "seconds": 3.0, "nll": None, "n_tokens_final": 0},
-        {"correct": True, "format_ok": True, "tokens": 30, "seconds": 2.0, "nll": 2 * math.log(2), "n_tokens_final": 2},
-        {"correct": True, "format_ok": False, "tokens": 40, "seconds": 2.0, "nll": None, "n_tokens_final": 0},
+        {"correct": True, "flexible": True, "format_ok": True, "tokens": 10, "seconds": 1.0, "nll": nll,
+         "n_tokens_final": 2},
+        {"correct": False, "flexible": True, "format_ok": False, "tokens": 20, "seconds": 3.0, "nll": None,
+         "n_tokens_final": 0},
+        {"correct": True, "flexible": True, "format_ok": True, "tokens": 30, "seconds": 2.0, "nll": nll,
+         "n_tokens_final": 2},
+        {"correct": True, "flexible": True, "format_ok": False, "tokens": 40, "seconds": 2.0, "nll": None,
+         "n_tokens_final": 0},
     ]
     s = summarize(records)
     assert s["n"] == 4
     assert s["accuracy"] == pytest.approx(0.75)
     assert s["stderr"] == pytest.approx(0.25)
+    assert (s["accuracy_flexible"], s["stderr_flexible"]) == (pytest.approx(1.0), pytest.approx(0.0))
     assert s["tokens_mean"] == pytest.approx(25.0)
     assert s["seconds_mean"] == pytest.approx(2.0)
     assert s["perplexity"] == pytest.approx(2.0)  # only records with an nll: exp(4 ln 2 / 4)
@@ -84,7 +96,62 @@ def test_summarize_hand_computed() -> None:
 
 
 def test_summarize_without_nll_gives_nan_perplexity() -> None:
-    record = {"correct": False, "format_ok": True, "tokens": 1, "seconds": 0.1, "nll": None, "n_tokens_final": 0}
+    record = {"correct": False, "flexible": False, "format_ok": True, "tokens": 1, "seconds": 0.1, "nll": None,
+              "n_tokens_final": 0}
     s = summarize([record])
     assert math.isnan(s["perplexity"])
     assert s["accuracy"] == 0.0 and s["stderr"] == 0.0 and s["format_failures"] == 0.0
+
+
+# ---------------------------------------------------------------------- strict and flexible, from sample to table
+
+def _rec(answer: str, generated_tokens: int) -> dict:
+    """What System.run returns for one problem (the fields the runner reads)."""
+    agent = {"generated_tokens": generated_tokens, "seconds": 0.5}
+    return {"answer": answer, "generated_tokens": generated_tokens, "agents": [agent], "nll_sum": None,
+            "trace_tokens": 10}
+
+
+def test_record_grades_a_response_cut_at_the_token_limit_strictly() -> None:
+    task = get_task("rg:chain_sum")
+    ex = task.load(limit=1)[0]
+    response = f"Adding up gives {ex.answer}"  # right number, no "Answer:" line
+    s = _record("single", task, 0, ex, _rec(response, 5), max_new_tokens=6)
+    assert (s["correct"], s["flexible"], s["truncated"], s["extracted"]) == (False, True, False, ex.answer)
+    s = _record("single", task, 0, ex, _rec(response, 6), max_new_tokens=6)  # it used the whole budget
+    assert (s["correct"], s["flexible"], s["truncated"], s["extracted"]) == (False, False, True, None)
+    s = _record("single", task, 0, ex, _rec(f"Answer: {ex.answer}", 6), max_new_tokens=6)
+    assert (s["correct"], s["flexible"], s["truncated"]) == (True, True, True)
+
+
+def test_results_and_table_report_strict_and_flexible() -> None:
+    task = get_task("rg:chain_sum")
+    examples = task.load(limit=4)
+    seeds = [0, 1]
+    config = {"systems": [{"label": "new"}, {"label": "old"}], "seeds": seeds, "source": None, "temperature": 0.0}
+    samples = {}
+    for seed in seeds:
+        for n, ex in enumerate(examples):
+            base = {"task": task.name, "seed": seed, "id": ex.id, "format_ok": n < 2, "tokens": 5, "seconds": 1.0,
+                    "nll_sum": None, "final_tokens": 5}
+            # "new": right in the format on problem 0, right only loosely on problems 1 and 2 (seed 0 only for 2).
+            samples[sample_key("new", task.name, seed, ex.id)] = {
+                **base, "system": "new", "correct": n == 0, "flexible": n in (0, 1) or (n == 2 and seed == 0)}
+            # "old": written before the split; its one verdict stands for both.
+            samples[sample_key("old", task.name, seed, ex.id)] = {**base, "system": "old", "correct": n < 3}
+    results = compute_results(config, samples, {task.name: (task, examples)})
+    new, old = results["results"]
+    assert (new["accuracy"], new["accuracy_flexible"]) == (pytest.approx(0.25), pytest.approx(0.625))
+    # Over problems, as the strict stderr: per-problem flexible means 1, 1, 0.5, 0.
+    assert new["stderr_flexible"] == pytest.approx(mean_stderr([1, 1, 0.5, 0])[1])
+    assert old["accuracy"] == old["accuracy_flexible"] == pytest.approx(0.75)
+    assert any("8 samples were graded before strict and flexible" in note for note in results["notes"])
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(render_table(results))
+    text = console.export_text()
+    assert "strict % ± se" in text and "flexible % ± se" in text
+    assert "25.0 ± 25.0" in text and "62.5 ± 23.9" in text
+    # A results.json from before flexible accuracy existed still renders.
+    for row in results["results"]:
+        del row["accuracy_flexible"], row["stderr_flexible"]
+    console.print(render_table(results))

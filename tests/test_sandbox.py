@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -25,8 +26,9 @@ def run(request: pytest.FixtureRequest) -> Runner:
     if use_bwrap and not isolation_level().startswith("bubblewrap"):
         pytest.skip(f"bubblewrap does not work here (isolation: {isolation_level()})")
 
-    def runner(code: str, timeout: float = 10.0, memory_mb: int = 1024, max_processes: int = 64) -> SandboxResult:
-        return sandbox._run(code, timeout, memory_mb, max_processes, use_bwrap=use_bwrap)
+    def runner(code: str, timeout: float = 10.0, memory_mb: int = 1024, max_processes: int = 64,
+               stdin: str = "") -> SandboxResult:
+        return sandbox._run(code, timeout, memory_mb, max_processes, use_bwrap=use_bwrap, stdin=stdin)
 
     runner.isolation = sandbox._layers(use_bwrap)  # type: ignore[attr-defined]
     return runner
@@ -37,6 +39,11 @@ def _require_containment(run: Runner) -> None:
     # cannot keep the code from writing the user's files or signalling them.
     if run.isolation == "rlimits":  # type: ignore[attr-defined]
         pytest.skip("rlimits-only mode does not contain file writes / signals / setsid children")
+
+
+def _require_bwrap(run: Runner, why: str) -> None:
+    if not run.isolation.startswith("bubblewrap"):  # type: ignore[attr-defined]
+        pytest.skip(f"without bubblewrap {why}")
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -152,6 +159,54 @@ def test_no_writes_outside_workdir(run: Runner, tmp_path: Path) -> None:
     finally:
         for t in targets:
             t.unlink(missing_ok=True)
+
+
+def test_stdin_is_given_once(run: Runner) -> None:
+    r = run("import sys\nprint(sys.stdin.read())\nprint(repr(sys.stdin.read()))", stdin="hello")
+    assert (r.status, r.stdout.split()) == ("passed", ["hello", "''"]), r.stderr
+
+
+def test_total_writes_are_capped(run: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    _require_bwrap(run, "only each file is capped (RLIMIT_FSIZE), not the total")
+    cap_mb = 16
+    monkeypatch.setattr(sandbox, "_TMPFS_SIZE", cap_mb << 20)
+    host_bytes = []  # what the work dir holds on the host disk just before it is removed
+    remove = sandbox._remove
+
+    def measure_then_remove(workdir: str) -> None:
+        host_bytes.append(sum(f.stat().st_blocks * 512 for f in Path(workdir).rglob("*") if f.is_file()))
+        remove(workdir)
+
+    monkeypatch.setattr(sandbox, "_remove", measure_then_remove)
+    # Up to 64 files of 1 MiB in every place that could be writable: bounded even where nothing stops it.
+    code = ("import errno, os\nchunk = b'x' * (1 << 20)\n"
+            "for place in ('.', '/tmp', '/dev/shm', '/dev'):\n    written, error = 0, None\n"
+            "    for i in range(64):\n        try:\n"
+            "            with open(os.path.join(place, f'fill{i}'), 'wb') as f:\n                f.write(chunk)\n"
+            "        except OSError as e:\n            error = errno.errorcode[e.errno]\n            break\n"
+            "        written += 1\n    print(place, written, error)\n")
+    r = run(code, timeout=30)
+    assert r.status == "passed", r.stderr
+    filled = {place: (int(n), error) for place, n, error in (line.split() for line in r.stdout.splitlines())}
+    assert set(filled) == {".", "/tmp", "/dev/shm", "/dev"}
+    for place, (n, error) in filled.items():
+        assert n <= cap_mb and error in ("ENOSPC", "EROFS"), (place, n, error)
+    assert filled["."][1] == "ENOSPC"  # the work dir is writable, up to the cap
+    assert len(host_bytes) == 1 and host_bytes[0] < 1 << 20  # only the script: the files never reached the disk
+
+
+def test_no_network(run: Runner) -> None:
+    _require_bwrap(run, "the code has network access")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        r = run("import socket\ntry:\n"
+                f"    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n    print('CONNECTED')\n"
+                "except OSError as e:\n    print('no connection:', e)")
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing ever reached the listening socket
+    assert r.status == "passed", r.stderr
+    assert "no connection" in r.stdout and "CONNECTED" not in r.stdout, r.stdout
 
 
 def test_environment_is_scrubbed(run: Runner, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -241,12 +241,16 @@ class Benchmark(Task):
             return f"{ex.question}\nYour code should pass this test:\n{ex.meta['shown_test']}\n\n{CODE_INSTRUCTION}"
         return f"{ex.question}\n\n{ANSWER_INSTRUCTION}"
 
-    def grade(self, ex: Example, response: str, timeout: float = 10.0) -> Grade:
-        """Grade by kind: math-verify, choice letter, or the tests run in the sandbox (``timeout`` seconds)."""
+    def grade(self, ex: Example, response: str, truncated: bool = False, *, timeout: float = 10.0) -> Grade:
+        """Grade by kind: math-verify, choice letter, or the tests run in the sandbox (``timeout`` seconds).
+
+        A ``truncated`` response (cut off at the token limit) gets no flexible reading; code is graded by its
+        tests either way.
+        """
         if self.kind == "mc":
-            return grade_choice(response, ex.answer, len(ex.meta["choices"]))
+            return grade_choice(response, ex.answer, len(ex.meta["choices"]), truncated)
         if self.kind == "math":
-            return grade_math(response, ex.answer)
+            return grade_math(response, ex.answer, truncated)
         code, fenced = extract_code(response)
         entry = ex.meta["entry_point"]
         if entry:

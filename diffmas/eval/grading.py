@@ -1,12 +1,17 @@
 """Pure grading functions: final-answer extraction, math equivalence, multiple-choice letters, code tests.
 
-Every grader returns a :class:`Grade` with what it read from the response and whether the response followed
-the requested answer format, so reports can show format failures beside accuracy.
+Every grader returns a :class:`Grade` with two verdicts, as lm-evaluation-harness reports strict-match beside
+flexible-extract: ``correct`` (strict) counts only an answer given in the requested format, an "Answer:" line or
+a ``\\boxed{}``; ``flexible`` also reads an answer loosely from the text (the last number, a letter marked in
+prose) when the format was not followed, but never from a response cut off at the token limit (``truncated``),
+whose last number is just where the cut fell. A Grade also says what was read and whether the format was
+followed, so reports can show format failures beside accuracy.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import string
 from dataclasses import dataclass
 
@@ -16,6 +21,7 @@ __all__ = [
     "extract_boxed",
     "extract_code",
     "extract_choice",
+    "extract_last_number",
     "grade_math",
     "grade_choice",
     "grade_code",
@@ -26,7 +32,8 @@ __all__ = [
 class Grade:
     """The outcome of grading one response."""
 
-    correct: bool
+    correct: bool  # strict: the answer given in the requested format is right
+    flexible: bool  # correct, or right as read loosely from a response that ignored the format (not cut off)
     extracted: str | None  # what the grader read from the response
     format_ok: bool  # the response followed the requested answer format
     detail: str = ""  # e.g. sandbox status
@@ -72,8 +79,15 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+_CUT_OFF = "no answer in the requested format before the token limit"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _THOUSANDS = re.compile(r"(?<![\d.,])(-?\d{1,3}(?:,\d{3})+)(?![\d,])")
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number in ``text`` ("1,000", "-2.5", "3/4"), or None: the flexible reading of a response."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
 
 
 def _normalize_math(s: str) -> str:
@@ -110,22 +124,25 @@ def _math_equal(gold: str, candidate: str) -> bool:
     return _normalize_math(gold).replace(" ", "").lower() == _normalize_math(candidate).replace(" ", "").lower()
 
 
-def grade_math(response: str, gold: str) -> Grade:
+def grade_math(response: str, gold: str, truncated: bool = False) -> Grade:
     """Grade a math response against ``gold`` with math-verify (LaTeX/numeric equivalence).
 
-    The candidate is the last ``\\boxed{}``, else the last "Answer:" line, else the last number in the text;
-    only the first two count as following the answer format.
+    Strict: the last ``\\boxed{}``, else the last "Answer:" line. Flexible, where neither is given: the last
+    number in the text, unless the response was ``truncated`` at the token limit.
     """
-    candidate = extract_boxed(response)
-    if candidate is None:
-        candidate = extract_final_answer(response)
-    format_ok = candidate is not None
-    if candidate is None:
-        numbers = _NUMBER.findall(response)
-        candidate = numbers[-1] if numbers else None
-    if candidate is None:
-        return Grade(False, None, False, "no answer found")
-    return Grade(_math_equal(gold, candidate), candidate, format_ok)
+    answer = extract_boxed(response)
+    if answer is None:
+        answer = extract_final_answer(response)
+    if answer is not None:
+        right = _math_equal(gold, answer)
+        return Grade(correct=right, flexible=right, extracted=answer, format_ok=True)
+    if truncated:
+        return Grade(correct=False, flexible=False, extracted=None, format_ok=False, detail=_CUT_OFF)
+    number = extract_last_number(response)
+    if number is None:
+        return Grade(correct=False, flexible=False, extracted=None, format_ok=False, detail="no answer found")
+    return Grade(correct=False, flexible=_math_equal(gold, number), extracted=number, format_ok=False,
+                 detail="last number")
 
 
 def _letters(n_choices: int) -> str:
@@ -176,12 +193,30 @@ def extract_choice(response: str, n_choices: int) -> str | None:
     return flat[-1] if flat else None
 
 
-def grade_choice(response: str, gold_letter: str, n_choices: int) -> Grade:
-    """Grade a multiple-choice response; format_ok means an "Answer: <letter>" line was given."""
+def _strict_choice(response: str, letters: str) -> str | None:
+    """The letter of an "Answer: <letter>" line, else of a ``\\boxed{<letter>}`` (``\\text{}`` unwrapped)."""
+    for value in (extract_final_answer(response), extract_boxed(response)):
+        if value is not None:
+            letter = _letter_from_answer_value(re.sub(r"\\text(?:bf)?\s*\{([^{}]*)\}", r"\1", value), letters)
+            if letter:
+                return letter
+    return None
+
+
+def grade_choice(response: str, gold_letter: str, n_choices: int, truncated: bool = False) -> Grade:
+    """Grade a multiple-choice response.
+
+    Strict: the letter of an "Answer:" line or a ``\\boxed{}``. Flexible, where neither is given: the letter
+    `extract_choice` finds in the prose ("the answer is (B)"), unless the response was ``truncated``.
+    """
+    gold = gold_letter.strip().upper()
+    answer = _strict_choice(response, _letters(n_choices))
+    if answer is not None:
+        return Grade(correct=answer == gold, flexible=answer == gold, extracted=answer, format_ok=True)
+    if truncated:
+        return Grade(correct=False, flexible=False, extracted=None, format_ok=False, detail=_CUT_OFF)
     letter = extract_choice(response, n_choices)
-    value = extract_final_answer(response)
-    format_ok = value is not None and _letter_from_answer_value(value, _letters(n_choices)) is not None
-    return Grade(letter == gold_letter.strip().upper(), letter, format_ok)
+    return Grade(correct=False, flexible=letter == gold, extracted=letter, format_ok=False)
 
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|$)", re.DOTALL)
@@ -197,20 +232,52 @@ def extract_code(response: str) -> tuple[str, bool]:
     return response, False
 
 
+# The sandbox runs this script: the candidate's code and the tests, then it prints the run's token, the only proof
+# that the tests ran to the end. Exit status 0 alone proves nothing: code that calls sys.exit(0), raises
+# SystemExit or os._exit(0)s (at module level, or inside the function the tests call) stops the run with status
+# 0 before any assert. The token comes on stdin and is read before the candidate's code starts, so it is in
+# neither the script, the environment nor any file; the code then finds /dev/null on stdin. Code that
+# deliberately searches this harness's memory (its frames) can still find the token: Python has no isolation
+# inside one process, so the token defeats cutting the run short, not a purpose-built attack on the harness.
+_HARNESS = """\
+import os, sys, types
+
+
+def run(token, source):
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    main = types.ModuleType("__main__")  # the candidate runs as the main module, but not as this one
+    sys.modules["__main__"] = main
+    exec(compile(source, "solution.py", "exec"), main.__dict__)
+    sys.stdout.flush()  # the candidate's own output first, so the token ends the captured tail
+    os.write(1, token)
+
+
+run(os.read(0, 256), {source!r})
+"""
+
+
 def grade_code(program: str, tests: str, entry_point: str | None, timeout: float = 10.0) -> Grade:
     """Run the code in ``program`` (a response; its ```python block is used) against ``tests`` in the sandbox.
 
     ``tests`` is appended to the code; with an ``entry_point`` (HumanEval style) ``check(<entry_point>)`` is
-    called as well. Correct only when the sandbox reports "passed".
+    called as well. Correct only when the sandbox reports "passed" and the run got past the last test: the
+    harness then prints a random token the code cannot know (see ``_HARNESS``). Strict and flexible agree.
     """
     from diffmas.eval.sandbox import run_code  # lazy: the sandbox is optional for non-code tasks
 
     code, fenced = extract_code(program)
-    script = f"{code.rstrip()}\n\n{tests.rstrip()}\n"
+    source = f"{code.rstrip()}\n\n{tests.rstrip()}\n"
     if entry_point:
-        script += f"\ncheck({entry_point})\n"
-    result = run_code(script, timeout=timeout)
+        source += f"\ncheck({entry_point})\n"
+    token = secrets.token_hex(16)
+    result = run_code(_HARNESS.format(source=source), timeout=timeout, stdin=token)
+    finished = token in result.stdout
     detail = result.status
-    if result.status != "passed" and result.stderr:
+    if result.status == "passed" and not finished:
+        detail = "exited with status 0 before the tests finished"
+    elif result.status != "passed" and result.stderr:
         detail += ": " + result.stderr.strip().splitlines()[-1][:200]
-    return Grade(result.status == "passed", code, fenced, detail)
+    passed = result.status == "passed" and finished
+    return Grade(correct=passed, flexible=passed, extracted=code, format_ok=fenced, detail=detail)

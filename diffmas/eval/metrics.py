@@ -69,21 +69,25 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
 def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
     """Summarize per-sample records into one result row.
 
-    Each record has: correct (bool), format_ok (bool), tokens (int, generated), seconds (float),
-    nll (summed negative log-likelihood of the gold target, or None when not measured) and
-    n_tokens_final (tokens the nll was summed over).
+    Each record has: correct (bool, the strict verdict), flexible (bool, the flexible verdict), format_ok
+    (bool), tokens (int, generated), seconds (float), nll (summed negative log-likelihood of the gold target,
+    or None when not measured) and n_tokens_final (tokens the nll was summed over).
 
-    Returns accuracy, stderr, n, tokens_mean, seconds_mean, perplexity (over records with an nll; nan if
-    none) and format_failures (the fraction of responses that did not follow the answer format).
+    Returns accuracy and stderr (strict), accuracy_flexible and stderr_flexible, n, tokens_mean, seconds_mean,
+    perplexity (over records with an nll; nan if none) and format_failures (the fraction of responses that did
+    not follow the answer format).
     """
     n = len(records)
     accuracy, stderr = mean_stderr(bool(r["correct"]) for r in records)
+    accuracy_flexible, stderr_flexible = mean_stderr(bool(r["flexible"]) for r in records)
     with_nll = [r for r in records if r.get("nll") is not None]
     nll_total = sum(float(r["nll"]) for r in with_nll)
     nll_tokens = sum(int(r.get("n_tokens_final", 0)) for r in with_nll)
     return {
         "accuracy": accuracy,
         "stderr": stderr,
+        "accuracy_flexible": accuracy_flexible,
+        "stderr_flexible": stderr_flexible,
         "n": n,
         "tokens_mean": mean_stderr(r["tokens"] for r in records)[0],
         "seconds_mean": mean_stderr(r["seconds"] for r in records)[0],

@@ -2,8 +2,9 @@
 
     diffmas eval --report runs/eval runs/eval-trained
 
-The table shows accuracy ± standard error next to the cost of getting it (tokens and seconds per problem); the
-plots put every system x task on accuracy-vs-tokens and accuracy-vs-time axes, error bars = standard error.
+The table shows strict and flexible accuracy ± standard error (see diffmas.eval.grading) next to the cost of
+getting it (tokens and seconds per problem); the plots put every system x task's strict accuracy on
+accuracy-vs-tokens and accuracy-vs-time axes, error bars = standard error.
 """
 
 from __future__ import annotations
@@ -60,24 +61,29 @@ def _num(value: float | None, fmt: str, scale: float = 1.0) -> str:
     return "–" if value is None else format(scale * value, fmt)
 
 
+def _percent(mean: float | None, stderr: float | None) -> str:
+    """"12.0 ± 3.2"; "–" when missing (flexible accuracy is absent from results written before it existed)."""
+    return "–" if mean is None else f"{100 * mean:.1f} ± {100 * stderr:.1f}"
+
+
 def render_table(results: dict) -> Table:
     """A rich table with one row per system x task (``results``: results.json contents or `load_results`)."""
     rows = results["results"]
     multi_seed = any("seeds" in r for r in rows)
     pass_k = any("pass_at_k" in r for r in rows)
     table = Table(show_header=True, header_style="bold", title="DiffMAS evaluation")
-    for col in ("system", "task", "acc % ± se", *(["seeds mean ± std"] if multi_seed else []),
+    for col in ("system", "task", "strict % ± se", "flexible % ± se", *(["seeds mean ± std"] if multi_seed else []),
                 *(["pass@k %"] if pass_k else []), "n", "tokens", "s/problem", "ppl", "format fail %"):
         text = col in ("system", "task")
         table.add_column(col, justify="left" if text else "right", no_wrap=text)
     notes: list[str] = []
     for r in rows:
-        acc = "–" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}"
         task = r["task"]
         if r.get("partial"):
             task += " *"
             notes.append(f"* {r['task']}: {r['partial']}")
-        cells = [r["system"], task, acc]
+        cells = [r["system"], task, _percent(r["accuracy"], r["stderr"]),
+                 _percent(r.get("accuracy_flexible"), r.get("stderr_flexible"))]
         if multi_seed:
             s = r.get("seeds")
             cells.append(f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_std']:.1f} ({s['n']})" if s else "")

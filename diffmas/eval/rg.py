@@ -9,7 +9,8 @@ how many others were asked for. Seeds are split once and for all:
 
 Easy settings per generator follow shared/CALIBRATION.md (what a 135M model can learn); other reasoning-gym
 generators run with their library defaults. Responses are graded by the generator's own ``score_answer`` on the
-value of the final "Answer:" line, correct only at score 1.0.
+value of the final "Answer:" line, correct only at score 1.0; without one, the flexible verdict scores the last
+number in the text instead (not in a response cut off at the token limit).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import warnings
 from functools import cache
 from typing import Any, Literal
 
-from diffmas.eval.grading import Grade, extract_final_answer
+from diffmas.eval.grading import Grade, extract_final_answer, extract_last_number
 from diffmas.eval.tasks import ANSWER_INSTRUCTION, Example, Task, TaskError, register_family
 
 __all__ = [
@@ -161,12 +162,20 @@ class RGTask(Task):
     def prompt(self, ex: Example) -> str:
         return f"{ex.question.rstrip()}\n{ANSWER_INSTRUCTION}"
 
-    def grade(self, ex: Example, response: str) -> Grade:
+    def grade(self, ex: Example, response: str, truncated: bool = False) -> Grade:
         extracted = extract_final_answer(response)
-        if extracted is None:
-            return Grade(False, None, False, "no 'Answer:' line")
-        score = float(_scorer(self.generator, self._key).score_answer(extracted, ex.meta["entry"]))
-        return Grade(score == 1.0, extracted, True, f"score={score:g}")
+        if extracted is not None:
+            right, detail = self._score(ex, extracted)
+            return Grade(correct=right, flexible=right, extracted=extracted, format_ok=True, detail=detail)
+        number = None if truncated else extract_last_number(response)
+        if number is None:
+            return Grade(correct=False, flexible=False, extracted=None, format_ok=False, detail="no 'Answer:' line")
+        right, detail = self._score(ex, number)
+        return Grade(correct=False, flexible=right, extracted=number, format_ok=False, detail=f"last number, {detail}")
+
+    def _score(self, ex: Example, answer: str) -> tuple[bool, str]:
+        score = float(_scorer(self.generator, self._key).score_answer(answer, ex.meta["entry"]))
+        return score == 1.0, f"score={score:g}"
 
 
 def training_examples(

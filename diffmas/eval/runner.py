@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -39,7 +40,7 @@ SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"
 # Settings that change what a sample is: resuming into a folder written with other values would mix experiments.
 _SAMPLE_SETTINGS = ("model", "dtype", "max_new_tokens", "writer_max_new_tokens", "topology", "latent_steps",
-                    "temperature", "source")
+                    "temperature", "source", "shuffle_trace")
 
 
 def sample_key(system: str, task: str, seed: int, example_id: str) -> tuple[str, str, int, str]:
@@ -66,13 +67,13 @@ class SampleLog:
             if line.strip():
                 try:
                     self._add(json.loads(line))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                except (ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or bad UTF-8
                     raise DiffMASError(f"{self.path} line {number} is corrupt ({exc}); only a cut-off last line "
                                        "is repaired automatically") from exc
         if tail.strip():
             try:  # the write that was cut may still have been a whole record, minus its newline
                 self._add(json.loads(tail))
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):  # the cut may split a UTF-8 character too
                 pass
             # Rewrite cleanly (atomically) so later appends start on a fresh line.
             tmp = self.path.with_suffix(".tmp")
@@ -108,11 +109,19 @@ class SystemEntry:
 def parse_systems(entries: Sequence[str]) -> list[SystemEntry]:
     """Parse ``name`` / ``name:ADAPTER_DIR`` entries; a name given twice is labelled ``name@<dir basename>``.
 
-    Names, adapter presence and adapter metadata are checked here, before any model is loaded.
+    ``LABEL=name:ADAPTER_DIR`` (or ``LABEL=name``) sets the label, e.g. ``curriculum/s1=diffmas:runs/cur1`` for
+    training seed 1 of arm ``curriculum`` (see ``diffmas compare``). Names, adapter presence and adapter metadata
+    are checked here, before any model is loaded.
     """
     pairs = []
     for entry in entries:
-        name, _, adapter = entry.strip().partition(":")
+        label, spec = None, entry
+        if "=" in entry.partition(":")[0]:  # only before the name: an adapter path may contain '='
+            label, _, spec = entry.partition("=")
+            label = label.strip()
+            if not label or "," in label:
+                raise DiffMASError(f"bad system label in '{entry}': a label must be non-empty and without ','")
+        name, _, adapter = spec.strip().partition(":")
         kind = get_kind(name.strip())
         adapter = adapter.strip() or None
         if kind.trained and adapter is None:
@@ -121,12 +130,12 @@ def parse_systems(entries: Sequence[str]) -> list[SystemEntry]:
             raise DiffMASError(f"system '{kind.name}' is training-free and takes no adapter (got '{entry}')")
         if adapter is not None:
             read_adapter_meta(adapter)  # a clear error now beats one after minutes of other systems
-        pairs.append((kind.name, adapter))
+        pairs.append((label, kind.name, adapter))
     if not pairs:
         raise DiffMASError("no systems given")
-    counts = Counter(name for name, _ in pairs)
-    parsed = [SystemEntry(f"{name}@{Path(adapter).name}" if counts[name] > 1 and adapter else name, name, adapter)
-              for name, adapter in pairs]
+    counts = Counter(name for label, name, _ in pairs if label is None)
+    parsed = [SystemEntry(label or (f"{name}@{Path(adapter).name}" if counts[name] > 1 and adapter else name), name,
+                          adapter) for label, name, adapter in pairs]
     dupes = [label for label, n in Counter(e.label for e in parsed).items() if n > 1]
     if dupes:
         raise DiffMASError(f"system(s) listed twice: {', '.join(dupes)}")
@@ -168,22 +177,30 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _flexible(record: dict) -> bool:
+    """The flexible verdict; samples written before it existed have one verdict, which stands for both."""
+    return bool(record.get("flexible", record["correct"]))
+
+
 def _row(label: str, task: Task, records: list[dict], seeds: list[int], temperature: float,
          partial: str | None) -> dict:
     """One system x task result; ``records`` ordered by (seed, example order) so float sums are reproducible."""
     row: dict[str, Any] = {"system": label, "task": task.name, "partial": partial}
-    row.update(summarize([{"correct": r["correct"], "format_ok": r["format_ok"], "tokens": r["tokens"],
-                           "seconds": r["seconds"], "nll": r["nll_sum"], "n_tokens_final": r["final_tokens"]}
-                          for r in records]))
+    row.update(summarize([{"correct": r["correct"], "flexible": _flexible(r), "format_ok": r["format_ok"],
+                           "tokens": r["tokens"], "seconds": r["seconds"], "nll": r["nll_sum"],
+                           "n_tokens_final": r["final_tokens"]} for r in records]))
     row["n_samples"] = len(records)
     if len(seeds) > 1:
         per_problem: dict[str, list[bool]] = defaultdict(list)
+        per_problem_flexible: dict[str, list[bool]] = defaultdict(list)
         for r in records:
             per_problem[r["id"]].append(bool(r["correct"]))
+            per_problem_flexible[r["id"]].append(_flexible(r))
         # Samples of one problem are correlated: the standard error is over problems (per-problem mean
         # accuracy), and the spread over seeds is reported beside it.
         row["n"] = len(per_problem)
         row["stderr"] = mean_stderr(sum(c) / len(c) for c in per_problem.values())[1]
+        row["stderr_flexible"] = mean_stderr(sum(c) / len(c) for c in per_problem_flexible.values())[1]
         by_seed = [mean_stderr(r["correct"] for r in records if r["seed"] == s)[0] for s in seeds]
         mean, std = across_seeds(by_seed)
         row["seeds"] = {"n": len(seeds), "accuracy_per_seed": by_seed, "accuracy_mean": mean, "accuracy_std": std}
@@ -208,6 +225,10 @@ def compute_results(config: dict, samples: dict[tuple, dict], tasks: dict[str, t
     notes = []
     if len(seeds) > 1 and config["temperature"] == 0:
         notes.append("greedy decoding (temperature 0): every seed gives the same samples; extra seeds are redundant")
+    unsplit = sum("flexible" not in r for r in samples.values())
+    if unsplit:
+        notes.append(f"{unsplit} samples were graded before strict and flexible verdicts were split: their one "
+                     "verdict counts as both")
     isolation = None
     if any(task.kind == "code" for task, _ in tasks.values()):
         from diffmas.eval.sandbox import isolation_level  # only code tasks need the sandbox (and its probe)
@@ -243,15 +264,17 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)  # atomic: a kill never leaves a half-written results.json
 
 
-def _record(label: str, task: Task, seed: int, ex: Example, rec: dict) -> dict:
-    grade = task.grade(ex, rec["answer"])
+def _record(label: str, task: Task, seed: int, ex: Example, rec: dict, max_new_tokens: int) -> dict:
+    truncated = rec["generated_tokens"] >= max_new_tokens  # the final agent used its whole token budget
+    grade = task.grade(ex, rec["answer"], truncated=truncated)
     return {
-        "system": label, "task": task.name, "seed": seed, "id": ex.id,
-        "correct": bool(grade.correct), "format_ok": bool(grade.format_ok), "extracted": grade.extracted,
-        "detail": grade.detail, "gold": ex.answer, "response": rec["answer"],
+        "system": label, "task": task.name, "seed": seed, "id": ex.id, "correct": bool(grade.correct),
+        "flexible": bool(grade.flexible), "truncated": truncated, "format_ok": bool(grade.format_ok),
+        "extracted": grade.extracted, "detail": grade.detail, "gold": ex.answer, "response": rec["answer"],
         "tokens": sum(a["generated_tokens"] for a in rec["agents"]), "final_tokens": rec["generated_tokens"],
         "seconds": sum(a["seconds"] for a in rec["agents"]), "nll_sum": rec["nll_sum"],
         "trace_tokens": rec["trace_tokens"], "agents": rec["agents"],
+        **({"trace_from": rec["trace_from"]} if "trace_from" in rec else {}),
     }
 
 
@@ -273,6 +296,7 @@ def run_eval(
     source: str | None = None,
     temperature: float = 0.0,
     show_progress: bool = True,
+    shuffle_trace: bool = False,
 ) -> dict:
     """Evaluate every system on every task for every seed; resumes from ``out/samples.jsonl``.
 
@@ -296,6 +320,7 @@ def run_eval(
         "seeds": list(seeds), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
         "writer_max_new_tokens": writer_max_new_tokens, "topology": topology, "latent_steps": latent_steps,
         "device": str(resolve_device(device)), "dtype": dtype, "source": source, "temperature": temperature,
+        "shuffle_trace": shuffle_trace,
     }
     loaded: dict[str, tuple[Task, list[Example]]] = {}
     for name in config["tasks"]:
@@ -328,17 +353,33 @@ def run_eval(
                 for seed in seeds:
                     bar.set_description(f"{entry.label} {task.name} seed {seed}")
                     _run_one(system, entry.label, task, seed, examples, log, batch_size, max_new_tokens,
-                             temperature, bar)
+                             temperature, bar, shuffle_trace)
     results = compute_results(config, log.samples, loaded)
     results["status"] = "complete"
     _write_json(out / RESULTS_FILE, results)
     return results
 
 
+def trace_partners(n: int, seed: int = 0) -> list[int]:
+    """A seeded derangement: question i reads the trace written for question ``partners[i]`` != i."""
+    if n < 2:
+        raise DiffMASError("a shuffled trace needs at least 2 questions")
+    order = random.Random(seed).sample(range(n), n)
+    partners = [0] * n
+    for k, i in enumerate(order):  # one cycle through a random order: nobody keeps their own trace
+        partners[i] = order[(k + 1) % n]
+    return partners
+
+
 def _run_one(system: System, label: str, task: Task, seed: int, examples: list[Example], log: SampleLog,
-             batch_size: int, max_new_tokens: int, temperature: float, bar: tqdm) -> None:
-    """Run the pending examples of one (system, task, seed), appending each finished batch to ``log``."""
+             batch_size: int, max_new_tokens: int, temperature: float, bar: tqdm, shuffle_trace: bool = False) -> None:
+    """Run the pending examples of one (system, task, seed), appending each finished batch to ``log``.
+
+    With ``shuffle_trace`` the writers of question i work on another question of the set (the control that
+    asks whether the trace carries question-specific information); each record names that question.
+    """
     prompts = [task.prompt(ex) for ex in examples]
+    partners = trace_partners(len(examples), seed) if shuffle_trace else None
     # Batches are cut from the full example list (length-sorted), not from what is pending, and a batch that a
     # kill left half-written is rerun whole: a resumed run computes exactly what an uninterrupted one does (same
     # padding, so the same floating-point sums, and with sampling the same random streams).
@@ -350,6 +391,11 @@ def _run_one(system: System, label: str, task: Task, seed: int, examples: list[E
             continue
         # One stream per batch: with a single seed per call, row r of every batch would draw the same numbers.
         cfg = DecodeConfig(max_new_tokens, temperature, seed=seed * 1_000_003 + number)
-        records = system.run([prompts[i] for i in batch], cfg, batch_size)
-        log.append([_record(label, task, seed, examples[i], rec) for i, rec in zip(batch, records) if i in todo])
+        writer_prompts = [prompts[partners[i]] for i in batch] if partners else None
+        records = system.run([prompts[i] for i in batch], cfg, batch_size, writer_prompts=writer_prompts)
+        if partners:
+            for i, rec in zip(batch, records):
+                rec["trace_from"] = examples[partners[i]].id
+        log.append([_record(label, task, seed, examples[i], rec, max_new_tokens) for i, rec in zip(batch, records)
+                    if i in todo])
         bar.update(len(todo))

@@ -5,10 +5,12 @@ scrubbed environment, its own session/process group, a wall-clock timeout and
 rlimits (address space, CPU time, processes, file size, no core dumps). On top
 of that, whichever of these works on this machine is used:
 
-* ``bubblewrap``: the code runs under ``bwrap`` with a read-only ``/``, a private
-  ``/tmp``, only its work dir writable, no network and its own PID namespace, so
-  it can neither see nor signal other processes, and everything it spawned dies
-  with the namespace.
+* ``bubblewrap``: the code runs under ``bwrap`` with a read-only ``/`` (``/dev``
+  included), no network and its own PID namespace, so it can neither see nor
+  signal other processes, and everything it spawned dies with the namespace. It
+  can write only to its work dir, ``/tmp`` and ``/dev/shm``: three private tmpfs
+  of 64 MiB each, so at most 192 MiB in all, held in memory, never on the host
+  disk.
 * ``setuid``: when the evaluator is root, the child runs as a fresh unprivileged
   uid/gid allocated per call. Root is exempt from ``RLIMIT_NPROC``, and a
   distinct uid keeps the code from signalling the evaluator or writing anywhere
@@ -17,11 +19,13 @@ of that, whichever of these works on this machine is used:
   which catches children that left the process group (``setsid``, double fork).
 
 ``SandboxResult.isolation`` names the layers in force, e.g.
-``"bubblewrap+setuid+rlimits"``. Without bwrap the code has network access; the
-plain ``"rlimits"`` fallback (non-root, no working bwrap) contains time, memory
-and fork storms only: the code can then write wherever the user can, signal the
-user's processes, and children that call ``setsid`` may survive. In every mode
-the code can read world-readable files.
+``"bubblewrap+setuid+rlimits"``. Without bwrap the code has network access, and
+its writes are limited per file only (16 MiB each, ``RLIMIT_FSIZE``), not in
+total: its work dir is a host directory, and ``/tmp`` and ``/dev/shm`` are the
+real ones. The plain ``"rlimits"`` fallback (non-root, no working bwrap) contains
+time, memory and fork storms only: the code can then write wherever the user
+can, signal the user's processes, and children that call ``setsid`` may survive.
+In every mode the code can read world-readable files.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ log = logging.getLogger(__name__)
 
 _OUTPUT_LIMIT = 10_000  # bytes of stdout/stderr kept (head and tail halves)
 _FSIZE_LIMIT = 16 << 20  # largest file the code may write, stdout included
-_TMPFS_SIZE = 64 << 20  # size of the private /tmp and /dev/shm under bwrap
+_TMPFS_SIZE = 64 << 20  # size of each private tmpfs under bwrap: the work dir, /tmp and /dev/shm
 _NOFILE_LIMIT = 256
 # Per-call uids when running as root, drawn at random from [2**30, 2**31): far
 # above normal and subuid ranges, and concurrent calls practically never collide.
@@ -104,9 +108,9 @@ class SandboxResult:
 
 
 def run_code(
-    code: str, timeout: float = 10.0, memory_mb: int = 1024, max_processes: int = 64
+    code: str, timeout: float = 10.0, memory_mb: int = 1024, max_processes: int = 64, stdin: str = ""
 ) -> SandboxResult:
-    """Run ``code`` as a Python script in the strongest sandbox available here.
+    """Run ``code`` as a Python script in the strongest sandbox available here; ``stdin`` is its input.
 
     Status semantics:
 
@@ -114,8 +118,8 @@ def run_code(
     * ``"failed"``: non-zero exit code, i.e. the code raised (AssertionError,
       SyntaxError, any exception), called ``sys.exit(n)``, or hit a limit that
       Python turns into an exception: ``MemoryError`` (``memory_mb`` of address
-      space), ``OSError`` EFBIG (16 MiB per file, stdout included), EAGAIN on
-      fork (``max_processes``).
+      space), ``OSError`` EFBIG (16 MiB per file, stdout included), ENOSPC
+      (a full tmpfs, under bwrap), EAGAIN on fork (``max_processes``).
     * ``"timeout"``: the wall clock (or the CPU-time rlimit, ``SIGXCPU``) ran
       out; the whole process group / namespace is killed.
     * ``"error"``: the sandbox could not run the code, or the process died of a
@@ -128,7 +132,8 @@ def run_code(
     code started is left running (except in the plain ``"rlimits"`` mode, see
     the module docstring).
     """
-    return _run(code, timeout, memory_mb, max_processes, use_bwrap=isolation_level().startswith("bubblewrap"))
+    return _run(code, timeout, memory_mb, max_processes, use_bwrap=isolation_level().startswith("bubblewrap"),
+                stdin=stdin)
 
 
 _probe_lock = threading.Lock()
@@ -147,10 +152,11 @@ def isolation_level() -> str:
                 if probe.status == "passed":
                     _isolation = probe.isolation
                 else:
-                    log.warning("bubblewrap does not work here (%s); sandbox falls back to %s",
-                                probe.stderr.strip()[-300:], _isolation)
+                    log.warning("bubblewrap does not work here (%s); sandbox falls back to %s "
+                                "(network open, writes capped per file only)", probe.stderr.strip()[-300:], _isolation)
             else:
-                log.warning("bwrap not installed (scripts/setup-system.sh); sandbox uses %s", _isolation)
+                log.warning("bwrap not installed (scripts/setup-system.sh); sandbox uses %s "
+                            "(network open, writes capped per file only)", _isolation)
     return _isolation
 
 
@@ -158,7 +164,8 @@ def _layers(use_bwrap: bool) -> str:
     return "+".join((["bubblewrap"] if use_bwrap else []) + (["setuid"] if os.geteuid() == 0 else []) + ["rlimits"])
 
 
-def _run(code: str, timeout: float, memory_mb: int, max_processes: int, *, use_bwrap: bool) -> SandboxResult:
+def _run(code: str, timeout: float, memory_mb: int, max_processes: int, *, use_bwrap: bool,
+         stdin: str = "") -> SandboxResult:
     """run_code with the bwrap layer chosen explicitly (tests use it to cover both modes)."""
     if timeout <= 0 or memory_mb <= 0 or max_processes <= 0:
         raise ValueError("timeout, memory_mb and max_processes must be positive")
@@ -187,11 +194,16 @@ def _run(code: str, timeout: float, memory_mb: int, max_processes: int, *, use_b
         # Output goes to files, not pipes: RLIMIT_FSIZE caps them, no reader thread needed.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
-                proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir, env=env,
-                    start_new_session=True, preexec_fn=preexec,
-                    user=ids[0] if ids else None, group=ids[1] if ids else None,
-                    extra_groups=[] if ids else None)
+                # Input from an unlinked file that we close once the child has it: after the code has read
+                # and closed it, the code can never read it again (grading passes a secret this way).
+                with tempfile.TemporaryFile() as given:
+                    given.write(stdin.encode())
+                    given.seek(0)
+                    proc = subprocess.Popen(
+                        argv, stdin=given, stdout=out, stderr=err, cwd=workdir, env=env,
+                        start_new_session=True, preexec_fn=preexec,
+                        user=ids[0] if ids else None, group=ids[1] if ids else None,
+                        extra_groups=[] if ids else None)
             except (OSError, subprocess.SubprocessError) as exc:
                 return SandboxResult("error", None, "", f"sandbox: could not start: {exc!r}",
                                      time.monotonic() - start, isolation)
@@ -235,13 +247,17 @@ def _bwrap_argv(workdir: str) -> list[str]:
     # An interpreter (venv) living under /tmp would vanish behind the private /tmp.
     hidden = sorted({p for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(_python())))
                      if p.startswith(("/tmp/", "/dev/shm/"))})
-    # The work dir keeps its host path so tracebacks and HOME look the same in both modes.
+    script = os.path.join(workdir, _SCRIPT)
+    # Every writable place is a size-limited tmpfs: a bind-mounted host dir would let the code fill the host
+    # disk with many files of up to RLIMIT_FSIZE each, and bwrap's own /dev tmpfs has no size limit, so it is
+    # made read-only. The work dir keeps its host path so tracebacks and HOME look the same in both modes.
     return [shutil.which("bwrap") or "bwrap",
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
             "--size", str(_TMPFS_SIZE), "--tmpfs", "/tmp",
             "--size", str(_TMPFS_SIZE), "--tmpfs", "/dev/shm",
+            "--remount-ro", "/dev",
             *[arg for p in hidden for arg in ("--ro-bind", p, p)],
-            "--bind", workdir, workdir, "--chdir", workdir,
+            "--size", str(_TMPFS_SIZE), "--tmpfs", workdir, "--ro-bind", script, script, "--chdir", workdir,
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--die-with-parent", "--new-session", "--"]
 

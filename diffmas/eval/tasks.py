@@ -73,8 +73,8 @@ class Task:
         """The user-turn text for ``ex``, including the answer-format instruction."""
         raise NotImplementedError
 
-    def grade(self, ex: Example, response: str) -> Grade:
-        """Grade a model ``response`` to ``ex``."""
+    def grade(self, ex: Example, response: str, truncated: bool = False) -> Grade:
+        """Grade a model ``response`` to ``ex``; ``truncated``: it was cut off at the token limit."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
