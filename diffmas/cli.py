@@ -291,6 +291,27 @@ def compare(
     console.print(f"written: {', '.join(map(str, files))}")
 
 
+@app.command()
+@user_errors
+def study(
+    out: Path = typer.Option(Path("runs/study"), help="Weights, checkpoints and evaluation logs (not committed)."),
+    docs: Path = typer.Option(Path("docs/study"), help="Results, curves, tables and plots (committed)."),
+    commit: bool = typer.Option(False, "--commit", help="git-commit the docs folder after every finished arm."),
+    device: str = typer.Option("cpu"),
+    max_arms: Optional[int] = typer.Option(None, help="Stop after this many arms (default: until none is left)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only rebuild the report from finished arms."),
+) -> None:
+    """The grounding study: train and evaluate every arm, resumable; run two at once for two cores."""
+    from diffmas.study import run_study
+    from diffmas.study_report import write_report
+
+    if report_only:
+        write_report(docs)
+    else:
+        run_study(out, docs, device=device, commit=commit, max_arms=max_arms)
+    console.print(f"report: {docs / 'README.md'}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -52,6 +52,6 @@ def pretrain_link(backbone: Backbone, link: LearnedLink, texts: list[str], steps
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     backbone.model.train(was_training)
     return losses

@@ -1,0 +1,95 @@
+"""The grounding study's machinery: arm planning, claims, one arm end to end on a tiny model, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from diffmas.study import GROUNDED, Arm, StudyConfig, _claim, best_grounded, plan_arms, run_study, train_config
+from diffmas.study_report import write_report
+
+
+def _fake_arm(docs, name, seed, accuracy, correct):
+    (docs / "arms").mkdir(parents=True, exist_ok=True)
+    (docs / "samples").mkdir(parents=True, exist_ok=True)
+    (docs / "curves").mkdir(parents=True, exist_ok=True)
+    stem = f"chain_sum--{name}--s{seed}"
+    record = {"arm": name, "task": "rg:chain_sum", "seed": seed, "phase": 1, "system": "diffmas",
+              "label": f"{name}/s{seed}", "n": len(correct), "accuracy": accuracy, "stderr": 0.05,
+              "format_failures": 0.0, "tokens_mean": 6.0, "accuracy_flexible": accuracy, "train_seconds": 1,
+              "machine": "test", "date": "2026-11-28"}
+    (docs / "arms" / f"{stem}.json").write_text(json.dumps(record))
+    (docs / "samples" / f"{stem}.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "correct": c, "tokens": 6, "extracted": "1"}) + "\n"
+                for i, c in enumerate(correct)))
+    (docs / "curves" / f"{stem}.jsonl").write_text(
+        json.dumps({"step": 0, "heldout_loss": 2.0}) + "\n" + json.dumps({"step": 5, "heldout_loss": 1.0}) + "\n")
+
+
+def test_phase_two_waits_for_the_grounded_screen(tmp_path):
+    docs = tmp_path / "docs"
+    first = plan_arms(docs)
+    assert [a.phase for a in first] == [1] * len(first)
+    assert {"sft_answer", "sft_worked", "curriculum", "distill", "link", "pause", "single_latent", "m0_trace",
+            "diffmas_answer"} == {a.name for a in first}
+    for name, acc in zip(GROUNDED, (0.3, 0.5, 0.4)):
+        _fake_arm(docs, name, 0, acc, [True] * 3 + [False])
+    assert best_grounded(docs) == ("distill", "link")
+    later = [a for a in plan_arms(docs) if a.phase > 1]
+    assert {(a.name, a.seed) for a in later if a.phase == 2} == \
+        {(n, s) for n in ("sft_answer", "sft_worked", "distill", "link") for s in (1, 2)}
+    assert {a.name for a in later if a.phase == 3} == {"sft_answer", "sft_worked", "distill", "pause"}
+    assert all(a.task == "rg:leg_counting" for a in later if a.phase == 3)
+
+
+def test_arms_share_one_budget_and_controls_match_their_method():
+    cfg = StudyConfig()
+    configs = {a.name: train_config(a, cfg) for a in plan_arms(Path("/nonexistent"))}
+    assert len({c.steps for c in configs.values()}) == 1 and len({c.batch_size for c in configs.values()}) == 1
+    assert configs["pause"].method == configs["curriculum"].method == "curriculum"
+    assert configs["pause"].latent_map == "pause" and configs["pause"].latent_steps == configs["curriculum"].latent_steps
+    assert configs["m0_trace"].latent_steps == 0 and configs["m0_trace"].method == configs["diffmas_answer"].method
+    assert configs["single_latent"].system == "single_latent" and configs["single_latent"].method == "curriculum"
+    assert configs["sft_answer"].data.target_style == "answer" and configs["sft_worked"].data.target_style == "worked"
+
+
+def test_a_dead_workers_claim_is_taken_over(tmp_path):
+    arm = Arm("curriculum", "rg:chain_sum", 0)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"{arm.id}.claim").write_text(str(dead.pid))
+    assert _claim(tmp_path, arm)
+    assert (tmp_path / f"{arm.id}.claim").read_text() == str(os.getpid())
+    assert not _claim(tmp_path, arm)  # now held by a live process (this one)
+
+
+def test_report_pairs_each_arm_with_both_baselines(tmp_path):
+    docs = tmp_path / "docs"
+    _fake_arm(docs, "sft_answer", 0, 0.25, [True, False, False, False] * 5)
+    _fake_arm(docs, "sft_worked", 0, 0.5, [True, True, False, False] * 5)
+    _fake_arm(docs, "curriculum", 0, 0.75, [True, True, True, False] * 5)
+    results = write_report(docs, n_boot=500)
+    row = next(r for r in results["arms"] if r["arm"] == "curriculum")
+    assert row["vs_sft_answer"]["diff"] == 0.5 and row["vs_sft_worked"]["diff"] == 0.25
+    assert row["vs_sft_answer"]["ci_low"] > 0
+    assert (docs / "README.md").read_text().count("| curriculum |") >= 1
+    assert (docs / "forest_chain_sum_vs_sft_answer.png").is_file() and (docs / "heldout_loss.png").is_file()
+
+
+def test_one_arm_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
+    import diffmas.study as study
+
+    monkeypatch.setattr(study, "plan_arms", lambda docs: [Arm("curriculum", "rg:chain_sum", 0, shuffled=True)])
+    cfg = StudyConfig(steps=4, batch_size=2, stage_steps=1, n_eval=4, max_new_tokens=3, eval_batch_size=4,
+                      heldout_every=2, link_pretrain_steps=1, model=str(tiny_model_dir))
+    run_study(tmp_path / "out", tmp_path / "docs", cfg)
+    record = json.loads((tmp_path / "docs" / "arms" / "chain_sum--curriculum--s0.json").read_text())
+    assert record["n"] == 4 and record["shuffled"]["n"] == 4 and record["config"]["method"] == "curriculum"
+    curve = (tmp_path / "docs" / "curves" / "chain_sum--curriculum--s0.jsonl").read_text().splitlines()
+    assert sum('"heldout_loss"' in line for line in curve) == 3  # steps 0, 2, 4
+    results = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert results["arms"][0]["arm"] == "curriculum"
+    run_study(tmp_path / "out", tmp_path / "docs", cfg)  # finished arms are not run again
+    assert not list((tmp_path / "out" / "claims").glob("*.claim"))
