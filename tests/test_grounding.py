@@ -293,3 +293,10 @@ def test_bad_method_settings_fail_before_training(tmp_path, tiny_model_dir):
     with pytest.warns(UserWarning), pytest.raises(DiffMASError, match="needs worked solutions"):
         loop.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_one_process_trains_runs_with_different_mixed_precision(tmp_path, tiny_model_dir):
+    # The demo and the study train several runs in one process; accelerate's state must not leak between them.
+    loop.train(_write_config(tmp_path, tiny_model_dir, steps=1, mixed_precision="bf16"), tmp_path / "bf16")
+    loop.train(_write_config(tmp_path, tiny_model_dir, steps=1, mixed_precision="no"), tmp_path / "fp32")
+    assert (tmp_path / "fp32" / "diffmas_adapters.json").is_file()

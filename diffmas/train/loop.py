@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
@@ -135,6 +136,9 @@ def _trackers() -> list[str]:
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     """Train ``cfg.system``'s LoRA adapter(s); writes adapters, checkpoints, metrics and config under ``out``."""
     out = Path(out)
+    # One process may train several runs (the demo, the study): the accelerator's settings (mixed precision)
+    # are per run, so forget the last run's; the distributed state (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=cfg.model.device == "cpu",
