@@ -207,8 +207,10 @@ def _commit(docs: Path, message: str) -> None:
     with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         for _ in range(10):  # another git command may hold the index for a moment
-            add = subprocess.run(["git", "add", str(docs)], capture_output=True, text=True)
-            done = subprocess.run(["git", "commit", "-q", "-m", message, "--", str(docs)], capture_output=True,
+            # Run in ``docs``: the results go to the repository that holds them, even when the study's code
+            # runs from another checkout (a frozen worktree, so that editing the code cannot disturb a run).
+            add = subprocess.run(["git", "add", "."], cwd=docs, capture_output=True, text=True)
+            done = subprocess.run(["git", "commit", "-q", "-m", message, "--", "."], cwd=docs, capture_output=True,
                                   text=True)
             if add.returncode == 0 and (done.returncode == 0 or "nothing" in done.stdout + done.stderr):
                 return
