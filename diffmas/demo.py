@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -92,7 +93,11 @@ def train_once(cfg: TrainConfig, out: Path, reuse: tuple[Path, ...] = ()) -> Pat
         if _finished_with(candidate, cfg):
             print(f"[demo] reusing {candidate}: same config as {out}")
             return candidate
-    train(cfg, out, resume=latest_checkpoint(out) is not None)
+    resume = latest_checkpoint(out) is not None
+    if not resume and out.exists():  # killed before its first checkpoint: nothing to resume, start over
+        print(f"[demo] {out} holds no checkpoint; training it from the start")
+        shutil.rmtree(out)
+    train(cfg, out, resume=resume)
     return out
 
 
