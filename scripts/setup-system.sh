@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install the system packages diffmas can use but does not strictly need.
+# Install the system packages diffmas can use but does not strictly need:
 #
-# Currently: bubblewrap (`bwrap`), which diffmas.eval.sandbox uses to isolate
+# bubblewrap (`bwrap`), which diffmas.eval.sandbox uses to isolate
 # model-written code (read-only root, private /tmp, no network, own PID
 # namespace). Without it the sandbox falls back to rlimits + an unprivileged
 # uid, so this script only warns when it cannot install anything: it must never
@@ -13,8 +13,9 @@ set -u
 warn() { printf 'setup-system: warning: %s\n' "$*" >&2; }
 info() { printf 'setup-system: %s\n' "$*"; }
 
-# Command name -> Debian package that provides it.
-declare -A WANTED=([bwrap]=bubblewrap)
+# Command name -> Debian package that provides it. chromium + chromium-driver: the headless browser that
+# tests/test_html_report.py drives (selenium) to check the self-contained HTML report; the test skips without them.
+declare -A WANTED=([bwrap]=bubblewrap [chromium]=chromium [chromedriver]=chromium-driver)
 
 missing=()
 for cmd in "${!WANTED[@]}"; do
@@ -31,13 +32,13 @@ fi
 
 if [ "$(id -u)" -ne 0 ]; then
     warn "not root; cannot install: ${missing[*]} (run: sudo apt-get install ${missing[*]})"
-    warn "the code sandbox will fall back to rlimits-only isolation"
+    warn "without bwrap the code sandbox falls back to rlimits-only isolation; without chromium the HTML report browser test is skipped"
     exit 0
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
     warn "apt-get not available; cannot install: ${missing[*]}"
-    warn "the code sandbox will fall back to rlimits-only isolation"
+    warn "without bwrap the code sandbox falls back to rlimits-only isolation; without chromium the HTML report browser test is skipped"
     exit 0
 fi
 
@@ -61,6 +62,6 @@ if apt-get install -y -qq --no-install-recommends "${missing[@]}"; then
     info "installed: ${missing[*]}"
 else
     warn "apt-get install ${missing[*]} failed"
-    warn "the code sandbox will fall back to rlimits-only isolation"
+    warn "without bwrap the code sandbox falls back to rlimits-only isolation; without chromium the HTML report browser test is skipped"
 fi
 exit 0
