@@ -1,4 +1,4 @@
-"""python benchmarks/run_all.py --out docs/benchmarks   (runs P1..P5, then writes docs/benchmarks.md)
+"""python benchmarks/run_all.py --out docs/benchmarks   (runs P1..P6, then writes docs/benchmarks.md)
 
 Each benchmark runs in its own process, one after the other (never two at once: they would time each other), with
 the same thread count. Their JSONs land in ``--out``; this script then renders docs/benchmarks.md from them.
@@ -19,9 +19,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCHES = {"P1": "bench_rollout.py", "P2": "bench_tokens.py", "P3": "bench_train_step.py",
-           "P4": "bench_memory.py", "P5": "bench_scaling.py"}
+           "P4": "bench_memory.py", "P5": "bench_scaling.py", "P6": "bench_throughput.py"}
 DOC_DIR = ROOT / "docs"  # set by render(): links in the page are relative to it
-JSONS = {"P1": "rollout", "P2": "tokens", "P3": "train_step", "P4": "memory", "P5": "scaling"}
+JSONS = {"P1": "rollout", "P2": "tokens", "P3": "train_step", "P4": "memory", "P5": "scaling", "P6": "throughput"}
 
 
 def f(x: float, digits: int = 2) -> str:
@@ -200,7 +200,28 @@ for a final KV of {f(vs['final_kv_mib'], 0)} MiB.
 """
 
 
-SECTIONS = {"P1": section_p1, "P2": section_p2, "P3": section_p3, "P4": section_p4, "P5": section_p5}
+def section_p6(d: dict[str, Any], out: Path) -> str:
+    rows = [[r["batch"], f(r["problems_per_s"], 3), f(r["speedup_vs_batch_1"]), f(min(r["seconds"]), 1)]
+            for r in d["results"]]
+    lengths = sorted(d["generated_tokens"])
+    same = "identical" if d["answers_identical"] else f"DIFFERENT at problems {d['mismatched_problems']}"
+    return f"""## P6 — throughput of latent_mas on GSM8K, batch 1 vs 8
+
+`{command('P6', out)}` — {machine_line(d['machine'])}
+
+`System.run` of latent_mas (sequential topology, m={d['latent_steps']} latent steps per writer, greedy with EOS, up to
+{d['max_new_tokens']} new tokens) on the first {d['problems']} GSM8K questions; answers of {lengths[0]} to {lengths[-1]}
+tokens (median {lengths[len(lengths) // 2]}): decoding drops the rows that hit EOS, so a batch costs what its live
+rows cost. {d['reps']} repetition(s), batch sizes in alternating order; absolute numbers move with the machine's load.
+
+{md_table(["batch", "problems/s", "speedup vs batch 1", "fastest s"], rows)}
+
+Answers at every batch size: {same} (max |NLL difference| {d['max_nll_diff']:.1e}, float32).
+"""
+
+
+SECTIONS = {"P1": section_p1, "P2": section_p2, "P3": section_p3, "P4": section_p4, "P5": section_p5,
+            "P6": section_p6}
 
 
 def render(out: Path, doc: Path, notes: Path) -> None:

@@ -1,7 +1,8 @@
 """Token-by-token decoding on top of a prefilled trace: greedy or temperature/top-p, EOS and stop strings.
 
-Rows that finish keep being stepped with padding (masked out of the trace), so a batch decodes in lockstep
-without any row's real tokens seeing another row's padding.
+Rows that finish leave the batch (the trace is narrowed to the live rows), so a batch costs what its live rows
+cost; batch invariance makes this invisible in the answers. With ``keep_in_trace`` the finished rows' traces are
+put back together at the end, right-padded with masked positions, as if they had been stepped with padding.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def decode(
     """Decode from ``last_hidden`` [B, D] (the hidden state at the trace's last real position).
 
     With ``keep_in_trace`` the last chosen token is also run through the model, so the returned trace holds
-    the whole reply (text writers hand it to the next agent); otherwise that final forward is skipped.
+    the whole reply (text writers hand it to the next agent); otherwise that final forward is skipped and the
+    returned trace is ``trace`` itself (the reply is not in it).
     """
     batch = trace.batch_size
     device = last_hidden.device
@@ -82,32 +84,48 @@ def decode(
     generator = None
     if cfg.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     nll = torch.zeros(batch, dtype=torch.float64, device=device)
+    rows = list(range(batch))  # original index of each row still in the builder, in builder order
+    rows_t = torch.arange(batch, device=device)
+    finished_parts: list[tuple[Tensor, Trace]] = []  # with keep_in_trace: (original rows, their final trace)
     logits = backbone.logits(last_hidden)
     builder = TraceBuilder(trace)
     for step in range(cfg.max_new_tokens):
-        chosen = _choose(logits, cfg, generator)
-        live = ~finished
-        chosen = torch.where(live, chosen, torch.full_like(chosen, backbone.pad_id))
+        if generator is not None and len(rows) < batch:
+            # Sample over the full batch (finished rows get dummy logits) so every row draws from the random
+            # stream exactly as in a batch whose rows all stay: sampled answers do not depend on who finished.
+            full = logits.new_zeros(batch, logits.shape[-1]).index_copy(0, rows_t, logits)
+            chosen = _choose(full, cfg, generator)[rows_t]
+        else:
+            chosen = _choose(logits, cfg, generator)
         token_nll = torch.logsumexp(logits, -1) - logits.gather(-1, chosen[:, None]).squeeze(-1)
-        nll += torch.where(live, token_nll, torch.zeros_like(token_nll)).double()
-        for row in live.nonzero().flatten().tolist():
-            tokens[row].append(int(chosen[row]))
-        done_now = live & torch.isin(chosen, eos)
-        if cfg.stop:
-            for row in (live & ~done_now).nonzero().flatten().tolist():
-                if _cut_at_stop(backbone.tokenizer.decode(tokens[row]), cfg.stop)[1]:
-                    done_now[row] = True
-        finished = finished | done_now
-        last_step = step == cfg.max_new_tokens - 1 or bool(finished.all())
-        if last_step and not keep_in_trace:
-            break
-        # A token is real in the trace iff its row was still live when it was chosen (EOS included).
-        hidden = builder.extend(backbone.body, live.long()[:, None], input_ids=chosen[:, None])
+        nll.index_add_(0, rows_t, token_nll.double())
+        done = torch.isin(chosen, eos).tolist()  # one device sync per step, for the tokens too
+        for i, (row, token) in enumerate(zip(rows, chosen.tolist())):
+            tokens[row].append(token)
+            if cfg.stop and not done[i] and _cut_at_stop(backbone.tokenizer.decode(tokens[row]), cfg.stop)[1]:
+                done[i] = True
+        last_step = step == cfg.max_new_tokens - 1 or all(done)
+        if keep_in_trace:  # every chosen token is real in the trace, EOS included
+            hidden = builder.extend(backbone.body, torch.ones_like(chosen)[:, None], input_ids=chosen[:, None])
         if last_step:
             break
+        if any(done):  # finished rows leave the batch
+            keep = torch.tensor([i for i, d in enumerate(done) if not d], device=device)
+            if keep_in_trace:
+                gone = torch.tensor([i for i, d in enumerate(done) if d], device=device)
+                finished_parts.append((rows_t[gone], builder.freeze().select(gone)))
+                hidden = hidden[keep]
+            builder.select(keep)
+            rows = [rows[i] for i in keep.tolist()]
+            rows_t, chosen = rows_t[keep], chosen[keep]
+        if not keep_in_trace:
+            hidden = builder.extend(backbone.body, torch.ones_like(chosen)[:, None], input_ids=chosen[:, None])
         logits = backbone.logits(hidden[:, -1])
     texts = [_cut_at_stop(backbone.tokenizer.decode(t, skip_special_tokens=True), cfg.stop)[0] for t in tokens]
-    return Decoded(tokens, texts, nll.tolist(), builder.freeze())
+    out = trace
+    if keep_in_trace:
+        out = Trace.assemble([(rows_t, builder.freeze()), *finished_parts], batch) if finished_parts \
+            else builder.freeze()
+    return Decoded(tokens, texts, nll.tolist(), out)
