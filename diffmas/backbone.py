@@ -87,9 +87,21 @@ class Backbone:
         return self.lm.get_input_embeddings()(ids)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """LM head on the given hidden states only (callers pass just the positions they need)."""
+        """LM head on the given hidden states only (callers pass just the positions they need), followed by what
+        the model's own forward applies after its head: Granite's ``logits_scaling`` (a division), Cohere's
+        ``logit_scale`` (a multiplication), Gemma 2/3's ``final_logit_softcapping`` (cap * tanh(logits / cap))."""
         logits = self.lm.get_output_embeddings()(hidden)
-        return logits.float() if logits.element_size() < 4 else logits
+        logits = logits.float() if logits.element_size() < 4 else logits
+        config = self.lm.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(config, "logits_scaling", None):
+            logits = logits / config.logits_scaling
+        if isinstance(getattr(config, "logit_scale", None), (int, float)):
+            logits = logits * config.logit_scale
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
 
 def load_backbone(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32") -> Backbone:

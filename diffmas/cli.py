@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -81,7 +82,13 @@ def run(
     top_p: float = typer.Option(1.0),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(8),
-    no_realign: bool = typer.Option(False, help="Feed hidden states back without the realignment matrix."),
+    realign: bool = typer.Option(True, "--realign/--no-realign", help="Realignment matrix before the norm rescaling "
+                                 "(--no-realign: rescaling only). Trained adapters use their saved setting."),
+    think: bool = typer.Option(False, "--think/--no-think", help="Render prompts with enable_thinking on, for chat "
+                               "templates that have the switch (Qwen3). Off by default: untrained systems would "
+                               "otherwise think past their token budget."),
+    trace: str = typer.Option("keep", help="keep | drop: drop = a writer with 0 latent steps adds nothing to the "
+                                           "trace (LatentMAS); keep = its prompt stays in the trace."),
     show_latents: bool = typer.Option(False, help="Logit lens: top-3 tokens of every latent step."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("float32"),
@@ -93,6 +100,8 @@ def run(
     from diffmas.systems import build_system, get_kind
 
     get_kind(system)  # fail on a typo before loading a model
+    if trace not in ("keep", "drop"):
+        raise DiffMASError(f"--trace must be keep or drop, got '{trace}'")
     questions = read_questions(question, question_file)
     try:
         decode_cfg = DecodeConfig(max_new_tokens, temperature, top_p, seed)
@@ -100,8 +109,8 @@ def run(
         raise DiffMASError(str(exc)) from exc
     backbone = load_backbone(model, device, dtype)
     sys_ = build_system(system, backbone, topology=topology, latent_steps=latent_steps, adapter=adapter,
-                        realign=not no_realign, writer_max_new_tokens=writer_max_new_tokens,
-                        lens_top_k=3 if show_latents else 0)
+                        realign=realign, writer_max_new_tokens=writer_max_new_tokens,
+                        lens_top_k=3 if show_latents else 0, think=think, trace=trace)
     records = sys_.run(questions, decode_cfg, batch_size)
     for q, rec in zip(questions, records):
         rec["question"] = q
@@ -151,6 +160,8 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None),
     activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing"),
     mixed_precision: Optional[str] = typer.Option(None, help="no | bf16"),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think",
+                                         help="Prompts with enable_thinking on (Qwen3-like templates; default off)."),
     device: Optional[str] = typer.Option(None),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
 ) -> None:
@@ -167,7 +178,7 @@ def train(
         "model.device": device, "method": method, "latent_map": latent_map,
         "curriculum.stages": curriculum_stages, "curriculum.thoughts_per_step": thoughts_per_step,
         "curriculum.stage_steps": stage_steps, "curriculum.mixin": mixin, "distill.weight": distill_weight,
-        "link.pretrain_steps": link_pretrain_steps,
+        "link.pretrain_steps": link_pretrain_steps, "think": think,
     }
     summary = run_training(load_config(config, overrides), out, resume=resume)
     if summary["is_main_process"]:
@@ -200,17 +211,31 @@ def eval_(
     latent_steps: Optional[int] = typer.Option(None, help="Latent steps per writer (default 10, or the adapter's)."),
     topology: Optional[str] = typer.Option(None, help="sequential | hierarchical | a YAML file."),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 also reports pass@k over the seeds."),
+    realign: bool = typer.Option(True, "--realign/--no-realign", help="Realignment matrix before the norm rescaling "
+                                 "(--no-realign: rescaling only). Trained adapters use their saved setting."),
+    think: bool = typer.Option(False, "--think/--no-think", help="Render prompts with enable_thinking on, for chat "
+                               "templates that have the switch (Qwen3). Off by default: untrained systems would "
+                               "otherwise think past their token budget."),
+    trace: str = typer.Option("keep", help="keep | drop: drop = a writer with 0 latent steps adds nothing to the "
+                                           "trace (LatentMAS); keep = its prompt stays in the trace."),
+    text_context_limit: Optional[int] = typer.Option(None, help="text_mas: the most real tokens the shared trace "
+                                                     "may hold after a writer's turn; replies are cut to fit."),
+    budget_from: Optional[str] = typer.Option(None, help="Full thinking budget baseline: single@budget (or every "
+                                              "single-agent system) answers with the summed budget of this "
+                                              "multi-agent system: a label here, or DIR / DIR:LABEL of an earlier "
+                                              "eval."),
     source: Optional[str] = typer.Option(None, help="Local file or hub id for the (single) task's data."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("float32"),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     shuffle_trace: bool = typer.Option(False, "--shuffle-trace", help="Control: each question reads the writers' "
                                                                       "trace of another question of the set."),
-    report: bool = typer.Option(False, "--report", help="Only re-render table and plots from saved result dirs."),
+    report: bool = typer.Option(False, "--report", help="Only re-render table, plots and each dir's report.html."),
     dirs: Optional[list[Path]] = typer.Argument(None, metavar="DIR", help="With --report: result dirs to merge.",
                                               show_default=False),
 ) -> None:
     """Evaluate systems on tasks (per-sample log, resumable), or re-render a saved report with --report."""
+    from diffmas.eval.html_report import write_html_report
     from diffmas.eval.report import plot, render_table
     from diffmas.eval.report import report as render_report
 
@@ -219,6 +244,7 @@ def eval_(
             raise DiffMASError("--report takes result dirs only: diffmas eval --report DIR [DIR ...]")
         _, table, plots = render_report(dirs, out)
         where = ", ".join(str(d / "results.json") for d in dirs)
+        pages = [write_html_report(d) for d in dirs]  # one self-contained page per run
     else:
         from diffmas.eval.runner import run_eval
 
@@ -234,12 +260,16 @@ def eval_(
             seeds=tuple(range(seeds)), batch_size=batch_size, max_new_tokens=max_new_tokens,
             writer_max_new_tokens=writer_max_new_tokens, topology=topology, latent_steps=latent_steps, device=device,
             dtype=dtype, source=source, temperature=temperature, show_progress=not no_progress,
-            shuffle_trace=shuffle_trace)
+            shuffle_trace=shuffle_trace, realign=realign, think=think, trace=trace,
+            text_context_limit=text_context_limit, budget_from=budget_from)
+        if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: the main process reports (same results)
+            return
         table, plots = render_table(results), plot(results, out)
         where = f"{out / 'results.json'} (per-sample log {out / 'samples.jsonl'})"
+        pages = [write_html_report(out, results)]
     # Piped output gets a wide console: the default 80 columns would wrap every number.
     (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
-    console.print(f"results: {where}; plots: {', '.join(map(str, plots))}")
+    console.print(f"results: {where}; plots: {', '.join(map(str, plots))}; HTML: {', '.join(map(str, pages))}")
 
 
 @app.command()
@@ -261,7 +291,8 @@ def demo(
     cfg = DemoConfig(task=task, topology=topology, latent_steps=latent_steps, steps=steps, n_eval=n_eval,
                      model=model, device=device)
     summary = (run_ablation if ablation else run_demo)(out, cfg)
-    Console().print(summary.read_text())
+    # Plain print, not rich: rich wraps at 80 columns when piped, which breaks the markdown table's rows.
+    print(summary.read_text(), end="", flush=True)
     console.print(f"summary: {summary}; plots and per-sample results under {out}")
 
 
@@ -313,6 +344,9 @@ def study(
 
 
 def main() -> None:  # pragma: no cover - console entry point
+    from diffmas.memory import configure_allocator
+
+    configure_allocator()  # freed activations go back to the OS (DIFFMAS_MMAP_THRESHOLD=0: glibc's defaults)
     app()
 
 

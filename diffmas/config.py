@@ -95,6 +95,9 @@ class TrainConfig:
     learned map, saved beside the adapters) or ``pause`` (one learned embedding: the pause control)."""
     realign: bool = True
     """Ridge realignment before the norm rescaling (False: rescaling only, as LatentMAS by default)."""
+    think: bool = False
+    """Render prompts with ``enable_thinking`` on (chat templates that have the switch, e.g. Qwen3); saved with
+    the adapters, so evaluation renders prompts the same way."""
     topology: str = "sequential"
     latent_steps: int = 10
     grad_mode: str = "coupled"

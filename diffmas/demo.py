@@ -22,6 +22,7 @@ import torch
 
 from diffmas.config import DataConfig, ModelConfig, TrainConfig, load_config, to_dict
 from diffmas.adapters import META_FILE, LoraSettings
+from diffmas.errors import DiffMASError
 from diffmas.train.checkpoint import latest_checkpoint
 
 
@@ -80,14 +81,18 @@ def _finished_with(run: Path, cfg: TrainConfig) -> bool:
 
 
 def train_once(cfg: TrainConfig, out: Path, reuse: tuple[Path, ...] = ()) -> Path:
-    """Train into ``out`` unless it already holds finished adapters; resume a run that was interrupted.
+    """Train into ``out`` unless it already holds finished adapters of exactly ``cfg`` (other finished adapters
+    are an error, never silently reused); resume a run that was interrupted.
 
     A finished run in ``reuse`` with exactly the same config is used instead of training again.
     """
     from diffmas.train.loop import train
 
     if (out / META_FILE).is_file():
-        print(f"[demo] {out} already trained; reusing it (delete the folder to retrain)")
+        if not _finished_with(out, cfg):
+            raise DiffMASError(f"{out} holds adapters trained with a different config than this demo asks for; "
+                               "delete that folder or choose another --out")
+        print(f"[demo] {out} already trained with this config; reusing it (delete the folder to retrain)")
         return out
     for candidate in reuse:
         if _finished_with(candidate, cfg):

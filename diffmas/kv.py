@@ -20,6 +20,12 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from diffmas.errors import DiffMASError
+
+
+class TraceTooLong(DiffMASError):
+    """A segment would put real tokens past the model's ``max_position_embeddings``."""
+
 
 def _as_cache(keys: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> DynamicCache:
     # Plain full-attention layers for every model: the trace must keep every position it was given.
@@ -44,6 +50,58 @@ def segment_positions(start: Tensor, seg_mask: Tensor) -> Tensor:
     Padding positions get the position of the next real token; they are masked out as keys, so any value works.
     """
     return start[:, None] + (seg_mask.cumsum(1) - 1).clamp(min=0)
+
+
+_MASKABLE_ATTENTION = ("eager", "sdpa")
+"""Attention implementations that take a prepared 4D mask (flash kernels take only a 2D padding mask)."""
+
+
+def attention_masks(config, mask: Tensor, start: Tensor, q_len: int, dtype: torch.dtype) -> Tensor | dict | None:
+    """4D attention masks that count real positions, not cache columns, or None where the 2D mask is exact.
+
+    transformers' sliding-window mask keeps the last ``sliding_window`` *columns*; on a trace whose segments are
+    left-padded, padding columns in the middle would eat into the window (a row would see less context at batch
+    N than at batch 1, and less than on one unpadded sequence). Here a query at position p sees a key at
+    position k iff the key is real, comes no later (column order) and, on sliding layers,
+    ``p - k < sliding_window``: exactly what the model computes on one unpadded sequence. A padding query also
+    sees its own column, so no row is fully masked: eager attention turns a fully masked row into NaN, and NaN
+    keys at padding columns would then poison every real query of the next layer (0 x NaN), so eager always
+    gets these masks.
+
+    Returns one tensor when every layer takes the same mask (no sliding layers, every layer slides as in
+    Mistral, or a trace no longer than the window), a dict per layer type when full and sliding layers differ
+    (Gemma 2/3 and other models with ``config.layer_types`` take such a dict), and None where transformers'
+    own mask from the 2D one is exact (sdpa without a binding window) or where a 4D mask cannot be used
+    (attention implementations other than eager and sdpa, layer types other than full and sliding).
+    """
+    implementation = getattr(config, "_attn_implementation", None)
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if implementation not in _MASKABLE_ATTENTION or not layer_types <= {"full_attention", "sliding_attention"}:
+        return None
+    window = getattr(config, "sliding_window", None)
+    total = mask.shape[1]
+    slides = bool(window) and total > window and (not layer_types or "sliding_attention" in layer_types)
+    if implementation == "sdpa" and not slides:
+        return None
+    cols = torch.arange(total, device=mask.device)
+    q_cols = cols[total - q_len:]
+    diag = (cols[None, :] == q_cols[:, None])[None]  # [1, S, T]
+    full = ((cols[None, :] <= q_cols[:, None])[None] & mask.bool()[:, None, :]) | diag  # [B, S, T]
+
+    def as_mask(visible: Tensor) -> Tensor:
+        visible = visible[:, None]  # [B, 1, S, T]
+        if implementation == "sdpa":
+            return visible
+        return torch.zeros(visible.shape, dtype=dtype, device=mask.device).masked_fill(~visible,
+                                                                                        torch.finfo(dtype).min)
+
+    if not slides:
+        return as_mask(full)
+    pos = start[:, None] + mask.cumsum(1) - 1  # position of every real column
+    sliding = (full & (pos[:, -q_len:, None] - pos[:, None, :] < window)) | diag
+    if "full_attention" not in layer_types:
+        return as_mask(sliding)
+    return {"full_attention": as_mask(full), "sliding_attention": as_mask(sliding)}
 
 
 @dataclass(frozen=True)
@@ -126,6 +184,35 @@ class Trace:
         n = (len(tensors) - 2) // 2
         return cls(tuple(tensors[:n]), tuple(tensors[n : 2 * n]), tensors[-2], tensors[-1])
 
+    def select(self, rows: Tensor) -> "Trace":
+        """The trace of some rows of the batch only (``rows``: indices, in the order wanted)."""
+        return Trace(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values), self.mask[rows],
+                     self.start[rows])
+
+    @classmethod
+    def assemble(cls, parts: list[tuple[Tensor, "Trace"]], batch_size: int) -> "Trace":
+        """Inverse of :meth:`select` for traces that grew apart: ``parts`` are ``(rows, trace)`` pairs covering
+        every row once, each trace a continuation of the same prefix (rows that stopped early have fewer columns).
+
+        Shorter parts are right-padded with masked zero K/V, which is the layout a lockstep loop produces (a row
+        that stopped keeps receiving padding), so what a later segment computes on it does not change.
+        """
+        width = max(t.length for _, t in parts)
+        rows = torch.cat([r for r, _ in parts])
+
+        def gather(tensors: list[Tensor], dim: int | None) -> Tensor:
+            if dim is not None:  # right-pad the time dimension with zeros (masked positions)
+                tensors = [x if x.shape[dim] == width else torch.cat(
+                    [x, x.new_zeros((*x.shape[:dim], width - x.shape[dim], *x.shape[dim + 1:]))], dim)
+                    for x in tensors]
+            stacked = torch.cat(tensors)
+            return stacked.new_empty(stacked.shape).index_copy(0, rows, stacked)  # back to the original row order
+
+        n = max(len(t.keys) for _, t in parts)
+        keys = tuple(gather([t.keys[i] for _, t in parts], 2) for i in range(n))
+        values = tuple(gather([t.values[i] for _, t in parts], 2) for i in range(n))
+        return cls(keys, values, gather([t.mask for _, t in parts], 1), gather([t.start for _, t in parts], None))
+
 
 class TraceBuilder:
     """A trace extended in place by a token-by-token loop (latent steps, decoding).
@@ -140,6 +227,25 @@ class TraceBuilder:
         self._cache = _as_cache(trace.keys, trace.values)
         self._mask = trace.mask
         self._start = trace.start
+        self._bound: int | None = None  # an upper bound on every row's next position (checked lazily, no sync)
+
+    def _check_length(self, body: torch.nn.Module, seg_mask: Tensor) -> None:
+        limit = getattr(getattr(body, "config", None), "max_position_embeddings", None)
+        if not isinstance(limit, int):
+            return
+        if self._bound is None:
+            self._bound = int((self._start + self._mask.sum(1)).max())
+        if self._bound + seg_mask.shape[1] > limit:  # only then compute the exact per-row need (a device sync)
+            before = self._start + self._mask.sum(1)
+            need = before + seg_mask.sum(1)
+            row = int(need.argmax())
+            if int(need[row]) > limit:
+                raise TraceTooLong(f"a segment of {int(seg_mask[row].sum())} positions after the trace's "
+                                   f"{int(before[row])} would need {int(need[row])} positions, more than the model's "
+                                   f"max_position_embeddings ({limit})")
+            self._bound = int(need.max())
+            return
+        self._bound += seg_mask.shape[1]
 
     def extend(
         self,
@@ -151,12 +257,15 @@ class TraceBuilder:
         all_layers: bool = False,
     ) -> Tensor:
         """Append one segment; returns its last-layer hidden states ``[B, S, D]`` (every layer's with
-        ``all_layers``)."""
+        ``all_layers``). Raises :class:`TraceTooLong` when a row would pass ``max_position_embeddings``."""
+        self._check_length(body, seg_mask)
         mask = torch.cat([self._mask, seg_mask.to(self._mask.dtype)], dim=1)
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else body.get_input_embeddings().weight.dtype
+        windowed = attention_masks(body.config, mask, self._start, seg_mask.shape[1], dtype)
         out = body(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
-            attention_mask=mask,
+            attention_mask=mask if windowed is None else windowed,
             position_ids=segment_positions(self._start + self._mask.sum(1), seg_mask),
             cache=self._cache,
             use_cache=True,
@@ -169,6 +278,12 @@ class TraceBuilder:
         """The trace as it stands now."""
         keys, values = _cache_tensors(self._cache)
         return Trace(keys, values, self._mask, self._start)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only ``rows`` of the batch from now on (decoding drops the rows that finished)."""
+        trace = self.freeze().select(rows)
+        self._cache = _as_cache(trace.keys, trace.values)
+        self._mask, self._start = trace.mask, trace.start
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str,

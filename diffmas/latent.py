@@ -11,6 +11,7 @@ computed once per model and cached in memory and on disk.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -47,11 +48,29 @@ class Realigner:
     target_norm: float
 
     def __call__(self, hidden: Tensor) -> Tensor:
-        x = hidden.float() if hidden.element_size() < 4 else hidden  # half precision: realign in fp32
-        if self.matrix is not None:
-            x = x @ self.matrix.to(x.dtype)
-        x = x * (self.target_norm / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        # At least float32, and outside any autocast: training (bf16 autocast) and evaluation map alike.
+        with torch.autocast(hidden.device.type, enabled=False):
+            x = hidden.float() if hidden.element_size() < 4 else hidden
+            if self.matrix is not None:
+                x = x @ self.matrix.to(x.dtype)
+            x = x * (self.target_norm / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
         return x.to(hidden.dtype)
+
+
+def embedding_norm(backbone: Backbone, chunk: int = 8192) -> float:
+    """Mean norm of what the input-embedding module outputs over the vocabulary: the size a latent input must have.
+
+    Not the raw matrix's row norm: Gemma's embedding module multiplies by sqrt(hidden_size), and its decoder does
+    not scale ``inputs_embeds`` again, so latent inputs are rescaled to the scaled norm. (Granite multiplies inside
+    the decoder, ``inputs_embeds`` included, so its module output, the raw rows, is the right target.)
+    """
+    module = backbone.lm.get_input_embeddings()
+    total, n = 0.0, module.weight.shape[0]
+    with torch.no_grad():
+        for lo in range(0, n, chunk):
+            ids = torch.arange(lo, min(lo + chunk, n), device=module.weight.device)
+            total += float(module(ids).float().norm(dim=-1).sum())
+    return total / n
 
 
 def get_realigner(backbone: Backbone, enabled: bool = True, ridge: float = 1e-5) -> Realigner:
@@ -60,16 +79,18 @@ def get_realigner(backbone: Backbone, enabled: bool = True, ridge: float = 1e-5)
     if key in backbone.cache:
         return backbone.cache[key]
     w_in = backbone.lm.get_input_embeddings().weight
-    target_norm = float(w_in.detach().float().norm(dim=-1).mean())
+    target_norm = embedding_norm(backbone)
     matrix = None
     if enabled:
         path = diffmas_home() / "realign" / f"{_fingerprint(backbone, ridge)}.pt"
         if path.is_file():
             matrix = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            matrix = solve_realignment(backbone.lm.get_output_embeddings().weight, w_in, ridge).float().cpu()
+            # On the CPU: a float64 [V, D] copy on an accelerator costs more memory than the model's embeddings.
+            matrix = solve_realignment(backbone.lm.get_output_embeddings().weight.detach().cpu(), w_in.detach().cpu(),
+                                       ridge).float()
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{id(matrix)}")
+            tmp = path.with_suffix(f".tmp{os.getpid()}-{id(matrix)}")  # processes of one launch write at once
             torch.save(matrix, tmp)
             tmp.replace(path)  # atomic: a concurrent reader never sees half a file
         matrix = matrix.to(backbone.device)
@@ -131,9 +152,10 @@ class LearnedLink(torch.nn.Module):
         torch.nn.init.zeros_(self.down.bias)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        x = hidden.float() @ self.matrix
-        x = x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
-        x = x * (self.target_norm / x.float().norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 in training and evaluation alike
+            x = hidden.float() @ self.matrix
+            x = x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+            x = x * (self.target_norm / x.float().norm(dim=-1, keepdim=True).clamp(min=1e-6))
         return x.to(hidden.dtype)
 
 
@@ -168,16 +190,18 @@ def build_latent_map(backbone: Backbone, kind: str, realign: bool = True):
     return module.to(backbone.device)
 
 
-def save_latent_map(latent_map, folder) -> str:
-    """Save a trainable map beside the adapters; returns its kind (``ridge`` maps have nothing to save)."""
+def save_latent_map(latent_map, folder, state_dict: dict | None = None) -> str:
+    """Save a trainable map beside the adapters; returns its kind (``ridge`` maps have nothing to save).
+
+    ``state_dict``: the map's tensors to write instead of its own (full tensors gathered from FSDP2 shards)."""
     from pathlib import Path
 
     from safetensors.torch import save_file
 
     if isinstance(latent_map, Realigner):
         return "ridge"
-    save_file({k: v.detach().cpu().contiguous() for k, v in latent_map.state_dict().items()},
-              str(Path(folder) / MAP_FILE))
+    tensors = latent_map.state_dict() if state_dict is None else state_dict
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(Path(folder) / MAP_FILE))
     return "link" if isinstance(latent_map, LearnedLink) else "pause"
 
 

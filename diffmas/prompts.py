@@ -25,6 +25,17 @@ class Agent:
     instruction: str
     reads_trace: bool = True
     """False: the agent sees only its own segment (parallel workers); its segment is still added to the trace."""
+    latent_steps: int | None = None
+    """This agent's latent steps (latent systems), instead of the system's default m; for the final agent, latent
+    steps it takes after its prompt, before it answers. None: the default."""
+    max_new_tokens: int | None = None
+    """This agent's token budget, instead of the default: a text writer's reply, or the final agent's answer."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("latent_steps", 0), ("max_new_tokens", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise DiffMASError(f"agent '{self.role}': {name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,10 @@ class Topology:
         return self.agents[-1]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "agents": [asdict(a) for a in self.agents]}
+        # Budgets left to the defaults are omitted, so topologies without them read as before.
+        return {"name": self.name, "agents": [{k: v for k, v in asdict(a).items()
+                                               if v is not None or k not in ("latent_steps", "max_new_tokens")}
+                                              for a in self.agents]}
 
 
 ANSWER_KEY = "Answer:"
@@ -117,7 +131,9 @@ def topology_from_dict(data: dict, default_name: str = "custom") -> Topology:
 
 
 def load_topology(spec: str | dict) -> Topology:
-    """A built-in topology by name, a dict, or a YAML file ``{name, agents: [{role, system, instruction, reads_trace}]}``."""
+    """A built-in topology by name, a dict, or a YAML file ``{name, agents: [{role, system, instruction,
+    reads_trace, latent_steps, max_new_tokens}]}`` (the last three optional; the budgets override the system's
+    defaults for that agent)."""
     if isinstance(spec, dict):
         return topology_from_dict(spec)
     if spec in TOPOLOGIES:
@@ -134,12 +150,18 @@ def load_topology(spec: str | dict) -> Topology:
     return topology_from_dict(data, path.stem)
 
 
-def render_agent(tokenizer: PreTrainedTokenizerBase, agent: Agent, question: str) -> list[int]:
-    """Token ids of an agent's segment up to (and including) its assistant header."""
+def render_agent(tokenizer: PreTrainedTokenizerBase, agent: Agent, question: str, think: bool = False) -> list[int]:
+    """Token ids of an agent's segment up to (and including) its assistant header.
+
+    ``think`` is passed as ``enable_thinking`` to chat templates that use that variable (Qwen3 and the like;
+    others ignore it). The default is off: a template left to itself opens a thinking block, and untrained
+    systems then think past their token budget.
+    """
     user = f"{agent.instruction}\n\n{question}"
     if tokenizer.chat_template:
         messages = [{"role": "system", "content": agent.system}, {"role": "user", "content": user}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        options = {"enable_thinking": think} if "enable_thinking" in str(tokenizer.chat_template) else {}
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **options)
     else:  # base models: a plain layout with a clear place to answer
         text = f"{agent.system}\n\n{user}\n\nResponse:"
     return tokenizer(text, add_special_tokens=False).input_ids

@@ -14,8 +14,9 @@ tensors; transformers' own gradient checkpointing would silently disable the cac
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -27,12 +28,13 @@ from diffmas.adapters import activate
 from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig, decode
 from diffmas.errors import DiffMASError
-from diffmas.kv import Trace, left_pad
+from diffmas.kv import Trace, TraceTooLong, left_pad
 from diffmas.latent import get_realigner, latent_steps
 from diffmas.prompts import ANSWER_KEY, Agent, Topology, render_agent, render_target
 
 WRITER_MODES = ("latent", "text")
 GRAD_MODES = ("coupled", "detached")
+TRACE_MODES = ("keep", "drop")
 
 
 @dataclass(frozen=True)
@@ -54,12 +56,26 @@ class RolloutSpec:
     """Latent steps the final agent takes after its prompt, before it answers (``single_latent``)."""
     latent_map: Any = None
     """A trained hidden -> embedding map (learned link, pause embedding); None: the fixed ridge realigner."""
+    think: bool = False
+    """Render prompts with ``enable_thinking`` on (chat templates that have the switch, e.g. Qwen3)."""
+    trace: str = "keep"
+    """``keep``: a latent writer that takes 0 latent steps still adds its prompt to the trace (this project);
+    ``drop``: it adds nothing, so with latent_steps = 0 the final agent sees no upstream writer (LatentMAS)."""
+    text_context_limit: int | None = None
+    """Text writers only: the most real tokens the shared trace may hold after a writer's turn (the upstream
+    trace, the writer's prompt and its reply). A writer's reply is cut, per question, to what is left under the
+    limit (down to no reply at all when the trace and its prompt already reach it); prompts are never cut and the
+    final agent's prompt and answer are not counted. None: no limit."""
 
     def __post_init__(self) -> None:
+        if self.trace not in TRACE_MODES:
+            raise DiffMASError(f"trace must be one of {TRACE_MODES}, got '{self.trace}'")
         if self.writer_mode not in WRITER_MODES:
             raise DiffMASError(f"writer_mode must be one of {WRITER_MODES}, got '{self.writer_mode}'")
         if self.latent_steps < 0 or self.final_latent_steps < 0:
             raise DiffMASError("latent_steps must be >= 0")
+        if self.text_context_limit is not None and self.text_context_limit < 1:
+            raise DiffMASError("text_context_limit must be >= 1")
 
 
 @dataclass
@@ -74,6 +90,8 @@ class AgentRecord:
     """Wall time of this agent's batch call divided by the batch size."""
     texts: list[str] | None = None
     lens: list[list[list[str]]] | None = None
+    max_new_tokens: int | None = None
+    """The token budget this agent decoded under (text writers, and the final agent at inference)."""
 
 
 @dataclass
@@ -196,10 +214,43 @@ def answer_predictor_index(tokenizer, forced_text: str) -> int:
     return len(prefix) - 1
 
 
-def _render(backbone: Backbone, agent: Agent, prompts: list[str]) -> tuple[list[list[int]], Tensor, Tensor]:
-    seqs = [render_agent(backbone.tokenizer, agent, p) for p in prompts]
+def _render(backbone: Backbone, agent: Agent, prompts: list[str], think: bool = False
+            ) -> tuple[list[list[int]], Tensor, Tensor]:
+    seqs = [render_agent(backbone.tokenizer, agent, p, think) for p in prompts]
     ids, mask = left_pad(seqs, backbone.pad_id, backbone.device)
     return seqs, ids, mask
+
+
+def _as_agent(role: str, fn, *args, **kwargs):
+    """Call ``fn``; a trace-length error names the agent whose segment would not fit."""
+    try:
+        return fn(*args, **kwargs)
+    except TraceTooLong as exc:
+        raise TraceTooLong(f"agent '{role}': {exc}") from None
+
+
+def writer_decode_config(cfg: DecodeConfig, max_new_tokens: int, number: int) -> DecodeConfig:
+    """How text writer ``number`` decodes: the evaluation's temperature and top-p, its own token budget, no stop
+    strings (they end answers), and a seed stream of its own (derived from ``cfg.seed``, distinct per writer and
+    from the final agent's)."""
+    digest = hashlib.sha256(f"{cfg.seed}/writer/{number}".encode()).digest()
+    return replace(cfg, max_new_tokens=max_new_tokens, stop=(), seed=int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _cap_replies(tokenizer, reply, reply_from: int, caps: list[int]) -> tuple[Trace, list[str], list[int]]:
+    """Cut row r of a text reply decoded into the trace after column ``reply_from`` to its first ``caps[r]``
+    tokens: the rest is masked out of the trace (token j of a row sits in column ``reply_from + j``), which is
+    what decoding that row with a budget of ``caps[r]`` would have left, since no kept token attends to a later
+    one."""
+    trace = reply.trace
+    mask = trace.mask.clone()
+    texts = list(reply.texts)
+    for row, (tokens, cap) in enumerate(zip(reply.tokens, caps)):
+        if len(tokens) > cap:
+            mask[row, reply_from + cap: reply_from + len(tokens)] = 0
+            texts[row] = tokenizer.decode(tokens[:cap], skip_special_tokens=True)
+    generated = [min(len(t), c) for t, c in zip(reply.tokens, caps)]
+    return Trace(trace.keys, trace.values, mask, trace.start), texts, generated
 
 
 def forced_texts(spec: RolloutSpec, targets: list[str], thinker_texts: list[str] | None
@@ -269,10 +320,13 @@ def rollout(
     writers = spec.topology.writers
     final = spec.topology.final
     final_steps = spec.final_latent_steps
+    if final.latent_steps is not None and spec.writer_mode == "latent":  # per-agent budgets (topology YAML)
+        final_steps = final.latent_steps
     writer_text, final_text = forced_texts(spec, targets, thinker_texts) if training else (None, None)
     if thinker_latent_steps is not None and not writers:
         final_steps = thinker_latent_steps
-    uses_latent = spec.writer_mode == "latent" and (spec.latent_steps or final_steps or thinker_latent_steps)
+    uses_latent = spec.writer_mode == "latent" and (spec.latent_steps or final_steps or thinker_latent_steps
+                                                    or any(a.latent_steps for a in writers))
     latent_map = (spec.latent_map or get_realigner(backbone, spec.realign)) if uses_latent else None
     trace = Trace.empty(batch, device)
     records: list[AgentRecord] = []
@@ -283,11 +337,12 @@ def rollout(
     with torch.set_grad_enabled(stage_one_grad):
         for number, agent in enumerate(writers):
             start = time.perf_counter()
-            seqs, ids, mask = _render(backbone, agent, writer_prompts or prompts)
+            seqs, ids, mask = _render(backbone, agent, writer_prompts or prompts, spec.think)
             branch = trace if agent.reads_trace else Trace.empty(batch, device, start=trace.next_positions)
             lens = texts = None
             generated = [0] * batch
-            steps = spec.latent_steps
+            steps = spec.latent_steps if agent.latent_steps is None else agent.latent_steps
+            budget = agent.max_new_tokens or spec.writer_max_new_tokens
             if spec.writer_mode == "latent":
                 thinker = number == len(writers) - 1
                 if thinker and thinker_latent_steps is not None:
@@ -301,30 +356,43 @@ def rollout(
                     f_ids, f_mask, f_labels = _labelled([[] for _ in forced], forced, backbone.pad_id, device,
                                                         allow_empty=True)
                 n_forced += sum(len(f) for f in forced or [])
+                if spec.trace == "drop" and steps == 0 and not (forced and any(forced)):
+                    # LatentMAS: a writer with no latent thoughts contributes nothing (so it is not run at all).
+                    records.append(AgentRecord(agent.role, [0] * batch, 0, generated, 0.0))
+                    continue
                 lens_out: list | None = [] if spec.lens_top_k else None
                 fn = _agent_fn(backbone, adapters.get(agent.role), steps, latent_map,
                                lens_top_k=spec.lens_top_k, lens_out=lens_out)
-                out = _maybe_checkpoint(checkpoint and stage_one_grad, fn, branch, ids, mask, labels, f_ids,
-                                        f_mask, f_labels, None)
+                out = _as_agent(agent.role, _maybe_checkpoint, checkpoint and stage_one_grad, fn, branch, ids, mask,
+                                labels, f_ids, f_mask, f_labels, None)
                 branch = Trace.unflatten(out[2:])
                 loss_sum = loss_sum + out[0]
                 lens = lens_out[-1] if lens_out else None
             else:
                 activate(backbone, adapters.get(agent.role))
-                branch, hidden = branch.extend(backbone.body, mask, input_ids=ids)
-                reply = decode(backbone, branch, hidden[:, -1],
-                               DecodeConfig(max_new_tokens=spec.writer_max_new_tokens), keep_in_trace=True)
+                branch, hidden = _as_agent(agent.role, branch.extend, backbone.body, mask, input_ids=ids)
+                caps = None
+                if spec.text_context_limit is not None:  # per row: what is left under the limit
+                    used = branch.real_lengths + (0 if agent.reads_trace else trace.real_lengths)
+                    caps = (spec.text_context_limit - used).clamp(min=0, max=budget).tolist()
+                reply_from = branch.length
+                reply = _as_agent(agent.role, decode, backbone, branch, hidden[:, -1],
+                                  writer_decode_config(decode_cfg, budget if caps is None else max(1, *caps), number),
+                                  keep_in_trace=True)
                 branch, texts, generated = reply.trace, reply.texts, [len(t) for t in reply.tokens]
+                if caps is not None:
+                    branch, texts, generated = _cap_replies(tok, reply, reply_from, caps)
             trace = branch if agent.reads_trace else trace.concat(branch)
             records.append(AgentRecord(agent.role, [len(s) for s in seqs],
                                        steps if spec.writer_mode == "latent" else 0, generated,
-                                       (time.perf_counter() - start) / batch, texts, lens))
+                                       (time.perf_counter() - start) / batch, texts, lens,
+                                       budget if spec.writer_mode == "text" else None))
 
     if training and grad_mode == "detached":
         trace = trace.detach()
     trace_tokens = trace.real_lengths.tolist()
     start = time.perf_counter()
-    prompt_seqs = [render_agent(tok, final, p) for p in prompts]
+    prompt_seqs = [render_agent(tok, final, p, spec.think) for p in prompts]
 
     if training:
         forced = [render_target(tok, t) for t in final_text]
@@ -345,7 +413,8 @@ def rollout(
             if capture_col is not None:
                 capture_col = f_ids.shape[1] - torch.tensor([len(f) for f in forced], device=device) + capture_col
         fn = _agent_fn(backbone, adapters.get(final.role), final_steps, latent_map, capture=capture)
-        out = _maybe_checkpoint(checkpoint, fn, trace, ids, mask, labels, f_ids, f_mask, f_labels, capture_col)
+        out = _as_agent(final.role, _maybe_checkpoint, checkpoint, fn, trace, ids, mask, labels, f_ids, f_mask,
+                        f_labels, capture_col)
         n_captured = backbone.lm.config.num_hidden_layers + 1 if capture else 0
         loss_sum = loss_sum + out[0]
         records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], final_steps, [0] * batch,
@@ -357,10 +426,14 @@ def rollout(
     with torch.no_grad():
         activate(backbone, adapters.get(final.role))
         ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
-        final_trace, hidden = trace.extend(backbone.body, mask, input_ids=ids)
-        final_trace, last, _ = latent_steps(backbone, final_trace, hidden[:, -1], final_steps, latent_map)
-        reply = decode(backbone, final_trace, last, decode_cfg)
+        final_trace, hidden = _as_agent(final.role, trace.extend, backbone.body, mask, input_ids=ids)
+        final_trace, last, _ = _as_agent(final.role, latent_steps, backbone, final_trace, hidden[:, -1], final_steps,
+                                         latent_map)
+        if final.max_new_tokens is not None:
+            decode_cfg = replace(decode_cfg, max_new_tokens=final.max_new_tokens)
+        reply = _as_agent(final.role, decode, backbone, final_trace, last, decode_cfg)
     records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], final_steps,
-                               [len(t) for t in reply.tokens], (time.perf_counter() - start) / batch))
+                               [len(t) for t in reply.tokens], (time.perf_counter() - start) / batch,
+                               max_new_tokens=decode_cfg.max_new_tokens))
     return RolloutResult(reply.texts, reply.tokens, records, trace_tokens, reply.nll_sum,
                          trace=trace if keep_trace else None)

@@ -99,7 +99,7 @@ def _adapter_roles(meta_roles: dict[str, str], topology: Topology, folder: str) 
 
 def build_system(
     name: str,
-    backbone: Backbone,
+    backbone: Backbone | None,
     *,
     topology: str | Topology | None = None,
     latent_steps: int | None = None,
@@ -107,9 +107,14 @@ def build_system(
     realign: bool = True,
     writer_max_new_tokens: int = 128,
     lens_top_k: int = 0,
+    think: bool = False,
+    trace: str = "keep",
+    text_context_limit: int | None = None,
 ) -> System:
     """Set up system ``name`` on ``backbone``. Trained systems load ``adapter`` and default their topology and
-    latent steps to the ones they were trained with."""
+    latent steps to the ones they were trained with, and use the ``realign`` and ``think`` they were trained with.
+    ``think``: prompts with ``enable_thinking`` on; ``trace``: ``keep`` or ``drop`` (see :class:`RolloutSpec`).
+    With ``backbone`` None only the settings are resolved (no adapter is loaded): see :func:`effective_settings`."""
     kind = get_kind(name)
     meta: dict = {}
     if kind.trained:
@@ -128,10 +133,42 @@ def build_system(
     roles = latent_map = None
     if kind.trained:
         realign = bool(meta.get("realign", realign))
-        roles = _adapter_roles(load_adapters(backbone, adapter), topo, adapter)
-        if meta.get("latent_map", "ridge") != "ridge":
-            latent_map = load_latent_map(backbone, meta["latent_map"], adapter, realign)
+        think = bool(meta.get("think", think))
+        if backbone is not None:
+            roles = _adapter_roles(load_adapters(backbone, adapter), topo, adapter)
+            if meta.get("latent_map", "ridge") != "ridge":
+                latent_map = load_latent_map(backbone, meta["latent_map"], adapter, realign)
     spec = RolloutSpec(topo, kind.writer_mode, steps if kind.multi_agent else 0, writer_max_new_tokens, realign,
                        roles, lens_top_k, final_latent_steps=steps if name == "single_latent" else 0,
-                       latent_map=latent_map)
+                       latent_map=latent_map, think=think, trace=trace,
+                       text_context_limit=text_context_limit if kind.name == "text_mas" else None)
     return System(kind, backbone, spec)
+
+
+def effective_settings(system: System, max_new_tokens: int) -> dict:
+    """What ``system`` really runs with, JSON-ready: topology, latent steps m, realignment, and every agent's
+    budget after per-agent overrides (text writers: reply tokens; latent writers: latent steps; the final agent:
+    latent steps and answer tokens, ``max_new_tokens`` unless its topology entry sets one).
+
+    ``thinking_budget`` sums them: the positions the system may generate beyond its prompts (a text writer's
+    reply budget, a latent step each, the answer budget), the budget a "full thinking budget" single agent gets.
+    """
+    spec, text = system.spec, system.spec.writer_mode == "text"
+    agents = []
+    for agent in spec.topology.writers:
+        steps = 0 if text else (spec.latent_steps if agent.latent_steps is None else agent.latent_steps)
+        budget = (agent.max_new_tokens or spec.writer_max_new_tokens) if text else 0
+        agents.append({"role": agent.role, "latent_steps": steps, "max_new_tokens": budget})
+    final = spec.topology.final
+    final_steps = final.latent_steps if final.latent_steps is not None and not text else spec.final_latent_steps
+    agents.append({"role": final.role, "latent_steps": final_steps,
+                   "max_new_tokens": final.max_new_tokens or max_new_tokens})
+    return {
+        "system": system.kind.name, "topology": spec.topology.name, "writer_mode": spec.writer_mode,
+        # m: the writers' default latent steps (text writers take none)
+        "latent_steps": None if text else spec.latent_steps if system.kind.multi_agent else spec.final_latent_steps,
+        "realign": spec.realign, "writer_max_new_tokens": spec.writer_max_new_tokens if text else None,
+        "text_context_limit": spec.text_context_limit, "think": spec.think, "trace": spec.trace,
+        "agents": agents, "max_new_tokens": agents[-1]["max_new_tokens"],
+        "thinking_budget": sum(a["latent_steps"] + a["max_new_tokens"] for a in agents),
+    }

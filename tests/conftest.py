@@ -45,7 +45,7 @@ VOCAB = 272  # 256 bytes + specials, rounded up
 
 def tiny_config(arch: str = "llama", tied: bool = True):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=tied,
+                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=tied,
                   eos_token_id=256, pad_token_id=257, initializer_range=0.3)
     if arch == "llama":
         return LlamaConfig(**common)

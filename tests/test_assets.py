@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import make_backbone
 
 import diffmas.assets as assets
@@ -37,11 +38,19 @@ def _fake_gguf(monkeypatch, tmp_path, fail: bool):
     import transformers
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: backbone.tokenizer)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: backbone.lm)
+
+    def gguf_load(*a, **k):
+        # What a GGUF load really returns: a dequantized model whose config still says it is a GGUF checkpoint.
+        backbone.lm.config.quantization_config = {"quant_method": "gguf"}
+        backbone.lm.is_quantized = True
+        return backbone.lm
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", gguf_load)
     if fail:
         def crash(*a, **k):
             raise KeyboardInterrupt("killed while writing")
         monkeypatch.setattr(backbone.tokenizer, "save_pretrained", crash)
+    return backbone
 
 
 def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
@@ -54,8 +63,17 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
 
 
 def test_conversion_then_plain_folder(tmp_path, monkeypatch):
-    _fake_gguf(monkeypatch, tmp_path, fail=False)
+    backbone = _fake_gguf(monkeypatch, tmp_path, fail=False)
     path = assets.resolve_model("tiny-alias")
-    assert (assets.diffmas_home() / "models" / "tiny-alias" / "config.json").is_file()
-    assert "quantization_config" not in (assets.diffmas_home() / "models" / "tiny-alias" / "config.json").read_text()
+    folder = assets.diffmas_home() / "models" / "tiny-alias"
+    assert (folder / "config.json").is_file()
+    # The loaded model claimed to be GGUF-quantized (see _fake_gguf): the saved folder must not.
+    assert "quantization_config" not in (folder / "config.json").read_text()
+    # And it is an ordinary folder: a real (unmocked) load gives back the same weights.
+    from transformers import LlamaForCausalLM
+
+    reloaded = LlamaForCausalLM.from_pretrained(folder)
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    for (name, p), (_, q) in zip(backbone.lm.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(p, q), name
     assert assets.resolve_model("tiny-alias") == path  # second call reuses the folder

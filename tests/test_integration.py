@@ -10,6 +10,7 @@ from diffmas.decode import DecodeConfig
 from diffmas.kv import Trace, left_pad
 from diffmas.prompts import SINGLE, render_agent
 from diffmas.systems import build_system
+from test_engine import generated
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +33,11 @@ def test_cached_decode_matches_generate_on_the_default_model(smollm):
         trace, hidden = Trace.empty(len(seqs), "cpu").extend(smollm.body, mask, input_ids=ids)
         ours = decode(smollm, trace, hidden[:, -1], DecodeConfig(max_new_tokens=16))
         ref = smollm.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    eos = smollm.lm.generation_config.eos_token_id
+    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
     for row, tokens in enumerate(ours.tokens):
-        assert tokens == ref[row, ids.shape[1]:].tolist()[: len(tokens)]
+        # The whole reply, not a prefix: a decode that stopped early (or ran past the end token) must fail.
+        assert tokens == generated(ref[row, ids.shape[1]:].tolist(), eos)
 
 
 @pytest.mark.parametrize("system", ["single", "latent_mas"])

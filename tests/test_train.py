@@ -69,8 +69,15 @@ def test_coupled_mode_reaches_every_writer_and_detached_reaches_none():
 def test_activation_checkpointing_gives_the_same_gradients():
     backbone = make_backbone()
     spec = _per_agent(backbone)
+    # Count forwards of the first decoder layer (forward pass and backward pass together): checkpointing
+    # recomputes every agent call in backward, so it must run exactly twice as often as without.
+    layer = next(m for n, m in backbone.model.named_modules() if n.endswith("layers.0"))
+    calls = {"n": 0}
+    layer.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     plain = _grads_by_role(backbone, spec, "coupled")
+    plain_calls, calls["n"] = calls["n"], 0
     ckpt = _grads_by_role(backbone, spec, "coupled", checkpoint=True)
+    assert plain_calls > 0 and calls["n"] == 2 * plain_calls
     for role in plain:
         for name in plain[role]:
             torch.testing.assert_close(ckpt[role][name], plain[role][name], rtol=1e-4, atol=1e-6)
@@ -95,7 +102,8 @@ def test_steps_change_every_trainable_parameter_and_no_base_weight():
     backbone.model.train()
     spec = RolloutSpec(topo, "latent", latent_steps=2, adapters=roles)
     before = {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
-    optimizer = torch.optim.AdamW(trainable_parameters(backbone), lr=1e-2)
+    # No weight decay: AdamW's default (0.01) would change every A by decay alone, so only gradients may.
+    optimizer = torch.optim.AdamW(trainable_parameters(backbone), lr=1e-2, weight_decay=0.0)
     # Two steps: with LoRA's B = 0 at init, A's gradient is exactly zero in the first step by construction.
     for _ in range(2):
         optimizer.zero_grad()
@@ -107,7 +115,8 @@ def test_steps_change_every_trainable_parameter_and_no_base_weight():
 
 
 def _config_file(tmp_path: Path, model_dir: Path, **overrides) -> Path:
-    cfg = {"model": {"name": str(model_dir), "device": "cpu"}, "latent_steps": 1, "batch_size": 4, "steps": 6,
+    # duo (two agents) keeps these trainer-mechanics runs short; gradient paths are tested on sequential above.
+    cfg = {"model": {"name": str(model_dir), "device": "cpu"}, "topology": "duo", "latent_steps": 1, "batch_size": 4, "steps": 6,
            "checkpoint_every": 2, "lr": 5e-3, "lora": {"rank": 4, "dropout": 0.0},
            "data": {"task": "rg:chain_sum", "heldout_examples": 8}}
     for key, value in overrides.items():
@@ -130,7 +139,8 @@ def _env() -> dict:
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
-    config = _config_file(tmp_path, tiny_model_dir)
+    # The demo's LoRA dropout: resuming must restore the dropout RNG, not only the weights and optimizer.
+    config = _config_file(tmp_path, tiny_model_dir, lora={"rank": 4, "dropout": 0.05})
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_cli("--config", str(config), "--out", str(full)), check=True, env=_env(), capture_output=True)
     proc = subprocess.Popen(_cli("--config", str(config), "--out", str(killed)), env=_env(),
@@ -152,20 +162,36 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
     assert len(_losses(killed)) == 6
 
 
+def _grad_norms(out: Path) -> list[float]:
+    return [json.loads(l)["grad_norm"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"grad_norm"' in l]
+
+
 def test_two_processes_follow_the_one_process_loss_curve(tmp_path, tiny_model_dir):
     one = tmp_path / "one"
     two = tmp_path / "two"
-    config = _config_file(tmp_path, tiny_model_dir, steps=3, checkpoint_every=3, batch_size=4)
+    config = _config_file(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2, batch_size=4)
     subprocess.run(_cli("--config", str(config), "--out", str(one)), check=True, env=_env(), capture_output=True)
-    # The shipped DDP config: torchrun-style processes, gloo on a machine without GPUs.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
-              "-m", "diffmas.cli", "train", "--config", str(config), "--out", str(two), "--batch-size", "2"]
-    done = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+
+    def launch(out: Path, *extra: str) -> None:
+        # The shipped DDP config: torchrun-style processes, gloo on a machine without GPUs.
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+               "-m", "diffmas.cli", "train", "--config", str(config), "--out", str(out), "--batch-size", "2", *extra]
+        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    launch(two)
     assert json.loads((two / "metrics.jsonl").read_text().splitlines()[1])["target_tokens"] == \
         json.loads((one / "metrics.jsonl").read_text().splitlines()[1])["target_tokens"]  # same global batch
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    # The gradients too, not only the loss: a process whose gradients were not averaged (or were scaled
+    # wrongly) can still report the right loss.
+    assert len(_grad_norms(two)) == 4 and _grad_norms(two) == pytest.approx(_grad_norms(one), rel=1e-4)
+    # A 1-process checkpoint resumed by 2 processes at the same global batch continues the same curve.
+    mixed = _resume_copy(one, tmp_path / "mixed", 2)
+    launch(mixed, "--resume")
+    assert _losses(mixed) == pytest.approx(_losses(one), rel=1e-4)
+    assert _grad_norms(mixed) == pytest.approx(_grad_norms(one), rel=1e-4)
 
 
 def test_training_lowers_heldout_loss(tmp_path, tiny_model_dir):
@@ -179,7 +205,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model_dir,
     forward = loop.TrajectoryLoss.forward
     calls = {"n": 0}
 
-    def poisoned(self, plan, n_tokens, n_rows):
+    def poisoned(self, plan, n_tokens, n_rows, heldout=False):
+        if heldout:
+            return forward(self, plan, n_tokens, n_rows, heldout=True)
         calls["n"] += 1
         loss, ce, distill = forward(self, plan, n_tokens, n_rows)
         return (loss * float("nan"), ce, distill) if calls["n"] == 3 else (loss, ce, distill)
@@ -215,3 +243,117 @@ def test_invalid_config_names_the_field(tmp_path):
     with pytest.raises(DiffMASError, match="unknown config field"):
         load_config(None, {"data.tsk": "rg:chain_sum"})
     assert isinstance(load_config(None, {"steps": 3}), TrainConfig)
+
+
+def _resume_copy(src: Path, dst: Path, step: int) -> Path:
+    """A copy of finished run ``src`` as if it had been killed right after checkpoint ``step``."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (dst / name).unlink(missing_ok=True)
+    return dst
+
+
+def test_resume_with_dropout_is_exact_in_process(tmp_path, tiny_model_dir):
+    cfg = load_config(_config_file(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2,
+                                   lora={"rank": 4, "dropout": 0.05}))
+    loop.train(cfg, tmp_path / "full")
+    resumed = _resume_copy(tmp_path / "full", tmp_path / "resumed", 2)
+    torch.manual_seed(12345)  # whatever the RNG holds before, the checkpoint's state is restored
+    loop.train(cfg, resumed, resume=True)
+    assert _losses(resumed) == _losses(tmp_path / "full")
+
+
+def test_resume_keeps_the_global_batch_whatever_its_split(tmp_path, tiny_model_dir):
+    cfg = load_config(_config_file(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2))
+    loop.train(cfg, tmp_path / "full")
+    state = json.loads((tmp_path / "full" / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state == {"step": 2, "data_position": 8, "num_processes": 1}
+    # Same global batch (4 = 2 x 2 micro-batches): allowed, and the curve continues (same data order).
+    split = _resume_copy(tmp_path / "full", tmp_path / "split", 2)
+    loop.train(load_config(_config_file(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2, batch_size=2,
+                                        grad_accum=2)), split, resume=True)
+    assert _losses(split) == pytest.approx(_losses(tmp_path / "full"), rel=1e-5)
+    # A different global batch would silently skip examples: refused in one line, before anything is written.
+    other = _resume_copy(tmp_path / "full", tmp_path / "other", 2)
+    snapshot = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    with pytest.raises(DiffMASError, match=r"global batch of 4 .* this run's is 2") as err:
+        loop.train(load_config(_config_file(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2, batch_size=2)),
+                   other, resume=True)
+    assert "\n" not in str(err.value)
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == snapshot
+
+
+def test_missing_rng_file_is_an_error_unless_the_process_count_changed(tmp_path, tiny_model_dir):
+    cfg = load_config(_config_file(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2))
+    loop.train(cfg, tmp_path / "full")
+    missing = _resume_copy(tmp_path / "full", tmp_path / "missing", 2)
+    (missing / "checkpoints" / "step-000002" / "rng-0.pt").unlink()
+    with pytest.raises(DiffMASError, match="rng-0.pt"):
+        loop.train(cfg, missing, resume=True)
+    # Written by 2 processes at batch 2 (the same global batch of 4): resumable, with a loud warning.
+    moved = _resume_copy(tmp_path / "full", tmp_path / "moved", 2)
+    state_file = moved / "checkpoints" / "step-000002" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "num_processes": 2}))
+    (moved / "checkpoints" / "step-000002" / "rng-0.pt").rename(moved / "checkpoints" / "step-000002" / "rng-1.pt")
+    with pytest.warns(UserWarning, match="written by 2 process.* this run has 1"):
+        loop.train(cfg, moved, resume=True)
+    assert _losses(moved) == pytest.approx(_losses(tmp_path / "full"), rel=1e-5)  # dropout 0: same curve
+
+
+def test_fsdp2_heldout_checkpoint_and_adapters_on_two_cpu_processes(tmp_path):
+    """FSDP2 (fully_shard over gloo, 2 CPU processes; accelerate itself offers FSDP only on GPUs): held-out loss
+    through the wrapped forward, a step that trains the shards, full tensors in checkpoints and adapters, a
+    resharded load, one shared realignment. See tests/fsdp2_worker.py."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "fsdp2_worker.py"), str(tmp_path / "out")]
+    done = subprocess.run(cmd, env={**_env(), "DIFFMAS_HOME": str(tmp_path / "home")}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.count("FSDP2 OK") == 2
+
+
+def test_jsonl_rows_that_are_evaluation_questions_are_dropped(tmp_path, capsys):
+    from diffmas.eval.tasks import get_task
+    from diffmas.train.data import build_datasets
+
+    leaked = get_task("gsm8k").load()[0].question
+    rows = [{"question": f"How many apples are {i} apples plus {i + 2} apples?", "target": f"Answer: {2 * i + 2}"}
+            for i in range(6)] + [{"question": "  " + leaked + "\n", "target": "Answer: 18"}]  # whitespace differs
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, {"data.task": "gsm8k", "data.source": str(source), "data.heldout_examples": 2})
+    train, heldout = build_datasets(cfg, 3)  # held-out rows are disjoint from training ones: leave some
+    assert len(train) == 3 and len(heldout) == 2
+    assert not any(leaked in ex.prompt for ex in train + heldout)
+    assert "dropped 1 of 7 rows" in capsys.readouterr().out
+
+
+def test_demo_reuses_only_adapters_with_the_same_config(tmp_path, monkeypatch):
+    from diffmas import demo
+    from diffmas.adapters import META_FILE
+    from diffmas.config import save_config
+
+    wanted = demo.DemoConfig().train_config("diffmas")
+    out = tmp_path / "diffmas"
+    out.mkdir()
+    (out / META_FILE).write_text("{}")
+    save_config(wanted, out / "config.yaml")
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("must not train again"))
+    assert demo.train_once(wanted, out) == out  # same config: reused
+    other = demo.DemoConfig(steps=7).train_config("diffmas")
+    with pytest.raises(DiffMASError, match="different config.*delete that folder or choose another --out"):
+        demo.train_once(other, out)
+
+
+def test_demo_train_config_file_is_the_demo(tmp_path):
+    from diffmas.config import to_dict
+    from diffmas.demo import DemoConfig
+
+    shipped = load_config(ROOT / "configs" / "train" / "demo.yaml")
+    # The demo switches to bf16 where the hardware has it; the file keeps "no" (it runs everywhere).
+    assert to_dict(shipped) == to_dict(DemoConfig().train_config("diffmas", mixed_precision="no"))

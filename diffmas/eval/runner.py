@@ -6,6 +6,11 @@
 command again skips every (system, task, seed, id) already there, so a crash costs at most one batch.
 ``out/results.json`` is a pure function of the config and the samples (plus wall times, versions and commit),
 so a killed and resumed run ends with the same results as an uninterrupted one.
+
+Under ``accelerate launch --num_processes N ... -m diffmas.cli eval ...`` the batches are dealt round-robin to the
+N processes (the same batches as in one process, so the same samples), each appending to its own
+``samples.rank{k}.jsonl``; the main process merges them into ``samples.jsonl`` at the end (and at the start of a
+resumed run) and computes ``results.json`` from the merged log.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import math
 import os
 import random
 import subprocess
+import sys
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -31,7 +37,8 @@ from diffmas.decode import DecodeConfig
 from diffmas.errors import DiffMASError
 from diffmas.eval.metrics import across_seeds, mean_stderr, pass_at_k, summarize
 from diffmas.eval.tasks import Example, Task, get_task
-from diffmas.systems import System, build_system, get_kind
+from diffmas.rollout import TRACE_MODES
+from diffmas.systems import System, build_system, effective_settings, get_kind
 
 __all__ = ["SampleLog", "SystemEntry", "compute_results", "parse_systems", "run_eval", "sample_key", "RESULTS_FILE",
            "SAMPLES_FILE"]
@@ -40,7 +47,24 @@ SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"
 # Settings that change what a sample is: resuming into a folder written with other values would mix experiments.
 _SAMPLE_SETTINGS = ("model", "dtype", "max_new_tokens", "writer_max_new_tokens", "topology", "latent_steps",
-                    "temperature", "source", "shuffle_trace")
+                    "temperature", "source", "shuffle_trace", "realign", "think", "trace")
+# What a folder written before a setting existed was run with (``think``: see _legacy_think).
+_SETTING_DEFAULTS = {"realign": True, "trace": "keep"}
+
+
+def _legacy_think(model: str) -> bool | None:
+    """What a folder written before ``think`` was recorded ran with: the same prompts as ``False`` when the model's
+    chat template has no thinking switch; otherwise the template's own default (thinking on for Qwen3), which no
+    setting reproduces (None)."""
+    from transformers import AutoTokenizer
+
+    from diffmas.assets import resolve_model
+
+    try:
+        template = AutoTokenizer.from_pretrained(resolve_model(model)).chat_template
+    except (OSError, ValueError, DiffMASError):
+        return None
+    return None if "enable_thinking" in str(template or "") else False
 
 
 def sample_key(system: str, task: str, seed: int, example_id: str) -> tuple[str, str, int, str]:
@@ -104,6 +128,11 @@ class SystemEntry:
     label: str
     name: str
     adapter: str | None = None
+    budget: bool = False
+    """A single agent given the summed budget of a multi-agent system (``single@budget``, see ``budget_from``)."""
+
+
+BUDGET_SUFFIX = "@budget"
 
 
 def parse_systems(entries: Sequence[str]) -> list[SystemEntry]:
@@ -111,7 +140,8 @@ def parse_systems(entries: Sequence[str]) -> list[SystemEntry]:
 
     ``LABEL=name:ADAPTER_DIR`` (or ``LABEL=name``) sets the label, e.g. ``curriculum/s1=diffmas:runs/cur1`` for
     training seed 1 of arm ``curriculum`` (see ``diffmas compare``). Names, adapter presence and adapter metadata
-    are checked here, before any model is loaded.
+    are checked here, before any model is loaded. ``single@budget`` (any single-agent system) is that system with
+    the "full thinking budget": as many answer tokens as a multi-agent system's summed budget (``--budget-from``).
     """
     pairs = []
     for entry in entries:
@@ -122,7 +152,11 @@ def parse_systems(entries: Sequence[str]) -> list[SystemEntry]:
             if not label or "," in label:
                 raise DiffMASError(f"bad system label in '{entry}': a label must be non-empty and without ','")
         name, _, adapter = spec.strip().partition(":")
-        kind = get_kind(name.strip())
+        name = name.strip()
+        budget = name.endswith(BUDGET_SUFFIX)
+        kind = get_kind(name[: -len(BUDGET_SUFFIX)] if budget else name)
+        if budget and kind.multi_agent:
+            raise DiffMASError(f"'{entry}': only single-agent systems take {BUDGET_SUFFIX}")
         adapter = adapter.strip() or None
         if kind.trained and adapter is None:
             raise DiffMASError(f"system '{kind.name}' needs an adapter: write it as {kind.name}:DIR")
@@ -130,12 +164,13 @@ def parse_systems(entries: Sequence[str]) -> list[SystemEntry]:
             raise DiffMASError(f"system '{kind.name}' is training-free and takes no adapter (got '{entry}')")
         if adapter is not None:
             read_adapter_meta(adapter)  # a clear error now beats one after minutes of other systems
-        pairs.append((label, kind.name, adapter))
+        pairs.append((label, kind.name, adapter, budget))
     if not pairs:
         raise DiffMASError("no systems given")
-    counts = Counter(name for label, name, _ in pairs if label is None)
-    parsed = [SystemEntry(label or (f"{name}@{Path(adapter).name}" if counts[name] > 1 and adapter else name), name,
-                          adapter) for label, name, adapter in pairs]
+    counts = Counter(name for label, name, _, budget in pairs if label is None and not budget)
+    parsed = [SystemEntry(label or (f"{name}{BUDGET_SUFFIX}" if budget else f"{name}@{Path(adapter).name}"
+                                    if counts[name] > 1 and adapter else name), name, adapter, budget)
+              for label, name, adapter, budget in pairs]
     dupes = [label for label, n in Counter(e.label for e in parsed).items() if n > 1]
     if dupes:
         raise DiffMASError(f"system(s) listed twice: {', '.join(dupes)}")
@@ -225,6 +260,9 @@ def compute_results(config: dict, samples: dict[tuple, dict], tasks: dict[str, t
     notes = []
     if len(seeds) > 1 and config["temperature"] == 0:
         notes.append("greedy decoding (temperature 0): every seed gives the same samples; extra seeds are redundant")
+    notice = settings_notice(config["systems"])
+    if notice:
+        notes.append(notice.removeprefix("notice: "))
     unsplit = sum("flexible" not in r for r in samples.values())
     if unsplit:
         notes.append(f"{unsplit} samples were graded before strict and flexible verdicts were split: their one "
@@ -250,10 +288,16 @@ def _check_resumable(out: Path, config: dict) -> None:
         old = json.loads(path.read_text())["config"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise DiffMASError(f"{path} is unreadable ({exc}); move it away or use another --out") from exc
-    diffs = [f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in _SAMPLE_SETTINGS if old.get(k) != config[k]]
+    defaults = dict(_SETTING_DEFAULTS)
+    if "think" not in old:
+        defaults["think"] = _legacy_think(config["model"])
+    diffs = [f"{k}: {old.get(k, defaults.get(k))!r} -> {config[k]!r}" for k in _SAMPLE_SETTINGS
+             if old.get(k, defaults.get(k)) != config[k]]
     old_systems = {s["label"]: s for s in old.get("systems", [])}
+    # keys a folder written by an older version lacks (budget, settings) are not compared
     diffs += [f"system {s['label']}: {old_systems[s['label']]} -> {s}" for s in config["systems"]
-              if s["label"] in old_systems and old_systems[s["label"]] != s]
+              if s["label"] in old_systems and any(old_systems[s["label"]][k] != v for k, v in s.items()
+                                                   if k in old_systems[s["label"]])]
     if diffs:
         raise DiffMASError(f"{out} holds samples made with other settings ({'; '.join(diffs)}); use another --out")
 
@@ -265,7 +309,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _record(label: str, task: Task, seed: int, ex: Example, rec: dict, max_new_tokens: int) -> dict:
-    truncated = rec["generated_tokens"] >= max_new_tokens  # the final agent used its whole token budget
+    budget = rec["agents"][-1].get("max_new_tokens") or max_new_tokens  # a topology may set the final agent's
+    truncated = rec["generated_tokens"] >= budget  # the final agent used its whole token budget
     grade = task.grade(ex, rec["answer"], truncated=truncated)
     return {
         "system": label, "task": task.name, "seed": seed, "id": ex.id, "correct": bool(grade.correct),
@@ -297,8 +342,20 @@ def run_eval(
     temperature: float = 0.0,
     show_progress: bool = True,
     shuffle_trace: bool = False,
+    realign: bool = True,
+    think: bool = False,
+    trace: str = "keep",
+    text_context_limit: int | None = None,
+    budget_from: str | None = None,
 ) -> dict:
     """Evaluate every system on every task for every seed; resumes from ``out/samples.jsonl``.
+
+    Every system's effective settings (topology, latent steps m, realignment, each agent's budget) are recorded
+    in ``config.systems[*].settings``; a notice is printed when the multi-agent systems differ in topology or m.
+    ``text_context_limit``: see :class:`diffmas.rollout.RolloutSpec`. ``budget_from`` (a multi-agent system's
+    label in this evaluation, or an earlier evaluation's folder, ``DIR`` or ``DIR:LABEL``) gives ``single@budget``
+    entries (or, when there are none, every single-agent system) that system's summed ``thinking_budget`` as
+    their answer budget: the "full thinking budget" baseline.
 
     Returns the results.json contents (also written to ``out``).
     """
@@ -309,6 +366,8 @@ def run_eval(
         raise DiffMASError("--source names one task's data: give a single --task with it")
     if limit is not None and limit < 1:
         raise DiffMASError("--limit must be >= 1")
+    if trace not in TRACE_MODES:
+        raise DiffMASError(f"--trace must be one of {', '.join(TRACE_MODES)}, got '{trace}'")
     if batch_size < 1 or not seeds or len(set(seeds)) != len(seeds):
         raise DiffMASError("need batch size >= 1 and distinct seeds")
     try:
@@ -320,23 +379,38 @@ def run_eval(
         "seeds": list(seeds), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
         "writer_max_new_tokens": writer_max_new_tokens, "topology": topology, "latent_steps": latent_steps,
         "device": str(resolve_device(device)), "dtype": dtype, "source": source, "temperature": temperature,
-        "shuffle_trace": shuffle_trace,
+        "shuffle_trace": shuffle_trace, "realign": realign, "think": think, "trace": trace,
+        "text_context_limit": text_context_limit, "budget_from": budget_from,
     }
+    build_args = dict(topology=topology, latent_steps=latent_steps, writer_max_new_tokens=writer_max_new_tokens,
+                      realign=realign, think=think, trace=trace, text_context_limit=text_context_limit)
+    for item, settings in zip(config["systems"], _system_settings(entries, build_args, max_new_tokens, budget_from)):
+        item["settings"] = settings
+    notice = settings_notice(config["systems"])
+    if notice:
+        print(notice, file=sys.stderr)
     loaded: dict[str, tuple[Task, list[Example]]] = {}
     for name in config["tasks"]:
         task = get_task(name)
         loaded[name] = (task, task.load(limit, source))
     out.mkdir(parents=True, exist_ok=True)
     _check_resumable(out, config)
-    log = SampleLog(out / SAMPLES_FILE)
-    _write_json(out / RESULTS_FILE, {"config": config, "status": "running"})
+    rank, world, barrier, device = _shard(device)  # (0, 1, no-op, device) outside `accelerate launch`
+    if rank == 0:
+        log = _merge_rank_logs(out)  # also what a killed distributed run left behind
+        _write_json(out / RESULTS_FILE, {"config": config, "status": "running"})
+    barrier()
+    if world > 1:  # each process appends to its own log; the samples already merged count as done
+        log = SampleLog(out / RANK_SAMPLES_FILE.format(rank=rank))
+        log.samples.update(SampleLog(out / SAMPLES_FILE).samples)
 
     def pending(label: str, task: Task, seed: int, examples: list[Example]) -> list[Example]:
         return [ex for ex in examples if sample_key(label, task.name, seed, ex.id) not in log]
 
     todo = sum(len(pending(e.label, t, s, exs)) for e in entries for t, exs in loaded.values() for s in seeds)
     shared: Backbone | None = None
-    with tqdm(total=todo, disable=not show_progress, unit="sample", dynamic_ncols=True) as bar:
+    with tqdm(total=-(-todo // world), disable=not show_progress or rank != 0, unit="sample",  # about 1/world each
+              dynamic_ncols=True) as bar:
         for entry in entries:
             if not any(pending(entry.label, t, s, exs) for t, exs in loaded.values() for s in seeds):
                 continue
@@ -347,17 +421,136 @@ def run_eval(
             else:
                 shared = shared or load_backbone(model, device, dtype)
                 backbone = shared
-            system = build_system(entry.name, backbone, topology=topology, latent_steps=latent_steps,
-                                  adapter=entry.adapter, writer_max_new_tokens=writer_max_new_tokens)
+            system = build_system(entry.name, backbone, adapter=entry.adapter, **build_args)
+            # the final agent's answer budget: max_new_tokens, its topology entry's, or a @budget single's sum
+            answer_budget = next(s["settings"]["max_new_tokens"] for s in config["systems"]
+                                 if s["label"] == entry.label)
             for task, examples in loaded.values():
                 for seed in seeds:
                     bar.set_description(f"{entry.label} {task.name} seed {seed}")
-                    _run_one(system, entry.label, task, seed, examples, log, batch_size, max_new_tokens,
-                             temperature, bar, shuffle_trace)
-    results = compute_results(config, log.samples, loaded)
-    results["status"] = "complete"
-    _write_json(out / RESULTS_FILE, results)
+                    _run_one(system, entry.label, task, seed, examples, log, batch_size, answer_budget,
+                             temperature, bar, shuffle_trace, shard=(rank, world))
+    barrier()
+    if rank == 0:
+        log = _merge_rank_logs(out)
+        results = compute_results(config, log.samples, loaded)
+        results["status"] = "complete"
+        _write_json(out / RESULTS_FILE, results)
+    barrier()
+    if rank != 0:
+        results = json.loads((out / RESULTS_FILE).read_text())
     return results
+
+
+RANK_SAMPLES_FILE = "samples.rank{rank}.jsonl"
+
+
+def _shard(device: str) -> tuple[int, int, Callable[[], None], str]:
+    """(rank, number of processes, barrier, this process's device): under ``accelerate launch`` each process
+    evaluates every ``world``-th batch on its own accelerator; a plain run is rank 0 of 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None, device
+    from accelerate import PartialState
+
+    # Joins the process group: gloo for CPU processes (accelerate needs cpu=True for that), nccl on GPUs.
+    state = PartialState(cpu=resolve_device(device).type == "cpu")
+    if state.device.type != "cpu" and device in ("auto", state.device.type):
+        device = str(state.device)  # cuda:<local rank>, not every process on cuda:0
+    return state.process_index, state.num_processes, state.wait_for_everyone, device
+
+
+def _merge_rank_logs(out: Path) -> SampleLog:
+    """Fold the per-process logs of a distributed evaluation into samples.jsonl, then remove them.
+
+    Idempotent: a sample already in samples.jsonl is not added again, so a kill between the append and the removal
+    loses and duplicates nothing. Runs on the main process only, while the others wait.
+    """
+    log = SampleLog(out / SAMPLES_FILE)
+    parts = sorted(out.glob(RANK_SAMPLES_FILE.format(rank="*")), key=lambda p: int(p.name.split(".")[1][4:]))
+    for path in parts:
+        log.append([r for key, r in SampleLog(path).samples.items() if key not in log])
+        path.unlink()
+    return log
+
+
+def _system_settings(entries: list[SystemEntry], build_args: dict, max_new_tokens: int,
+                     budget_from: str | None) -> list[dict]:
+    """Every entry's effective settings (resolved without loading a model), the budget baseline applied."""
+    settings = {e.label: effective_settings(build_system(e.name, None, adapter=e.adapter, **build_args),
+                                            max_new_tokens) for e in entries}
+    budgeted = [e for e in entries if e.budget]
+    if not budgeted and budget_from is not None:
+        budgeted = [e for e in entries if not get_kind(e.name).multi_agent]
+        if not budgeted:
+            raise DiffMASError("--budget-from gives a single-agent system the budget of a multi-agent one: "
+                               "add single (or single@budget) to --systems")
+    if budgeted:
+        source, reference = _budget_reference(budget_from, entries, settings)
+        for entry in budgeted:
+            item = settings[entry.label]
+            item["agents"][-1]["max_new_tokens"] = item["max_new_tokens"] = reference["thinking_budget"]
+            item["thinking_budget"] = sum(a["latent_steps"] + a["max_new_tokens"] for a in item["agents"])
+            item["budget_from"] = source
+    return [settings[e.label] for e in entries]
+
+
+def _budget_reference(ref: str | None, entries: list[SystemEntry], settings: dict[str, dict]) -> tuple[str, dict]:
+    """(where it came from, effective settings) of the multi-agent system whose summed budget a @budget single gets:
+    a label of this evaluation, or ``DIR`` / ``DIR:LABEL`` of an earlier one (its results.json)."""
+    if ref is None or ref in settings:
+        candidates = {e.label: settings[e.label] for e in entries if get_kind(e.name).multi_agent}
+        where = "this evaluation"
+    else:
+        folder, label = Path(ref), None
+        if not folder.is_dir() and ":" in ref:
+            head, _, label = ref.rpartition(":")
+            folder = Path(head)
+        path = folder / RESULTS_FILE
+        try:
+            old = json.loads(path.read_text())["config"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DiffMASError(f"--budget-from {ref}: neither a system of this evaluation nor a readable "
+                               f"{path} ({exc})") from exc
+        candidates = {}
+        for item in old.get("systems", []):
+            if not get_kind(item["name"]).multi_agent:
+                continue
+            if "settings" not in item:  # written before settings were recorded: resolve them as that run did
+                args = dict(topology=old.get("topology"), latent_steps=old.get("latent_steps"),
+                            writer_max_new_tokens=old.get("writer_max_new_tokens", 128),
+                            realign=old.get("realign", True))
+                item = {**item, "settings": effective_settings(build_system(item["name"], None,
+                                                                            adapter=item.get("adapter"), **args),
+                                                               old.get("max_new_tokens", 256))}
+            candidates[item["label"]] = item["settings"]
+        where, ref = str(folder), label
+    if ref is not None:
+        if ref not in candidates:
+            raise DiffMASError(f"--budget-from: no multi-agent system '{ref}' in {where} "
+                               f"(there: {', '.join(candidates) or 'none'})")
+        return (ref if where == "this evaluation" else f"{where}:{ref}"), candidates[ref]
+    if len(candidates) != 1:
+        raise DiffMASError(f"the full-budget single needs one multi-agent system to take its budget from; {where} has "
+                           f"{', '.join(candidates) or 'none'}: name one with --budget-from LABEL or DIR:LABEL")
+    (label, chosen), = candidates.items()
+    return (label if where == "this evaluation" else f"{where}:{label}"), chosen
+
+
+def settings_notice(systems: list[dict]) -> str | None:
+    """One line when the multi-agent systems of an evaluation run on different topologies or latent steps m (a
+    trained system defaults to the ones it was trained with), else None."""
+    multi = [s for s in systems if "settings" in s and get_kind(s["name"]).multi_agent]
+    if len({s["settings"]["topology"] for s in multi}) < 2 and \
+            len({s["settings"]["latent_steps"] for s in multi if s["settings"]["latent_steps"] is not None}) < 2:
+        return None
+
+    def shape(item: dict) -> str:
+        cfg = item["settings"]
+        how = f"text, {cfg['writer_max_new_tokens']} tokens/writer" if cfg["latent_steps"] is None else \
+            f"m={cfg['latent_steps']}{'' if cfg['realign'] else ', no realignment'}"
+        return f"{item['label']} {cfg['topology']} ({how})"
+
+    return "notice: the multi-agent systems differ in topology or latent steps: " + "; ".join(map(shape, multi))
 
 
 def trace_partners(n: int, seed: int = 0) -> list[int]:
@@ -372,7 +565,8 @@ def trace_partners(n: int, seed: int = 0) -> list[int]:
 
 
 def _run_one(system: System, label: str, task: Task, seed: int, examples: list[Example], log: SampleLog,
-             batch_size: int, max_new_tokens: int, temperature: float, bar: tqdm, shuffle_trace: bool = False) -> None:
+             batch_size: int, max_new_tokens: int, temperature: float, bar: tqdm, shuffle_trace: bool = False,
+             shard: tuple[int, int] = (0, 1)) -> None:
     """Run the pending examples of one (system, task, seed), appending each finished batch to ``log``.
 
     With ``shuffle_trace`` the writers of question i work on another question of the set (the control that
@@ -385,6 +579,8 @@ def _run_one(system: System, label: str, task: Task, seed: int, examples: list[E
     # padding, so the same floating-point sums, and with sampling the same random streams).
     order = sorted(range(len(examples)), key=lambda i: (len(prompts[i]), i))
     for number, lo in enumerate(range(0, len(order), batch_size)):
+        if number % shard[1] != shard[0]:  # another process's batch (the batches are the same at any world size)
+            continue
         batch = order[lo: lo + batch_size]
         todo = {i for i in batch if sample_key(label, task.name, seed, examples[i].id) not in log}
         if not todo:

@@ -2,7 +2,8 @@
 
 The default source is reasoning-gym (``rg:<generator>``): examples are generated offline from seeds that the
 evaluation sets never use, and any question that also appears in the task's evaluation set is dropped.
-A local jsonl with ``{question, target}`` rows works for any task.
+A local jsonl with ``{question, target}`` rows works for any task; its rows whose question is in the task's
+offline evaluation set are dropped too (counted, with a printed notice).
 """
 
 from __future__ import annotations
@@ -69,13 +70,22 @@ def _from_jsonl(path: Path) -> list[Example]:
     return rows
 
 
-def _draw(cfg: TrainConfig, n: int, seed: int, exclude: set[str]) -> list[Example]:
+def _norm(question: str) -> str:
+    return " ".join(question.split())
+
+
+def _draw(cfg: TrainConfig, n: int, seed: int, exclude: set[str], announce: bool = False) -> list[Example]:
     task_name = cfg.data.task
     if cfg.data.source:
         path = Path(cfg.data.source)
         if not path.is_file():
             raise DiffMASError(f"training source {path} does not exist (a local jsonl with question/target rows)")
-        pool = [ex for ex in _from_jsonl(path) if ex.question not in exclude]
+        rows = _from_jsonl(path)
+        seen = {_norm(q) for q in exclude}  # whitespace differences do not hide a copied question
+        pool = [ex for ex in rows if _norm(ex.question) not in seen]
+        if len(pool) < len(rows) and announce:
+            print(f"[data] dropped {len(rows) - len(pool)} of {len(rows)} rows of {path}: their question is in "
+                  f"the evaluation set of {task_name}", flush=True)
         if not pool:
             raise DiffMASError(f"every row of {path} is in the evaluation set or excluded")
         import random
@@ -90,12 +100,23 @@ def _draw(cfg: TrainConfig, n: int, seed: int, exclude: set[str]) -> list[Exampl
     return training_examples(task_name[3:], n, seed, cfg.data.target_style, exclude)
 
 
+def evaluation_questions(task) -> set[str]:
+    """The questions of ``task``'s offline evaluation set (training must not see them); empty, with a printed
+    notice, when the task has no offline copy (then nothing can be checked)."""
+    try:
+        return {ex.question for ex in task.load()}
+    except (DiffMASError, ImportError, OSError) as exc:
+        print(f"[data] cannot check training rows against the evaluation set of {task.name}: "
+              f"{str(exc).splitlines()[0][:200]}", flush=True)
+        return set()
+
+
 def build_datasets(cfg: TrainConfig, n_train: int) -> tuple[list[TrainExample], list[TrainExample]]:
     """``n_train`` training examples and ``cfg.data.heldout_examples`` held-out ones, all disjoint from the
     task's evaluation questions (and from each other)."""
     task = get_task(cfg.data.task)
-    exclude = {ex.question for ex in task.load()} if cfg.data.task.startswith("rg:") else set()
-    train = _draw(cfg, n_train, cfg.seed, exclude)
+    exclude = evaluation_questions(task) if cfg.data.task.startswith("rg:") or cfg.data.source else set()
+    train = _draw(cfg, n_train, cfg.seed, exclude, announce=True)
     heldout = _draw(cfg, cfg.data.heldout_examples, cfg.seed + 1_000_003, exclude | {ex.question for ex in train})
 
     def render(examples: list[Example]) -> list[TrainExample]:

@@ -30,7 +30,8 @@ from diffmas.errors import DiffMASError
 from diffmas.latent import build_latent_map, get_realigner, save_latent_map
 from diffmas.prompts import SINGLE, TOPOLOGIES, load_topology
 from diffmas.rollout import RolloutSpec, rollout
-from diffmas.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffmas.train.checkpoint import (_full, check_resume, full_state_dict, latest_checkpoint, load_checkpoint,
+                                     save_checkpoint)
 from diffmas.train.data import TrainExample, build_datasets
 from diffmas.train.link import pretrain_link
 from diffmas.train.objectives import StepPlan, heldout_targets, plan_step, plan_tokens, starts_new_stage, step_loss
@@ -47,11 +48,67 @@ class TrajectoryLoss(torch.nn.Module):
         if isinstance(spec.latent_map, torch.nn.Module):
             self.latent_map = spec.latent_map
         self.backbone, self.spec, self.cfg = backbone, spec, cfg
+        # No `_no_split_modules` on purpose: FSDP2 must shard this module as one unit. Per-layer units reshard a
+        # layer after each of its calls, but a layer's K/V of one call receive gradients from later calls through
+        # the trace, after it was resharded (a backward on freed storage).
 
-    def forward(self, plan: StepPlan, n_tokens: int, n_rows: int) -> tuple[torch.Tensor, ...]:
-        """This share's contribution to the global step loss, its summed CE and distillation distance."""
+    def forward(self, plan: StepPlan, n_tokens: int, n_rows: int, heldout: bool = False) -> tuple[torch.Tensor, ...]:
+        """This share's contribution to the global step loss, its summed CE and distillation distance.
+
+        ``heldout=True``: the teacher-forced held-out rollout of ``plan`` (detached, call it under no_grad), as
+        (summed CE, target tokens). It runs here, inside the wrapped module's forward, because FSDP2 gathers
+        sharded weights only around that forward; a rollout outside it would see the shards.
+        """
+        if heldout:
+            # accelerate autocasts this forward under bf16; the held-out loss stays in the model's own dtype.
+            with torch.autocast(torch.device(self.backbone.device).type, enabled=False):
+                r = rollout(self.backbone, self.spec, plan.prompts, targets=plan.targets, grad_mode="detached")
+            return r.loss.detach() * r.target_tokens, torch.tensor(float(r.target_tokens))
         return step_loss(self.backbone, self.spec, self.cfg, plan, n_tokens, n_rows,
                          checkpoint=self.cfg.activation_checkpointing)
+
+
+def share_realigner(backbone: Backbone, realign: bool, accelerator: Accelerator) -> None:
+    """Compute the realigner once, on the main process (on the CPU, in float64, written to the on-disk cache),
+    and give it to every process, which loads it from that cache and moves it to its device.
+
+    Call it before sharding (FSDP2) with every process. The other processes never solve it themselves: under
+    FSDP2's cpu_ram_efficient_loading their weights are not even loaded, so they take the main process's
+    cache path and norm rather than fingerprinting their own weights.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    import inspect
+
+    from diffmas.assets import diffmas_home
+    from diffmas.latent import Realigner, _fingerprint
+
+    ridge = inspect.signature(get_realigner).parameters["ridge"].default  # what the rollout asks for
+
+    if accelerator.num_processes == 1:
+        get_realigner(backbone, realign)
+        return
+    shared: list = [None, None]
+    if accelerator.is_main_process:
+        realigner = get_realigner(backbone, realign)
+        path = diffmas_home() / "realign" / f"{_fingerprint(backbone, ridge)}.pt" if realign else None
+        shared = [str(path) if path else None, realigner.target_norm]
+    accelerator.wait_for_everyone()  # the cache file is complete before anyone reads it
+    path, target_norm = broadcast_object_list(shared, from_process=0)
+    if not accelerator.is_main_process:
+        matrix = torch.load(path, map_location="cpu", weights_only=True).to(backbone.device) if path else None
+        backbone.cache[("realigner", realign, ridge)] = Realigner(matrix, target_norm)
+
+
+def wrapped_trainable(backbone: Backbone, spec: RolloutSpec) -> list[torch.nn.Parameter]:
+    """The trained parameters as the module holds them now, in a fixed order (LoRA by name, then the latent
+    map's). Call it after wrapping: FSDP2 swaps every parameter for a sharded one, so lists taken before (the
+    adapters' cached list included, refreshed here) would point at tensors that no longer train."""
+    backbone.cache["lora_params"] = [p for n, p in backbone.model.named_parameters() if "lora_" in n]
+    params = trainable_parameters(backbone)
+    if isinstance(spec.latent_map, torch.nn.Module):
+        params += list(spec.latent_map.parameters())
+    return params
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -73,28 +130,27 @@ def attach_trainable(backbone: Backbone, cfg: TrainConfig) -> RolloutSpec:
     writer_steps = cfg.latent_steps if cfg.system == "diffmas" else 0
     final_steps = cfg.latent_steps if cfg.system == "single_latent" else 0
     return RolloutSpec(topology, "latent", writer_steps, realign=cfg.realign, adapters=roles,
-                       final_latent_steps=final_steps, latent_map=latent_map)
+                       final_latent_steps=final_steps, latent_map=latent_map, think=cfg.think)
 
 
-def heldout_loss(backbone: Backbone, spec: RolloutSpec, examples: list[TrainExample], batch_size: int,
-                 cfg: TrainConfig) -> float:
-    """Token-mean teacher-forced loss on held-out examples in the inference configuration (dropout off, no grad)."""
-    was_training = backbone.model.training
-    backbone.model.eval()
-    if isinstance(spec.latent_map, torch.nn.Module):
-        spec.latent_map.eval()
-    total, tokens = 0.0, 0
+def heldout_loss(module: torch.nn.Module, examples: list[TrainExample], batch_size: int, cfg: TrainConfig) -> float:
+    """Token-mean teacher-forced loss on held-out examples in the inference configuration (dropout off, no grad).
+
+    ``module`` is the (wrapped) :class:`TrajectoryLoss`; every process computes the whole held-out set.
+    """
+    was_training = module.training
+    module.eval()
+    total, tokens = 0.0, 0.0
     with torch.no_grad():
         for lo in range(0, len(examples), batch_size):
             chunk = examples[lo: lo + batch_size]
-            r = rollout(backbone, spec, [e.prompt for e in chunk], targets=heldout_targets(cfg, chunk),
-                        grad_mode="detached")
-            total += float(r.loss) * r.target_tokens
-            tokens += r.target_tokens
-    backbone.model.train(was_training)
-    if isinstance(spec.latent_map, torch.nn.Module):
-        spec.latent_map.train(was_training)
-    return total / max(1, tokens)
+            ce_sum, n = module(StepPlan([e.prompt for e in chunk], heldout_targets(cfg, chunk)), 0, 0, heldout=True)
+            total += float(ce_sum)
+            tokens += float(n)
+    if hasattr(module, "reshard"):  # FSDP2 keeps the root gathered after a forward without backward
+        module.reshard()
+    module.train(was_training)
+    return total / max(1.0, tokens)
 
 
 def _prepare_out(out: Path, resume: bool, cfg: TrainConfig) -> Path | None:
@@ -108,7 +164,10 @@ def _prepare_out(out: Path, resume: bool, cfg: TrainConfig) -> Path | None:
         old = to_dict(load_config(saved)) if saved.is_file() else None
         new = to_dict(cfg)
         if old is not None:
-            old.pop("steps"), new.pop("steps")
+            # steps may grow; batch_size and grad_accum may change with the process count as long as the
+            # global batch stays the same (checked against the checkpoint's data position in train()).
+            for key in ("steps", "batch_size", "grad_accum"):
+                old.pop(key), new.pop(key)
             if old != new:
                 diff = sorted(k for k in new if old.get(k) != new.get(k))
                 raise DiffMASError(f"--resume: config differs from checkpoint {ckpt.name} in {diff}")
@@ -135,6 +194,9 @@ def _trackers() -> list[str]:
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     """Train ``cfg.system``'s LoRA adapter(s); writes adapters, checkpoints, metrics and config under ``out``."""
+    from diffmas.memory import configure_allocator
+
+    configure_allocator()  # long latent chains would otherwise leave freed K/V resident (diffmas.memory)
     out = Path(out)
     # One process may train several runs (the demo, the study): the accelerator's settings (mixed precision)
     # are per run, so forget the last run's; the distributed state (PartialState) is kept.
@@ -153,23 +215,24 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = cfg.batch_size * world  # examples per micro-batch over all processes
     global_batch = micro * cfg.grad_accum
+    if ckpt is not None:  # before anything is loaded: a resume that would change the data order fails at once
+        check_resume(ckpt, global_batch, world)
 
     # Data first: a method that the data cannot support fails before the model is even loaded.
     train_set, heldout = build_datasets(cfg, cfg.steps * global_batch)
     backbone = load_backbone(cfg.model.name, str(accelerator.device), cfg.model.dtype)
+    share_realigner(backbone, cfg.realign, accelerator)
     spec = attach_trainable(backbone, cfg)
     backbone.model.train()
-    params = trainable_parameters(backbone)
-    if isinstance(spec.latent_map, torch.nn.Module):
-        params += list(spec.latent_map.parameters())
+    module = accelerator.prepare(TrajectoryLoss(backbone, spec, cfg))
+    params = wrapped_trainable(backbone, spec)  # after prepare: FSDP2 replaces the parameters by DTensor shards
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Not passed to accelerate: its scheduler wrapper steps once per process, which would change the schedule.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    module = accelerator.prepare(TrajectoryLoss(backbone, spec, cfg))
 
     start_step = 0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, backbone, optimizer, scheduler, rank)
+        state = load_checkpoint(ckpt, backbone, optimizer, scheduler, rank, world, cfg.seed)
         start_step = state["step"]
         if accelerator.is_main_process:
             _truncate_metrics(out / METRICS_FILE, start_step)
@@ -195,7 +258,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
                 fh.write(json.dumps(record) + "\n")
 
     if start_step == 0:
-        log({"step": 0, "heldout_loss": heldout_loss(backbone, spec, heldout, cfg.batch_size, cfg)})
+        log({"step": 0, "heldout_loss": heldout_loss(module, heldout, cfg.batch_size, cfg)})
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=f"train {cfg.system}",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     last_good = ckpt
@@ -234,7 +297,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
             record["stage"] = plan.stage
         done = step + 1 == cfg.steps
         if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            record["heldout_loss"] = heldout_loss(backbone, spec, heldout, cfg.batch_size, cfg)
+            record["heldout_loss"] = heldout_loss(module, heldout, cfg.batch_size, cfg)
         log(record)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
                         target_tok_s=f"{record['tokens_per_s']:.0f}")
@@ -242,14 +305,19 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
             last_good = save_checkpoint(out, step + 1, (step + 1) * global_batch, backbone, optimizer, scheduler,
                                         cfg, accelerator)
 
+    # Every process gathers full tensors (FSDP2 holds shards; a no-op copy otherwise), the main one writes.
+    lora_state = full_state_dict(backbone)
+    map_state = ({k: _full(v).cpu() for k, v in spec.latent_map.state_dict().items()}
+                 if isinstance(spec.latent_map, torch.nn.Module) else None)
     if accelerator.is_main_process:
         builtin = TOPOLOGIES.get(spec.topology.name) == spec.topology
         topology = spec.topology.name if builtin else spec.topology.to_dict()
-        save_adapters(backbone, out, spec.adapters, cfg.lora,
+        save_adapters(backbone, out, spec.adapters, cfg.lora, state_dict=lora_state,
                       extra={"system": cfg.system, "topology": topology, "latent_steps": cfg.latent_steps,
                              "grad_mode": cfg.grad_mode, "task": cfg.data.task, "steps": cfg.steps,
-                             "method": cfg.method, "realign": cfg.realign, "seed": cfg.seed,
-                             "latent_map": save_latent_map(spec.latent_map or get_realigner(backbone, cfg.realign), out),
+                             "method": cfg.method, "realign": cfg.realign, "think": cfg.think, "seed": cfg.seed,
+                             "latent_map": save_latent_map(spec.latent_map or get_realigner(backbone, cfg.realign), out,
+                                                           map_state),
                              "curriculum": to_dict(cfg.curriculum) if cfg.method == "curriculum" else None,
                              "distill": to_dict(cfg.distill) if cfg.method == "distill" else None})
     accelerator.wait_for_everyone()
