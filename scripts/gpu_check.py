@@ -152,7 +152,7 @@ def probe_memory(device, quick: bool) -> list[dict]:
     bb = Backbone(lm, make_tokenizer(), "probe")
     roles = _lora(bb)
     bb.model.train()
-    question = "Count the words in this long text. " * (8 if quick else 60)
+    question = "Count the words in this long text. " * (8 if quick else 20)  # ~700 byte tokens per agent
     for m in ((0, 4) if quick else (0, 10, 40)):
         for ckpt in (False, True):
             spec = RolloutSpec(DUO, "latent", latent_steps=m, adapters=roles)
@@ -161,7 +161,13 @@ def probe_memory(device, quick: bool) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            rollout(bb, spec, [question] * 8, targets=["Answer: 42"] * 8, checkpoint=ckpt).loss.backward()
+            try:
+                rollout(bb, spec, [question] * 8, targets=["Answer: 42"] * 8, checkpoint=ckpt).loss.backward()
+            except torch.OutOfMemoryError:
+                bb.model.zero_grad(set_to_none=True)
+                rows.append({"latent_steps": m, "checkpoint": ckpt, "out_of_memory": True})
+                torch.cuda.empty_cache()
+                continue
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
