@@ -75,7 +75,7 @@ def fixed_length(backbone: Backbone) -> FixedLengthBackbone:
 
 def chain_sum_prompts(n: int) -> list[str]:
     """The first ``n`` evaluation questions of rg:chain_sum, rendered as the task's user turn."""
-    from diffmas.eval.tasks import get_task
+    from diffmas.tasks import get_task
 
     task = get_task("rg:chain_sum")
     return [task.prompt(ex) for ex in task.load(limit=n)]

@@ -20,7 +20,7 @@ from diffmas.systems import build_system
 
 
 def gsm8k_prompts(n: int) -> list[str]:
-    from diffmas.eval.tasks import get_task
+    from diffmas.tasks import get_task
 
     task = get_task("gsm8k")
     return [task.prompt(ex) for ex in task.load(n)]

@@ -17,8 +17,8 @@ from typing import Any
 
 from _common import load, machine, parser, setup, table, timed, write_json
 from diffmas.decode import DecodeConfig
-from diffmas.eval.tasks import get_task
 from diffmas.systems import build_system
+from diffmas.tasks import get_task
 
 
 def main() -> None:

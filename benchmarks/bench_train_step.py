@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from _common import compare, interleaved, load, machine, parser, setup, table, write_json
 from diffmas.adapters import LoraSettings, attach_lora, trainable_parameters
 from diffmas.backbone import Backbone
-from diffmas.eval.rg import training_examples
-from diffmas.eval.tasks import get_task
 from diffmas.kv import left_pad
 from diffmas.prompts import Topology, load_topology, render_agent, render_target
 from diffmas.rollout import RolloutSpec, rollout
+from diffmas.tasks import get_task
+from diffmas.tasks.rg import training_examples
 
 
 def training_batch(n: int, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -7,8 +7,9 @@ import importlib.util
 import pytest
 
 from diffmas.eval import sandbox
-from diffmas.eval.benchmarks import BENCHMARKS
-from diffmas.eval.grading import (
+from diffmas.tasks import Example, get_task
+from diffmas.tasks.benchmarks import BENCHMARKS
+from diffmas.tasks.grading import (
     extract_boxed,
     extract_choice,
     extract_code,
@@ -18,7 +19,6 @@ from diffmas.eval.grading import (
     grade_code,
     grade_math,
 )
-from diffmas.eval.tasks import Example, get_task
 
 HAS_SANDBOX = importlib.util.find_spec("diffmas.eval.sandbox") is not None
 needs_sandbox = pytest.mark.skipif(not HAS_SANDBOX, reason="diffmas.eval.sandbox is not written yet")

@@ -12,7 +12,7 @@ from rich.console import Console
 from diffmas.eval.metrics import across_seeds, mean_stderr, pass_at_k, perplexity, summarize
 from diffmas.eval.report import render_table
 from diffmas.eval.runner import _record, compute_results, sample_key
-from diffmas.eval.tasks import get_task
+from diffmas.tasks import get_task
 
 
 def test_mean_stderr_hand_computed() -> None:

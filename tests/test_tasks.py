@@ -6,16 +6,18 @@ import importlib.util
 import json
 import re
 import string
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
 from diffmas.errors import DiffMASError
-from diffmas.eval.rg import EVAL_SEED_START, RGTask, training_examples
-from diffmas.eval.tasks import ANSWER_INSTRUCTION, Example, get_task, list_tasks
+from diffmas.tasks import ANSWER_INSTRUCTION, Example, get_task, list_tasks
+from diffmas.tasks.rg import EVAL_SEED_START, RGTask, training_examples
 
-# Verified on the offline packages (see the table in diffmas/eval/benchmarks.py).
+# Verified on the offline packages (see the table in diffmas/tasks/benchmarks.py).
 OFFLINE_COUNTS = {
     "gsm8k": 1319, "math500": 500, "aime25": 25, "gpqa_diamond": 25, "arc_easy": 2376, "arc_challenge": 1172,
     "commonsense_qa": 1221, "medqa": 1273, "winogrande": 1267, "humaneval": 164, "mbpp": 500,
@@ -140,6 +142,24 @@ def test_registry() -> None:
         get_task("no_such_task")
     with pytest.raises(ValueError, match="reasoning-gym"):
         get_task("rg:no_such_generator")
+
+
+def test_trainer_data_does_not_import_eval() -> None:
+    # The trainer gets its tasks from diffmas.tasks; the evaluation harness (diffmas.eval) stays out of it.
+    code = ("import sys, diffmas.train.data\n"
+            "print(sorted(m for m in sys.modules if m == 'diffmas.eval' or m.startswith('diffmas.eval.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize("module", ["diffmas.tasks.base", "diffmas.tasks.rg", "diffmas.tasks.benchmarks",
+                                    "diffmas.tasks.grading"])
+def test_task_modules_import_first_without_a_cycle(module: str) -> None:
+    # Whichever module is imported first, the registry ends up complete (no circular-import failure).
+    code = (f"import {module}\nfrom diffmas.tasks import get_task\n"
+            "print(get_task('gsm8k').name, get_task('rg:chain_sum').name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["gsm8k", "rg:chain_sum"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("diffmas.eval.sandbox") is None, reason="sandbox not written yet")

@@ -318,7 +318,7 @@ def test_fsdp2_heldout_checkpoint_and_adapters_on_two_cpu_processes(tmp_path):
 
 
 def test_jsonl_rows_that_are_evaluation_questions_are_dropped(tmp_path, capsys):
-    from diffmas.eval.tasks import get_task
+    from diffmas.tasks import get_task
     from diffmas.train.data import build_datasets
 
     leaked = get_task("gsm8k").load()[0].question

@@ -2,7 +2,7 @@
 
     diffmas eval --report runs/eval runs/eval-trained
 
-The table shows strict and flexible accuracy ± standard error (see diffmas.eval.grading) next to the cost of
+The table shows strict and flexible accuracy ± standard error (see diffmas.tasks.grading) next to the cost of
 getting it (tokens and seconds per problem); the plots put every system x task's strict accuracy on
 accuracy-vs-tokens and accuracy-vs-time axes, error bars = standard error.
 """

@@ -36,9 +36,9 @@ from diffmas.backbone import Backbone, load_backbone, resolve_device
 from diffmas.decode import DecodeConfig
 from diffmas.errors import DiffMASError
 from diffmas.eval.metrics import across_seeds, mean_stderr, pass_at_k, summarize
-from diffmas.eval.tasks import Example, Task, get_task
 from diffmas.rollout import TRACE_MODES
 from diffmas.systems import System, build_system, effective_settings, get_kind
+from diffmas.tasks import Example, Task, get_task
 
 __all__ = ["SampleLog", "SystemEntry", "compute_results", "parse_systems", "run_eval", "sample_key", "RESULTS_FILE",
            "SAMPLES_FILE"]

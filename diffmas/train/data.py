@@ -15,7 +15,7 @@ from pathlib import Path
 from diffmas.config import TrainConfig
 from diffmas.errors import DiffMASError
 from diffmas.prompts import ANSWER_KEY
-from diffmas.eval.tasks import Example, get_task
+from diffmas.tasks import Example, get_task
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _draw(cfg: TrainConfig, n: int, seed: int, exclude: set[str], announce: bool
     if not task_name.startswith("rg:"):
         raise DiffMASError(f"task '{task_name}' has no offline training generator: set data.source to a jsonl of "
                            "{question, target} rows")
-    from diffmas.eval.rg import training_examples
+    from diffmas.tasks.rg import training_examples
 
     return training_examples(task_name[3:], n, seed, cfg.data.target_style, exclude)
 

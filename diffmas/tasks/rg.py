@@ -20,8 +20,8 @@ import warnings
 from functools import cache
 from typing import Any, Literal
 
-from diffmas.eval.grading import Grade, extract_final_answer, extract_last_number
-from diffmas.eval.tasks import ANSWER_INSTRUCTION, Example, Task, TaskError, register_family
+from diffmas.tasks.base import ANSWER_INSTRUCTION, Example, Task, TaskError, register_family
+from diffmas.tasks.grading import Grade, extract_final_answer, extract_last_number
 
 __all__ = [
     "EASY_CONFIGS",

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from diffmas.assets import package_file
-from diffmas.eval.grading import Grade, extract_boxed, extract_code, grade_choice, grade_code, grade_math
-from diffmas.eval.tasks import ANSWER_INSTRUCTION, Example, Task, TaskError, register_task
+from diffmas.tasks.base import ANSWER_INSTRUCTION, Example, Task, TaskError, register_task
+from diffmas.tasks.grading import Grade, extract_boxed, extract_code, grade_choice, grade_code, grade_math
 
 __all__ = ["Benchmark", "BENCHMARKS"]
 

@@ -265,7 +265,8 @@ def grade_code(program: str, tests: str, entry_point: str | None, timeout: float
     called as well. Correct only when the sandbox reports "passed" and the run got past the last test: the
     harness then prints a random token the code cannot know (see ``_HARNESS``). Strict and flexible agree.
     """
-    from diffmas.eval.sandbox import run_code  # lazy: the sandbox is optional for non-code tasks
+    # Lazy, and the only tie from diffmas.tasks to diffmas.eval: the sandbox is needed by code tasks alone.
+    from diffmas.eval.sandbox import run_code
 
     code, fenced = extract_code(program)
     source = f"{code.rstrip()}\n\n{tests.rstrip()}\n"

@@ -1,8 +1,10 @@
-"""Tasks: the `Example` record, the `Task` interface and the registry of evaluation tasks.
+"""Tasks: the `Example` record, the `Task` interface and the registry of tasks (for training and evaluation).
 
 A task turns examples into prompts (with the answer-format instruction) and grades responses. Built-in tasks
-are the offline benchmarks (`diffmas.eval.benchmarks`) and the `rg:<generator>` family over reasoning-gym
-(`diffmas.eval.rg`); both register themselves when first needed, so importing this module stays cheap.
+are the offline benchmarks (`diffmas.tasks.benchmarks`) and the `rg:<generator>` family over reasoning-gym
+(`diffmas.tasks.rg`). This module imports neither: those modules import it and register themselves, and the
+package `diffmas.tasks` imports this module first and then both of them, so the registry is full whenever
+anything from `diffmas.tasks` has been imported.
 
     task = get_task("gsm8k")
     ex = task.load(limit=1)[0]
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from diffmas.errors import DiffMASError
-from diffmas.eval.grading import Grade
+from diffmas.tasks.grading import Grade
 
 __all__ = [
     "Example",
@@ -107,15 +109,8 @@ def register_family(prefix: str, factory: Callable[[str], Task], listing: Callab
     _FAMILY_LISTINGS[prefix] = listing
 
 
-def _ensure_builtin() -> None:
-    # Imported here, not at module top, because those modules import this one to register their tasks.
-    import diffmas.eval.benchmarks  # noqa: F401
-    import diffmas.eval.rg  # noqa: F401
-
-
 def list_tasks() -> list[str]:
     """Names of all registered tasks, including the listed members of each family ("rg:chain_sum", ...)."""
-    _ensure_builtin()
     names = sorted(TASKS)
     for prefix in sorted(_FAMILY_LISTINGS):
         names += [f"{prefix}:{member}" for member in _FAMILY_LISTINGS[prefix]()]
@@ -124,7 +119,6 @@ def list_tasks() -> list[str]:
 
 def get_task(name: str) -> Task:
     """Return the task called ``name`` ("gsm8k", "rg:chain_sum", ...); unknown names raise ValueError."""
-    _ensure_builtin()
     if name in TASKS:
         return TASKS[name]
     prefix, sep, member = name.partition(":")
