@@ -26,6 +26,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-agent 
 console = Console(stderr=True)
 
 
+# Engine settings shared by `run` and `eval` (one definition, so their flags cannot drift apart).
+REALIGN_OPTION = typer.Option(True, "--realign/--no-realign", help="Realignment matrix before the norm rescaling "
+                              "(--no-realign: rescaling only). Trained adapters use their saved setting.")
+THINK_OPTION = typer.Option(False, "--think/--no-think", help="Render prompts with enable_thinking on, for chat "
+                            "templates that have the switch (Qwen3). Off by default: untrained systems would "
+                            "otherwise think past their token budget.")
+TRACE_OPTION = typer.Option("keep", help="keep | drop: drop = a writer with 0 latent steps adds nothing to the "
+                                         "trace (LatentMAS); keep = its prompt stays in the trace.")
+
+
 def user_errors(fn):
     """Print a DiffMASError as one line and exit 2, instead of a traceback."""
 
@@ -82,13 +92,9 @@ def run(
     top_p: float = typer.Option(1.0),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(8),
-    realign: bool = typer.Option(True, "--realign/--no-realign", help="Realignment matrix before the norm rescaling "
-                                 "(--no-realign: rescaling only). Trained adapters use their saved setting."),
-    think: bool = typer.Option(False, "--think/--no-think", help="Render prompts with enable_thinking on, for chat "
-                               "templates that have the switch (Qwen3). Off by default: untrained systems would "
-                               "otherwise think past their token budget."),
-    trace: str = typer.Option("keep", help="keep | drop: drop = a writer with 0 latent steps adds nothing to the "
-                                           "trace (LatentMAS); keep = its prompt stays in the trace."),
+    realign: bool = REALIGN_OPTION,
+    think: bool = THINK_OPTION,
+    trace: str = TRACE_OPTION,
     show_latents: bool = typer.Option(False, help="Logit lens: top-3 tokens of every latent step."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("float32"),
@@ -211,13 +217,9 @@ def eval_(
     latent_steps: Optional[int] = typer.Option(None, help="Latent steps per writer (default 10, or the adapter's)."),
     topology: Optional[str] = typer.Option(None, help="sequential | hierarchical | a YAML file."),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 also reports pass@k over the seeds."),
-    realign: bool = typer.Option(True, "--realign/--no-realign", help="Realignment matrix before the norm rescaling "
-                                 "(--no-realign: rescaling only). Trained adapters use their saved setting."),
-    think: bool = typer.Option(False, "--think/--no-think", help="Render prompts with enable_thinking on, for chat "
-                               "templates that have the switch (Qwen3). Off by default: untrained systems would "
-                               "otherwise think past their token budget."),
-    trace: str = typer.Option("keep", help="keep | drop: drop = a writer with 0 latent steps adds nothing to the "
-                                           "trace (LatentMAS); keep = its prompt stays in the trace."),
+    realign: bool = REALIGN_OPTION,
+    think: bool = THINK_OPTION,
+    trace: str = TRACE_OPTION,
     text_context_limit: Optional[int] = typer.Option(None, help="text_mas: the most real tokens the shared trace "
                                                      "may hold after a writer's turn; replies are cut to fit."),
     budget_from: Optional[str] = typer.Option(None, help="Full thinking budget baseline: single@budget (or every "
