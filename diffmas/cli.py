@@ -168,6 +168,9 @@ def train(
     mixed_precision: Optional[str] = typer.Option(None, help="no | bf16"),
     think: Optional[bool] = typer.Option(None, "--think/--no-think",
                                          help="Prompts with enable_thinking on (Qwen3-like templates; default off)."),
+    realign: Optional[bool] = typer.Option(None, "--realign/--no-realign",
+                                           help="Ridge realignment before the norm rescaling (default on; "
+                                                "--no-realign: rescaling only)."),
     device: Optional[str] = typer.Option(None),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
 ) -> None:
@@ -184,7 +187,7 @@ def train(
         "model.device": device, "method": method, "latent_map": latent_map,
         "curriculum.stages": curriculum_stages, "curriculum.thoughts_per_step": thoughts_per_step,
         "curriculum.stage_steps": stage_steps, "curriculum.mixin": mixin, "distill.weight": distill_weight,
-        "link.pretrain_steps": link_pretrain_steps, "think": think,
+        "link.pretrain_steps": link_pretrain_steps, "think": think, "realign": realign,
     }
     summary = run_training(load_config(config, overrides), out, resume=resume)
     if summary["is_main_process"]:
@@ -217,6 +220,8 @@ def eval_(
     latent_steps: Optional[int] = typer.Option(None, help="Latent steps per writer (default 10, or the adapter's)."),
     topology: Optional[str] = typer.Option(None, help="sequential | hierarchical | a YAML file."),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 also reports pass@k over the seeds."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling (with temperature > 0), for the final agent and text "
+                                          "writers alike."),
     realign: bool = REALIGN_OPTION,
     think: bool = THINK_OPTION,
     trace: str = TRACE_OPTION,
@@ -261,7 +266,7 @@ def eval_(
             [s for s in systems.split(",") if s.strip()], tasks, out, model=model, limit=limit,
             seeds=tuple(range(seeds)), batch_size=batch_size, max_new_tokens=max_new_tokens,
             writer_max_new_tokens=writer_max_new_tokens, topology=topology, latent_steps=latent_steps, device=device,
-            dtype=dtype, source=source, temperature=temperature, show_progress=not no_progress,
+            dtype=dtype, source=source, temperature=temperature, top_p=top_p, show_progress=not no_progress,
             shuffle_trace=shuffle_trace, realign=realign, think=think, trace=trace,
             text_context_limit=text_context_limit, budget_from=budget_from)
         if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: the main process reports (same results)

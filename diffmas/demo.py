@@ -107,12 +107,18 @@ def train_once(cfg: TrainConfig, out: Path, reuse: tuple[Path, ...] = ()) -> Pat
 
 
 def _markdown_table(results: dict) -> str:
-    lines = ["| system | accuracy ± stderr | n | format failures | tokens / problem | s / problem | perplexity |",
-             "|---|---|---|---|---|---|---|"]
+    from diffmas.eval.report import self_perplexity
+
+    lines = ["| system | accuracy ± stderr | n | format failures | tokens / problem | s / problem | gold perplexity "
+             "| perplexity of own output |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
-        ppl = f"{row['perplexity']:.2f}" if row.get("perplexity") is not None else "–"
+        gold, own = row.get("gold_perplexity"), self_perplexity(row)
+        gold = f"{gold:.2f}" if gold is not None else "–"
+        own = f"{own:.2f}" if own is not None else "–"
         lines.append(f"| {row['system']} | {row['accuracy']:.3f} ± {row['stderr']:.3f} | {row['n']} | "
-                     f"{row['format_failures']:.2f} | {row['tokens_mean']:.1f} | {row['seconds_mean']:.2f} | {ppl} |")
+                     f"{row['format_failures']:.2f} | {row['tokens_mean']:.1f} | {row['seconds_mean']:.2f} | {gold} "
+                     f"| {own} |")
     return "\n".join(lines)
 
 
@@ -168,7 +174,8 @@ def _rows(results: dict) -> dict:
     rows = []
     for row in results["results"]:
         rows.append({"system": row["system"], **{k: row.get(k) for k in (
-            "accuracy", "stderr", "n", "format_failures", "tokens_mean", "seconds_mean", "perplexity")}})
+            "accuracy", "stderr", "n", "format_failures", "tokens_mean", "seconds_mean", "gold_perplexity")},
+            "self_perplexity": row.get("self_perplexity", row.get("perplexity"))})
     return {"rows": rows}
 
 

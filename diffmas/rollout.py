@@ -134,11 +134,16 @@ def _maybe_checkpoint(enabled: bool, fn, trace: Trace, *tensors: Tensor | None) 
     return fn(*tensors, *trace.flatten())
 
 
-def _forced_ce(backbone: Backbone, predictors: Tensor, labels: Tensor) -> Tensor:
-    """Summed cross-entropy of ``labels`` (-100 = no loss) predicted from ``predictors`` [B, S, D]."""
+def _forced_ce(backbone: Backbone, predictors: Tensor, labels: Tensor, per_row: bool = False) -> Tensor:
+    """Summed cross-entropy of ``labels`` (-100 = no loss) predicted from ``predictors`` [B, S, D]; with
+    ``per_row`` one sum per row [B] (float64) instead of one over the batch."""
     # Logits only where a target token is predicted: the LM head is a large share of a small model's cost.
     keep = labels != -100
-    return F.cross_entropy(backbone.logits(predictors[keep]), labels[keep], reduction="sum")
+    if not per_row:
+        return F.cross_entropy(backbone.logits(predictors[keep]), labels[keep], reduction="sum")
+    ce = F.cross_entropy(backbone.logits(predictors[keep]), labels[keep], reduction="none")
+    rows = torch.nonzero(keep)[:, 0]
+    return torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device).index_add_(0, rows, ce.double())
 
 
 def _at_columns(layers: tuple[Tensor, ...], columns: Tensor) -> tuple[Tensor, ...]:
@@ -147,7 +152,7 @@ def _at_columns(layers: tuple[Tensor, ...], columns: Tensor) -> tuple[Tensor, ..
 
 
 def _agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *, lens_top_k: int = 0,
-              lens_out: list | None = None, capture: bool = False):
+              lens_out: list | None = None, capture: bool = False, per_row: bool = False):
     """A checkpointable agent call: prefill the segment, take ``steps`` latent steps, then teacher-force a
     continuation (if given) with a summed cross-entropy on its labelled tokens.
 
@@ -158,7 +163,8 @@ def _agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *
     Returns the summed loss, the last hidden state, the captured states (every layer's, with ``capture``),
     then the trace's tensors.
     With ``lens_top_k`` the logit lens of every step is appended to ``lens_out`` (strings cannot be outputs
-    of a checkpointed function, so they leave through this list).
+    of a checkpointed function, so they leave through this list). With ``per_row`` the loss is one float64 sum
+    per row [B] (evaluation's gold-target NLL) instead of a scalar.
     """
 
     def run(ids: Tensor, mask: Tensor, labels: Tensor | None, forced_ids: Tensor | None,
@@ -170,7 +176,8 @@ def _agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *
                                                               all_layers=capture_here)
         captured: tuple[Tensor, ...] = _at_columns(hidden, capture_col) if capture_here else ()
         hidden = hidden[-1] if capture_here else hidden
-        loss = _forced_ce(backbone, hidden[:, :-1], labels[:, 1:]) if labels is not None else hidden.new_zeros(())
+        loss = _forced_ce(backbone, hidden[:, :-1], labels[:, 1:], per_row) if labels is not None else \
+            hidden.new_zeros((ids.shape[0],) if per_row else (), dtype=torch.float64 if per_row else None)
         trace, last, lens = latent_steps(backbone, trace, hidden[:, -1], steps, latent_map, lens_top_k)
         if lens_out is not None:
             lens_out.append(lens)
@@ -182,7 +189,7 @@ def _agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *
             prev = torch.cat([last[:, None], forced_hidden[:, :-1]], 1)
             prev_real = torch.cat([torch.ones_like(forced_mask[:, :1]), forced_mask[:, :-1]], 1).bool()
             predictors = torch.where(prev_real[..., None], prev, last[:, None])
-            loss = loss + _forced_ce(backbone, predictors, forced_labels)
+            loss = loss + _forced_ce(backbone, predictors, forced_labels, per_row)
             captured = _at_columns(layers, capture_col) if capture else ()
             last = forced_hidden[:, -1]
         return (loss, last, *captured, *trace.flatten())
@@ -276,6 +283,48 @@ def count_forced_tokens(backbone: Backbone, spec: RolloutSpec, targets: list[str
         sum(len(render_target(tok, t)) for t in (writer or []) if t)
 
 
+def _final_inputs(backbone: Backbone, prompt_seqs: list[list[int]], forced: list[list[int]], final_steps: int
+                  ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The final agent's teacher-forced inputs for :func:`_agent_fn`: ``ids, mask, labels`` (prompt + target in
+    one segment when it takes no latent steps) and ``forced_ids, forced_mask, forced_labels`` (the target as its
+    own segment after its latent steps)."""
+    device = backbone.device
+    if final_steps == 0:
+        ids, mask, labels = _labelled(prompt_seqs, forced, backbone.pad_id, device)
+        return ids, mask, labels, None, None, None
+    ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
+    f_ids, f_mask, f_labels = _labelled([[] for _ in forced], forced, backbone.pad_id, device)
+    return ids, mask, None, f_ids, f_mask, f_labels
+
+
+def _final_steps(spec: RolloutSpec) -> int:
+    """Latent steps the final agent takes before it answers (a topology entry's own budget wins)."""
+    final = spec.topology.final
+    if final.latent_steps is not None and spec.writer_mode == "latent":  # per-agent budgets (topology YAML)
+        return final.latent_steps
+    return spec.final_latent_steps
+
+
+def gold_nll(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompts: list[str], targets: list[str]
+             ) -> list[tuple[float, int]]:
+    """Per row, (summed NLL, token count) of ``render_target(target)`` when the final agent (its adapter, prompt
+    rendering and latent steps) is teacher-forced on it after the writers' ``trace`` (``rollout(...,
+    keep_trace=True).trace``), without grad: the quantity training's loss averages, so the writers need not run
+    twice. ``exp(sum NLL / sum tokens)`` is the gold-target perplexity."""
+    if len(prompts) != len(targets) or len(prompts) != trace.batch_size:
+        raise DiffMASError(f"{len(targets)} targets and a trace of {trace.batch_size} rows for {len(prompts)} prompts")
+    tok, final = backbone.tokenizer, spec.topology.final
+    steps = _final_steps(spec)
+    latent_map = (spec.latent_map or get_realigner(backbone, spec.realign)) if steps else None
+    prompt_seqs = [render_agent(tok, final, p, spec.think) for p in prompts]
+    forced = [render_target(tok, t) for t in targets]
+    with torch.no_grad():
+        inputs = _final_inputs(backbone, prompt_seqs, forced, steps)
+        fn = _agent_fn(backbone, (spec.adapters or {}).get(final.role), steps, latent_map, per_row=True)
+        out = _as_agent(final.role, _maybe_checkpoint, False, fn, trace, *inputs, None)
+    return [(float(nll), len(f)) for nll, f in zip(out[0].tolist(), forced)]
+
+
 def rollout(
     backbone: Backbone,
     spec: RolloutSpec,
@@ -319,9 +368,7 @@ def rollout(
             raise DiffMASError(f"{len(rows)} {name} for {batch} prompts")
     writers = spec.topology.writers
     final = spec.topology.final
-    final_steps = spec.final_latent_steps
-    if final.latent_steps is not None and spec.writer_mode == "latent":  # per-agent budgets (topology YAML)
-        final_steps = final.latent_steps
+    final_steps = _final_steps(spec)
     writer_text, final_text = forced_texts(spec, targets, thinker_texts) if training else (None, None)
     if thinker_latent_steps is not None and not writers:
         final_steps = thinker_latent_steps
@@ -401,17 +448,10 @@ def rollout(
         if capture:
             where = [answer_predictor_index(tok, t) for t in final_text]
             capture_col = torch.tensor(where, device=device)
-        if final_steps == 0:
-            ids, mask, labels = _labelled(prompt_seqs, forced, backbone.pad_id, device)
-            f_ids = f_mask = f_labels = None
-            if capture_col is not None:  # column of the predictor inside the padded prompt + target segment
-                capture_col = ids.shape[1] - torch.tensor([len(f) for f in forced], device=device) + capture_col
-        else:
-            ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
-            labels = None
-            f_ids, f_mask, f_labels = _labelled([[] for _ in forced], forced, backbone.pad_id, device)
-            if capture_col is not None:
-                capture_col = f_ids.shape[1] - torch.tensor([len(f) for f in forced], device=device) + capture_col
+        ids, mask, labels, f_ids, f_mask, f_labels = _final_inputs(backbone, prompt_seqs, forced, final_steps)
+        if capture_col is not None:  # column of the predictor inside the padded segment that holds the target
+            width = (ids if f_ids is None else f_ids).shape[1]
+            capture_col = width - torch.tensor([len(f) for f in forced], device=device) + capture_col
         fn = _agent_fn(backbone, adapters.get(final.role), final_steps, latent_map, capture=capture)
         out = _as_agent(final.role, _maybe_checkpoint, checkpoint, fn, trace, ids, mask, labels, f_ids, f_mask,
                         f_labels, capture_col)

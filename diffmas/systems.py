@@ -24,7 +24,7 @@ from diffmas.decode import DecodeConfig
 from diffmas.errors import DiffMASError
 from diffmas.latent import load_latent_map
 from diffmas.prompts import SINGLE, Topology, load_topology
-from diffmas.rollout import RolloutResult, RolloutSpec, rollout
+from diffmas.rollout import RolloutResult, RolloutSpec, gold_nll, rollout
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,20 @@ class System:
     spec: RolloutSpec
 
     def run(self, prompts: list[str], decode_cfg: DecodeConfig, batch_size: int = 8,
-            on_batch: Callable[[int], None] | None = None, writer_prompts: list[str] | None = None) -> list[dict]:
+            on_batch: Callable[[int], None] | None = None, writer_prompts: list[str] | None = None,
+            targets: list[str] | None = None) -> list[dict]:
         """Answer every prompt; returns one JSON-ready record per prompt, in input order.
 
         Prompts are grouped by length to cut padding; batch invariance makes the grouping invisible in results.
         ``writer_prompts`` (one per prompt) makes the writers work on other questions (shuffled-trace control).
+        ``targets`` (gold references, one per prompt, in the task's target format) add ``gold_nll_sum`` and
+        ``gold_tokens`` to each record: the final agent teacher-forced on its target after the same writers'
+        trace (see :func:`diffmas.rollout.gold_nll`).
         """
         if writer_prompts is not None and len(writer_prompts) != len(prompts):
             raise DiffMASError(f"{len(writer_prompts)} writer prompts for {len(prompts)} prompts")
+        if targets is not None and len(targets) != len(prompts):
+            raise DiffMASError(f"{len(targets)} targets for {len(prompts)} prompts")
         if batch_size < 1:
             raise DiffMASError("batch size must be >= 1")
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -79,9 +85,14 @@ class System:
         for lo in range(0, len(order), batch_size):
             idx = order[lo: lo + batch_size]
             others = [writer_prompts[i] for i in idx] if writer_prompts is not None else None
-            result: RolloutResult = rollout(self.backbone, self.spec, [prompts[i] for i in idx], decode_cfg=decode_cfg,
-                                            writer_prompts=others)
-            for i, rec in zip(idx, result.per_question()):
+            batch = [prompts[i] for i in idx]
+            result: RolloutResult = rollout(self.backbone, self.spec, batch, decode_cfg=decode_cfg,
+                                            writer_prompts=others, keep_trace=targets is not None)
+            gold = gold_nll(self.backbone, self.spec, result.trace, batch, [targets[i] for i in idx]) \
+                if targets is not None else None
+            for n, (i, rec) in enumerate(zip(idx, result.per_question())):
+                if gold is not None:
+                    rec["gold_nll_sum"], rec["gold_tokens"] = gold[n]
                 records[i] = rec
             if on_batch:
                 on_batch(len(idx))

@@ -76,9 +76,9 @@ def test_summarize_hand_computed() -> None:
     nll = 2 * math.log(2)
     records = [
         {"correct": True, "flexible": True, "format_ok": True, "tokens": 10, "seconds": 1.0, "nll": nll,
-         "n_tokens_final": 2},
+         "n_tokens_final": 2, "gold_nll": 3 * math.log(4), "gold_tokens": 2},
         {"correct": False, "flexible": True, "format_ok": False, "tokens": 20, "seconds": 3.0, "nll": None,
-         "n_tokens_final": 0},
+         "n_tokens_final": 0, "gold_nll": math.log(4), "gold_tokens": 2},
         {"correct": True, "flexible": True, "format_ok": True, "tokens": 30, "seconds": 2.0, "nll": nll,
          "n_tokens_final": 2},
         {"correct": True, "flexible": True, "format_ok": False, "tokens": 40, "seconds": 2.0, "nll": None,
@@ -91,7 +91,9 @@ def test_summarize_hand_computed() -> None:
     assert (s["accuracy_flexible"], s["stderr_flexible"]) == (pytest.approx(1.0), pytest.approx(0.0))
     assert s["tokens_mean"] == pytest.approx(25.0)
     assert s["seconds_mean"] == pytest.approx(2.0)
-    assert s["perplexity"] == pytest.approx(2.0)  # only records with an nll: exp(4 ln 2 / 4)
+    assert s["self_perplexity"] == pytest.approx(2.0)  # only records with an nll: exp(4 ln 2 / 4)
+    assert s["gold_perplexity"] == pytest.approx(4.0)  # only records with a gold nll: exp(4 ln 4 / 4)
+    assert "perplexity" not in s  # the old name hid that it scored the model's own output
     assert s["format_failures"] == pytest.approx(0.5)
 
 
@@ -99,7 +101,7 @@ def test_summarize_without_nll_gives_nan_perplexity() -> None:
     record = {"correct": False, "flexible": False, "format_ok": True, "tokens": 1, "seconds": 0.1, "nll": None,
               "n_tokens_final": 0}
     s = summarize([record])
-    assert math.isnan(s["perplexity"])
+    assert math.isnan(s["self_perplexity"]) and math.isnan(s["gold_perplexity"])
     assert s["accuracy"] == 0.0 and s["stderr"] == 0.0 and s["format_failures"] == 0.0
 
 
@@ -155,3 +157,20 @@ def test_results_and_table_report_strict_and_flexible() -> None:
     for row in results["results"]:
         del row["accuracy_flexible"], row["stderr_flexible"]
     console.print(render_table(results))
+
+
+def test_tables_show_gold_and_own_output_perplexity() -> None:
+    from diffmas.demo import _markdown_table, _rows
+
+    base = {"task": "t", "accuracy": 0.5, "stderr": 0.1, "accuracy_flexible": 0.5, "stderr_flexible": 0.1, "n": 2,
+            "tokens_mean": 3.0, "seconds_mean": 0.1, "format_failures": 0.0}
+    results = {"results": [{**base, "system": "new", "self_perplexity": 1.25, "gold_perplexity": 7.5},
+                           {**base, "system": "old", "perplexity": 3.75}]}  # a results.json from before the rename
+    console = Console(record=True, width=250, file=io.StringIO())
+    console.print(render_table(results))
+    text = console.export_text()
+    assert "gold ppl" in text and "own-output ppl" in text
+    assert "7.50" in text and "1.25" in text and "3.75" in text
+    table = _markdown_table(_rows(results))
+    assert "| gold perplexity | perplexity of own output |" in table
+    assert "| 7.50 | 1.25 |" in table and "| – | 3.75 |" in table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -227,3 +228,111 @@ def test_trained_adapter_does_not_leak_into_other_systems(model_dir, tmp_path):
     rows = {r["system"]: comparable(r) for r in mixed["results"]}
     for r in plain["results"]:  # ... and only where it was asked for
         assert rows[r["system"]] == comparable(r)
+
+
+# ---------------------------------------------------------------------- gold-target perplexity (issue 9)
+
+def _gold_setup(spec_kind: str):
+    from diffmas.eval.runner import gold_target
+    from diffmas.prompts import SINGLE
+    from diffmas.rollout import RolloutSpec
+    from diffmas.systems import System, build_system, get_kind
+    from diffmas.tasks import get_task
+
+    bb = make_backbone(dtype=torch.float64)
+    if spec_kind == "final_latent":  # the final agent's own latent steps: the target is a segment of its own
+        system = System(get_kind("single_latent"), bb, RolloutSpec(SINGLE, "latent", 0, final_latent_steps=2))
+    else:
+        system = build_system(spec_kind, bb, latent_steps=2)
+    examples = get_task(TASK).load(5)
+    return bb, system, [get_task(TASK).prompt(ex) for ex in examples], [gold_target(ex) for ex in examples]
+
+
+@pytest.mark.parametrize("spec_kind", ["latent_mas", "single", "final_latent"])
+def test_gold_perplexity_is_training_loss_and_batch_invariant(spec_kind):
+    from diffmas.decode import DecodeConfig
+    from diffmas.rollout import rollout
+
+    bb, system, prompts, targets = _gold_setup(spec_kind)
+    assert all(t.startswith("Answer: ") for t in targets)
+    cfg = DecodeConfig(4)
+    full = system.run(prompts, cfg, batch_size=len(prompts), targets=targets)
+    for i, rec in enumerate(full):
+        alone = system.run([prompts[i]], cfg, batch_size=1, targets=[targets[i]])[0]
+        assert alone["gold_tokens"] == rec["gold_tokens"] > 0
+        assert alone["gold_nll_sum"] == pytest.approx(rec["gold_nll_sum"], rel=1e-9, abs=1e-9)
+        assert alone["answer"] == rec["answer"]  # the answers do not change with gold targets either
+        with torch.no_grad():  # the training path: the same rows teacher-forced on the same target
+            train = rollout(bb, system.spec, [prompts[i]], targets=[targets[i]], grad_mode="detached")
+        assert train.target_tokens == rec["gold_tokens"]
+        assert rec["gold_nll_sum"] == pytest.approx(float(train.loss) * train.target_tokens, rel=1e-9)
+    with torch.no_grad():
+        train = rollout(bb, system.spec, prompts, targets=targets, grad_mode="detached")
+    gold_ppl = math.exp(sum(r["gold_nll_sum"] for r in full) / sum(r["gold_tokens"] for r in full))
+    assert gold_ppl == pytest.approx(math.exp(float(train.loss)), rel=1e-9)
+    assert [r["answer"] for r in full] == [r["answer"] for r in system.run(prompts, cfg, batch_size=len(prompts))]
+
+
+def test_eval_records_gold_and_own_output_perplexity(model_dir, tmp_path):
+    from diffmas.eval.metrics import perplexity
+
+    out = tmp_path / "run"
+    results = run_eval(["single", "text_mas", "latent_mas"], [TASK], out, model=str(model_dir), **KW)
+    samples = lines(out)
+    assert all(s["gold_tokens"] > 0 and s["gold_nll_sum"] > 0 for s in samples)
+    for row in results["results"]:
+        mine = [s for s in samples if s["system"] == row["system"]]
+        assert "perplexity" not in row
+        assert row["gold_perplexity"] == pytest.approx(perplexity(sum(s["gold_nll_sum"] for s in mine),
+                                                                   sum(s["gold_tokens"] for s in mine)))
+        assert row["self_perplexity"] == pytest.approx(perplexity(sum(s["nll_sum"] for s in mine),
+                                                                   sum(s["final_tokens"] for s in mine)))
+    # Samples written before gold NLLs existed still give results (gold perplexity only over those that have one).
+    for s in samples:
+        del s["gold_nll_sum"], s["gold_tokens"]
+    (out / SAMPLES_FILE).write_text("".join(json.dumps(s) + "\n" for s in samples))
+    again = run_eval(["single", "text_mas", "latent_mas"], [TASK], out, model=str(model_dir), **KW)
+    assert all(r["gold_perplexity"] is None and r["self_perplexity"] for r in again["results"])
+
+
+def test_eval_top_p(model_dir, tmp_path, monkeypatch):
+    from diffmas.systems import System
+
+    seen = []
+    run = System.run
+    monkeypatch.setattr(System, "run", lambda self, prompts, cfg, *a, **k: (seen.append(cfg.top_p),
+                                                                           run(self, prompts, cfg, *a, **k))[1])
+    out = tmp_path / "run"
+    args = [*CLI_ARGS[:CLI_ARGS.index("--seeds")], "--temperature", "1.0", "--top-p", "0.5", "--model",
+            str(model_dir), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {0.5}
+    assert json.loads((out / RESULTS_FILE).read_text())["config"]["top_p"] == 0.5
+    with pytest.raises(DiffMASError, match="top_p: 0.5 -> 0.9"):
+        run_eval(["single", "latent_mas"], [TASK], out, model=str(model_dir), temperature=1.0, top_p=0.9, **KW)
+    bad = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "bad"), "--top-p", "0"])
+    assert bad.exit_code == 2 and "top_p" in bad.output
+    # A folder written before top_p was recorded ran with 1.0: resuming it with the default is allowed.
+    plain = tmp_path / "plain"
+    run_eval(["single"], [TASK], plain, model=str(model_dir), **KW)
+    data = json.loads((plain / RESULTS_FILE).read_text())
+    del data["config"]["top_p"]
+    (plain / RESULTS_FILE).write_text(json.dumps(data))
+    run_eval(["single"], [TASK], plain, model=str(model_dir), **KW)
+
+
+def test_train_realign_flag(tmp_path, monkeypatch):
+    import diffmas.train.loop
+
+    seen = []
+    monkeypatch.setattr(diffmas.train.loop, "train",
+                        lambda cfg, out, resume=False: (seen.append(cfg.realign), {"is_main_process": False})[1])
+    config = tmp_path / "train.yaml"
+    config.write_text("realign: false\n")
+    for flags, expected in (([], True), (["--no-realign"], False), (["--config", str(config)], False),
+                            (["--config", str(config), "--realign"], True)):
+        result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "out"), *flags])
+        assert result.exit_code == 0, result.output
+        assert seen[-1] is expected, flags
+    assert "--no-realign" in CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from diffmas.errors import DiffMASError
+from diffmas.eval.report import self_perplexity
 
 __all__ = ["HTML_FILE", "write_html_report", "render_html", "sample_status"]
 
@@ -88,15 +89,16 @@ def _pct(mean, stderr) -> str:
 
 
 def _results_table(rows: list[dict]) -> str:
-    head = ["system", "task", "strict % ± se", "flexible % ± se", "n", "tokens", "s/problem", "ppl",
-            "format fail %"]
+    head = ["system", "task", "strict % ± se", "flexible % ± se", "n", "tokens", "s/problem", "gold ppl",
+            "own-output ppl", "format fail %"]
     out = ["<table class='results' id='results-table'><thead><tr>"]
     out += [f"<th class='{'text' if h in ('system', 'task') else ''}'>{_e(h)}</th>" for h in head]
     out.append("</tr></thead><tbody>")
     for r in rows:
         cells = [_pct(r.get("accuracy"), r.get("stderr")), _pct(r.get("accuracy_flexible"), r.get("stderr_flexible")),
                  str(r.get("n", "–")), _num(r.get("tokens_mean"), ".1f"), _num(r.get("seconds_mean"), ".3f"),
-                 _num(r.get("perplexity"), ".2f"), _num(r.get("format_failures"), ".1f", 100)]
+                 _num(r.get("gold_perplexity"), ".2f"), _num(self_perplexity(r), ".2f"),
+                 _num(r.get("format_failures"), ".1f", 100)]
         out.append(f"<tr><td class='text'>{_e(r.get('system'))}</td><td class='text'>{_e(r.get('task'))}</td>"
                    + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     out.append("</tbody></table>")

@@ -70,12 +70,16 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
     """Summarize per-sample records into one result row.
 
     Each record has: correct (bool, the strict verdict), flexible (bool, the flexible verdict), format_ok
-    (bool), tokens (int, generated), seconds (float), nll (summed negative log-likelihood of the gold target,
-    or None when not measured) and n_tokens_final (tokens the nll was summed over).
+    (bool), tokens (int, generated), seconds (float), nll (summed negative log-likelihood of the model's OWN
+    final output, or None when not measured), n_tokens_final (tokens that nll was summed over), and optionally
+    gold_nll (summed negative log-likelihood of the gold target, teacher-forced; None or absent when not
+    measured) and gold_tokens (tokens it was summed over).
 
     Returns accuracy and stderr (strict), accuracy_flexible and stderr_flexible, n, tokens_mean, seconds_mean,
-    perplexity (over records with an nll; nan if none) and format_failures (the fraction of responses that did
-    not follow the answer format).
+    self_perplexity (perplexity of the model's own output, over records with an nll: a measure of how sure it
+    was of what it said, not of how well it predicts the answer), gold_perplexity (of the gold target, over
+    records with a gold_nll), each nan when no record has one, and format_failures (the fraction of responses
+    that did not follow the answer format).
     """
     n = len(records)
     accuracy, stderr = mean_stderr(bool(r["correct"]) for r in records)
@@ -83,6 +87,9 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
     with_nll = [r for r in records if r.get("nll") is not None]
     nll_total = sum(float(r["nll"]) for r in with_nll)
     nll_tokens = sum(int(r.get("n_tokens_final", 0)) for r in with_nll)
+    with_gold = [r for r in records if r.get("gold_nll") is not None]
+    gold_total = sum(float(r["gold_nll"]) for r in with_gold)
+    gold_tokens = sum(int(r.get("gold_tokens", 0)) for r in with_gold)
     return {
         "accuracy": accuracy,
         "stderr": stderr,
@@ -91,6 +98,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
         "n": n,
         "tokens_mean": mean_stderr(r["tokens"] for r in records)[0],
         "seconds_mean": mean_stderr(r["seconds"] for r in records)[0],
-        "perplexity": perplexity(nll_total, nll_tokens),
+        "self_perplexity": perplexity(nll_total, nll_tokens),
+        "gold_perplexity": perplexity(gold_total, gold_tokens),
         "format_failures": mean_stderr(not r["format_ok"] for r in records)[0],
     }

@@ -3,7 +3,9 @@
     diffmas eval --report runs/eval runs/eval-trained
 
 The table shows strict and flexible accuracy ± standard error (see diffmas.tasks.grading) next to the cost of
-getting it (tokens and seconds per problem); the plots put every system x task's strict accuracy on
+getting it (tokens and seconds per problem), the perplexity of the gold target (the final agent teacher-forced on
+the reference answer after the writers' trace) and the perplexity of the model's own output (how sure it was of
+what it said: low for confident wrong answers too); the plots put every system x task's strict accuracy on
 accuracy-vs-tokens and accuracy-vs-time axes, error bars = standard error.
 """
 
@@ -18,7 +20,7 @@ from rich.table import Table
 
 from diffmas.errors import DiffMASError
 
-__all__ = ["load_results", "render_table", "plot", "report", "PLOTS"]
+__all__ = ["load_results", "render_table", "plot", "report", "self_perplexity", "PLOTS"]
 
 #: Plot file -> (x field of a result row, x-axis label).
 PLOTS: dict[str, tuple[str, str]] = {
@@ -57,6 +59,12 @@ def load_results(dirs: Sequence[Path]) -> dict:
     return {"runs": runs, "results": rows}
 
 
+def self_perplexity(row: dict) -> float | None:
+    """A result row's perplexity of the model's own output; results.json files written before the rename call it
+    ``perplexity``."""
+    return row.get("self_perplexity", row.get("perplexity"))
+
+
 def _num(value: float | None, fmt: str, scale: float = 1.0) -> str:
     return "–" if value is None else format(scale * value, fmt)
 
@@ -73,7 +81,8 @@ def render_table(results: dict) -> Table:
     pass_k = any("pass_at_k" in r for r in rows)
     table = Table(show_header=True, header_style="bold", title="DiffMAS evaluation")
     for col in ("system", "task", "strict % ± se", "flexible % ± se", *(["seeds mean ± std"] if multi_seed else []),
-                *(["pass@k %"] if pass_k else []), "n", "tokens", "s/problem", "ppl", "format fail %"):
+                *(["pass@k %"] if pass_k else []), "n", "tokens", "s/problem", "gold ppl", "own-output ppl",
+                "format fail %"):
         text = col in ("system", "task")
         table.add_column(col, justify="left" if text else "right", no_wrap=text)
     notes: list[str] = []
@@ -91,7 +100,8 @@ def render_table(results: dict) -> Table:
             p = r.get("pass_at_k")
             cells.append(f"{_num(p['value'], '.1f', 100)} (k={p['k']})" if p else "")
         cells += [str(r["n"]), _num(r["tokens_mean"], ".1f"), _num(r["seconds_mean"], ".3f"),
-                  _num(r["perplexity"], ".2f"), _num(r["format_failures"], ".1f", 100)]
+                  _num(r.get("gold_perplexity"), ".2f"), _num(self_perplexity(r), ".2f"),
+                  _num(r["format_failures"], ".1f", 100)]
         table.add_row(*cells)
     for run in results.get("runs", [results]):
         notes += run.get("notes", [])

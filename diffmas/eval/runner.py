@@ -47,9 +47,9 @@ SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"
 # Settings that change what a sample is: resuming into a folder written with other values would mix experiments.
 _SAMPLE_SETTINGS = ("model", "dtype", "max_new_tokens", "writer_max_new_tokens", "topology", "latent_steps",
-                    "temperature", "source", "shuffle_trace", "realign", "think", "trace")
+                    "temperature", "top_p", "source", "shuffle_trace", "realign", "think", "trace")
 # What a folder written before a setting existed was run with (``think``: see _legacy_think).
-_SETTING_DEFAULTS = {"realign": True, "trace": "keep"}
+_SETTING_DEFAULTS = {"realign": True, "trace": "keep", "top_p": 1.0}
 
 
 def _legacy_think(model: str) -> bool | None:
@@ -223,7 +223,8 @@ def _row(label: str, task: Task, records: list[dict], seeds: list[int], temperat
     row: dict[str, Any] = {"system": label, "task": task.name, "partial": partial}
     row.update(summarize([{"correct": r["correct"], "flexible": _flexible(r), "format_ok": r["format_ok"],
                            "tokens": r["tokens"], "seconds": r["seconds"], "nll": r["nll_sum"],
-                           "n_tokens_final": r["final_tokens"]} for r in records]))
+                           "n_tokens_final": r["final_tokens"], "gold_nll": r.get("gold_nll_sum"),
+                           "gold_tokens": r.get("gold_tokens", 0)} for r in records]))
     row["n_samples"] = len(records)
     if len(seeds) > 1:
         per_problem: dict[str, list[bool]] = defaultdict(list)
@@ -308,6 +309,12 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)  # atomic: a kill never leaves a half-written results.json
 
 
+def gold_target(ex: Example) -> str:
+    """The reference the gold-target perplexity scores: the example's training target when its task sets one
+    (a worked solution ending in the answer line, a code solution), else ``Answer: <gold>``."""
+    return ex.target if ex.target else f"Answer: {ex.answer}"
+
+
 def _record(label: str, task: Task, seed: int, ex: Example, rec: dict, max_new_tokens: int) -> dict:
     budget = rec["agents"][-1].get("max_new_tokens") or max_new_tokens  # a topology may set the final agent's
     truncated = rec["generated_tokens"] >= budget  # the final agent used its whole token budget
@@ -318,6 +325,7 @@ def _record(label: str, task: Task, seed: int, ex: Example, rec: dict, max_new_t
         "extracted": grade.extracted, "detail": grade.detail, "gold": ex.answer, "response": rec["answer"],
         "tokens": sum(a["generated_tokens"] for a in rec["agents"]), "final_tokens": rec["generated_tokens"],
         "seconds": sum(a["seconds"] for a in rec["agents"]), "nll_sum": rec["nll_sum"],
+        "gold_nll_sum": rec.get("gold_nll_sum"), "gold_tokens": rec.get("gold_tokens"),
         "trace_tokens": rec["trace_tokens"], "agents": rec["agents"],
         **({"trace_from": rec["trace_from"]} if "trace_from" in rec else {}),
     }
@@ -340,6 +348,7 @@ def run_eval(
     dtype: str = "float32",
     source: str | None = None,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     show_progress: bool = True,
     shuffle_trace: bool = False,
     realign: bool = True,
@@ -371,7 +380,7 @@ def run_eval(
     if batch_size < 1 or not seeds or len(set(seeds)) != len(seeds):
         raise DiffMASError("need batch size >= 1 and distinct seeds")
     try:
-        DecodeConfig(max_new_tokens, temperature)
+        DecodeConfig(max_new_tokens, temperature, top_p)
     except ValueError as exc:
         raise DiffMASError(str(exc)) from exc
     config = {
@@ -379,7 +388,7 @@ def run_eval(
         "seeds": list(seeds), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
         "writer_max_new_tokens": writer_max_new_tokens, "topology": topology, "latent_steps": latent_steps,
         "device": str(resolve_device(device)), "dtype": dtype, "source": source, "temperature": temperature,
-        "shuffle_trace": shuffle_trace, "realign": realign, "think": think, "trace": trace,
+        "top_p": top_p, "shuffle_trace": shuffle_trace, "realign": realign, "think": think, "trace": trace,
         "text_context_limit": text_context_limit, "budget_from": budget_from,
     }
     build_args = dict(topology=topology, latent_steps=latent_steps, writer_max_new_tokens=writer_max_new_tokens,
@@ -429,7 +438,7 @@ def run_eval(
                 for seed in seeds:
                     bar.set_description(f"{entry.label} {task.name} seed {seed}")
                     _run_one(system, entry.label, task, seed, examples, log, batch_size, answer_budget,
-                             temperature, bar, shuffle_trace, shard=(rank, world))
+                             temperature, bar, shuffle_trace, shard=(rank, world), top_p=top_p)
     barrier()
     if rank == 0:
         log = _merge_rank_logs(out)
@@ -566,13 +575,15 @@ def trace_partners(n: int, seed: int = 0) -> list[int]:
 
 def _run_one(system: System, label: str, task: Task, seed: int, examples: list[Example], log: SampleLog,
              batch_size: int, max_new_tokens: int, temperature: float, bar: tqdm, shuffle_trace: bool = False,
-             shard: tuple[int, int] = (0, 1)) -> None:
+             shard: tuple[int, int] = (0, 1), top_p: float = 1.0) -> None:
     """Run the pending examples of one (system, task, seed), appending each finished batch to ``log``.
 
     With ``shuffle_trace`` the writers of question i work on another question of the set (the control that
     asks whether the trace carries question-specific information); each record names that question.
+    Every record also gets the gold-target NLL (see :func:`gold_target`), from the same writers' trace.
     """
     prompts = [task.prompt(ex) for ex in examples]
+    targets = [gold_target(ex) for ex in examples]
     partners = trace_partners(len(examples), seed) if shuffle_trace else None
     # Batches are cut from the full example list (length-sorted), not from what is pending, and a batch that a
     # kill left half-written is rerun whole: a resumed run computes exactly what an uninterrupted one does (same
@@ -586,9 +597,10 @@ def _run_one(system: System, label: str, task: Task, seed: int, examples: list[E
         if not todo:
             continue
         # One stream per batch: with a single seed per call, row r of every batch would draw the same numbers.
-        cfg = DecodeConfig(max_new_tokens, temperature, seed=seed * 1_000_003 + number)
+        cfg = DecodeConfig(max_new_tokens, temperature, top_p, seed=seed * 1_000_003 + number)
         writer_prompts = [prompts[partners[i]] for i in batch] if partners else None
-        records = system.run([prompts[i] for i in batch], cfg, batch_size, writer_prompts=writer_prompts)
+        records = system.run([prompts[i] for i in batch], cfg, batch_size, writer_prompts=writer_prompts,
+                             targets=[targets[i] for i in batch])
         if partners:
             for i, rec in zip(batch, records):
                 rec["trace_from"] = examples[partners[i]].id
