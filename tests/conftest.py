@@ -85,6 +85,15 @@ def backbone() -> Backbone:
     return make_backbone()
 
 
+@pytest.fixture
+def one_thread():
+    """Evaluation tests run many tiny forwards: one thread is faster than two fighting over a small model."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     # Realignment matrices and converted models are cached under DIFFMAS_HOME: keep tests off the user's cache,

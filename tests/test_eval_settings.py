@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import make_backbone
 
 from diffmas.adapters import LoraSettings, attach_lora, save_adapters
@@ -17,12 +16,7 @@ TASK = "rg:chain_sum"
 KW = dict(limit=2, batch_size=2, max_new_tokens=6, writer_max_new_tokens=6, show_progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _samples(out) -> list[dict]:

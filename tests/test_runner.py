@@ -51,12 +51,7 @@ def model_dir(tiny_model_dir) -> Path:
     return tiny_model_dir
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lines(out: Path) -> list[dict]:
