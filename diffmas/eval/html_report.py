@@ -17,7 +17,6 @@ import json
 import tempfile
 from pathlib import Path
 
-from diffmas.errors import DiffMASError
 from diffmas.eval.report import self_perplexity
 
 __all__ = ["HTML_FILE", "write_html_report", "render_html", "sample_status"]
@@ -218,17 +217,11 @@ def write_html_report(run_dir: str | Path, results: dict | None = None) -> Path:
     The plots are drawn for this run alone into a temporary folder and embedded, so the run's own PNG files
     (which may hold a merged report) are left as they are.
     """
-    from diffmas.eval.report import plot
+    from diffmas.eval.report import plot, read_results
 
     run_dir = Path(run_dir)
     if results is None:
-        path = run_dir / "results.json"
-        if not path.is_file():
-            raise DiffMASError(f"{run_dir} has no results.json")
-        try:
-            results = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DiffMASError(f"{path} is not valid JSON: {exc}") from exc
+        results = read_results(run_dir)
     samples = _read_samples(run_dir / "samples.jsonl")
     with tempfile.TemporaryDirectory() as tmp:
         plots = plot(results, Path(tmp)) if results.get("results") else []

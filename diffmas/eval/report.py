@@ -29,6 +29,17 @@ PLOTS: dict[str, tuple[str, str]] = {
 }
 
 
+def read_results(run_dir: Path) -> dict:
+    """An eval folder's results.json, with a one-line error when it is missing or not JSON."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise DiffMASError(f"{run_dir} has no results.json (write one with `diffmas eval ... --out {run_dir}`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DiffMASError(f"{path} is not valid JSON: {exc}") from exc
+
+
 def load_results(dirs: Sequence[Path]) -> dict:
     """Read ``results.json`` from each folder and merge their rows.
 
@@ -39,13 +50,8 @@ def load_results(dirs: Sequence[Path]) -> dict:
         raise DiffMASError("give at least one results folder")
     runs, rows = [], []
     for d in dirs:
+        data = read_results(Path(d))
         path = Path(d) / "results.json"
-        if not path.is_file():
-            raise DiffMASError(f"{d} has no results.json (write one with `diffmas eval ... --out {d}`)")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DiffMASError(f"{path} is not valid JSON: {exc}") from exc
         if data.get("status") != "complete" or "results" not in data:
             raise DiffMASError(f"{path} is from a run that did not finish; rerun the same eval command to resume it")
         runs.append({"dir": str(d), **{k: v for k, v in data.items() if k != "results"}})
