@@ -66,7 +66,10 @@ class DistillConfig:
     """CODI-style distillation from a worked-solution pass (teacher) into the latent pass (student)."""
 
     weight: float = 1.0
-    """lambda: loss = answer CE + lambda x the hidden-state distance."""
+    """lambda: loss = answer CE + alpha x teacher CE + lambda x the hidden-state distance."""
+    teacher_weight: float = 1.0
+    """alpha: weight of the teacher pass's own CE on the worked text and answer (CODI's reference loss). At 0 the
+    teacher is untrained and the passes can agree by ignoring the trace (the study's first arm collapsed so)."""
     layers: tuple[int, ...] = ()
     """Hidden-state layers compared (1..L; L is the final-normed output); empty = every layer."""
 
@@ -154,6 +157,7 @@ class TrainConfig:
              "last (all-latent) stage is trained"),
             (0 <= cur.mixin < 1, "curriculum.mixin", "must be in [0, 1)"),
             (self.distill.weight >= 0, "distill.weight", "must be >= 0"),
+            (self.distill.teacher_weight >= 0, "distill.teacher_weight", "must be >= 0"),
             (self.link.pretrain_steps >= 0, "link.pretrain_steps", "must be >= 0"),
             (self.grad_mode in ("coupled", "detached"), "grad_mode", "must be 'coupled' or 'detached'"),
             (self.latent_steps >= 0, "latent_steps", "must be >= 0"),

@@ -31,7 +31,7 @@ from diffmas.decode import DecodeConfig  # noqa: E402
 from diffmas.prompts import DUO, SINGLE, load_topology, render_agent  # noqa: E402
 from diffmas.rollout import RolloutSpec, rollout  # noqa: E402
 from diffmas.train.data import TrainExample  # noqa: E402
-from diffmas.train.objectives import plan_step, plan_tokens, step_loss  # noqa: E402
+from diffmas.train.objectives import plan_norm, plan_step, step_loss  # noqa: E402
 
 QUESTIONS = ["What is 2 + 2?", "A farmer has 17 cows, 3 dogs and 12 chickens; how many legs are there?", "Hi",
              "Sort these numbers: 5, 3, 9, 1."]
@@ -128,7 +128,7 @@ def check_grounded(device) -> dict:
             _on(bb, dev, torch.float32).model.train()
             spec = RolloutSpec(DUO, "latent", latent_steps=4, adapters=roles)
             plan = plan_step(cfg, 15, examples)
-            loss, _, _ = step_loss(bb, spec, cfg, plan, plan_tokens(bb, spec, plan), len(examples))
+            loss, _ = step_loss(bb, spec, cfg, plan, plan_norm(bb, spec, plan))
             loss.backward()
             losses[dev] = loss.item()
         out[method] = f"loss cpu {losses['cpu']:.6f} vs {device} {losses[device]:.6f}"

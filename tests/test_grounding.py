@@ -27,8 +27,8 @@ from diffmas.systems import build_system
 from diffmas.train import loop
 from diffmas.train.data import TrainExample, split_worked
 from diffmas.train.link import pretrain_link
-from diffmas.train.objectives import (base_stage, curriculum_stage, distill_distance, plan_step, starts_new_stage,
-                                      step_loss)
+from diffmas.train.objectives import (StepNorm, base_stage, curriculum_stage, distill_distance, plan_norm, plan_step,
+                                      starts_new_stage, step_loss)
 
 PROMPTS = ["What is 3 + 4 + 5?", "Compute 12 - 5 + 1 - 2."]
 WORKED = ["3 + 4 = 7\n7 + 5 = 12\nAnswer: 12", "12 - 5 = 7\n7 + 1 = 8\n8 - 2 = 6\nAnswer: 6"]
@@ -129,7 +129,7 @@ def test_distillation_term_is_zero_when_states_agree_and_its_gradient_follows_th
     with pytest.raises(DiffMASError, match="distill.layers"):
         distill_distance(states, states, (7,))
     cfg = load_config(None, {"method": "distill", "data.target_style": "worked", "latent_steps": 2,
-                             "distill.weight": 1.0})
+                             "distill.weight": 1.0, "distill.teacher_weight": 0.0})
     examples = [TrainExample(p, w) for p, w in zip(PROMPTS, WORKED)]
     plan = plan_step(cfg, 0, examples)
     assert plan.teacher_texts == ["3 + 4 = 7\n7 + 5 = 12", "12 - 5 = 7\n7 + 1 = 8\n8 - 2 = 6"]
@@ -139,13 +139,38 @@ def test_distillation_term_is_zero_when_states_agree_and_its_gradient_follows_th
         roles = _trained(backbone, topo, layout="per-agent")
         spec = RolloutSpec(topo, "latent", latent_steps=2, adapters=roles)
         # Only the distillation term: zero CE weight is reached by dividing the CE by a huge token count.
-        loss, _, distill_sum = step_loss(backbone, spec, replace(cfg, grad_mode=mode), plan,
-                                         n_tokens=10**12, n_rows=2)
-        assert float(distill_sum) > 0
+        loss, sums = step_loss(backbone, spec, replace(cfg, grad_mode=mode), plan, StepNorm(10**12, 2))
+        assert float(sums[1]) > 0
         loss.backward()
         writer = [p.grad for n, p in backbone.model.named_parameters() if "lora_" in n and ".reasoner." in n]
         reaches = any(g is not None and g.abs().sum() > 0 for g in writer)
         assert reaches == (mode == "coupled"), mode
+
+
+def test_distillation_trains_the_teacher_on_its_own_worked_text_and_answer():
+    """CODI's teacher CE: with it, the teacher pass (worked text, no latent steps) is trained on its own target;
+    without it, nothing anchors the teacher (the study's first distillation arm collapsed)."""
+    examples = [TrainExample(p, w) for p, w in zip(PROMPTS, WORKED)]
+    grads = {}
+    for alpha in (0.0, 1.0):
+        cfg = load_config(None, {"method": "distill", "data.target_style": "worked", "latent_steps": 2,
+                                 "distill.weight": 0.0, "distill.teacher_weight": alpha})
+        plan = plan_step(cfg, 0, examples)
+        backbone = make_backbone()
+        roles = _trained(backbone, DUO, layout="per-agent")
+        spec = RolloutSpec(DUO, "latent", latent_steps=2, adapters=roles)
+        norm = plan_norm(backbone, spec, plan)
+        # The teacher's CE covers the writer's worked text and the final agent's answer.
+        assert norm.teacher_tokens == sum(len(render_target(backbone.tokenizer, t)) for t in plan.teacher_texts) + \
+            sum(len(render_target(backbone.tokenizer, t)) for t in plan.targets)
+        loss, sums = step_loss(backbone, spec, cfg, plan, replace(norm, tokens=10**12))  # student CE weight ~0
+        assert float(sums[2]) > 0
+        loss.backward()
+        grads[alpha] = {role: sum(float(p.grad.abs().sum()) for n, p in backbone.model.named_parameters()
+                                  if "lora_" in n and f".{role}." in n and p.grad is not None)
+                        for role in ("reasoner", DUO.final.role)}
+    assert all(g < 1e-6 for g in grads[0.0].values()), grads
+    assert all(g > 1e-3 for g in grads[1.0].values()), grads
 
 
 def test_answer_predictor_index_points_at_the_colon():

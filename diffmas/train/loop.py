@@ -34,7 +34,8 @@ from diffmas.train.checkpoint import (_full, check_resume, full_state_dict, late
                                      save_checkpoint)
 from diffmas.train.data import TrainExample, build_datasets
 from diffmas.train.link import pretrain_link
-from diffmas.train.objectives import StepPlan, heldout_targets, plan_step, plan_tokens, starts_new_stage, step_loss
+from diffmas.train.objectives import (StepNorm, StepPlan, heldout_targets, plan_norm, plan_step, starts_new_stage,
+                                      step_loss)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -52,8 +53,9 @@ class TrajectoryLoss(torch.nn.Module):
         # layer after each of its calls, but a layer's K/V of one call receive gradients from later calls through
         # the trace, after it was resharded (a backward on freed storage).
 
-    def forward(self, plan: StepPlan, n_tokens: int, n_rows: int, heldout: bool = False) -> tuple[torch.Tensor, ...]:
-        """This share's contribution to the global step loss, its summed CE and distillation distance.
+    def forward(self, plan: StepPlan, norm: StepNorm | None = None, heldout: bool = False) -> tuple[torch.Tensor, ...]:
+        """This share's contribution to the global step loss and its sums [CE, distillation distance, teacher CE]
+        (``norm``: the global batch's normalisers).
 
         ``heldout=True``: the teacher-forced held-out rollout of ``plan`` (detached, call it under no_grad), as
         (summed CE, target tokens). It runs here, inside the wrapped module's forward, because FSDP2 gathers
@@ -64,8 +66,7 @@ class TrajectoryLoss(torch.nn.Module):
             with torch.autocast(torch.device(self.backbone.device).type, enabled=False):
                 r = rollout(self.backbone, self.spec, plan.prompts, targets=plan.targets, grad_mode="detached")
             return r.loss.detach() * r.target_tokens, torch.tensor(float(r.target_tokens))
-        return step_loss(self.backbone, self.spec, self.cfg, plan, n_tokens, n_rows,
-                         checkpoint=self.cfg.activation_checkpointing)
+        return step_loss(self.backbone, self.spec, self.cfg, plan, norm, checkpoint=self.cfg.activation_checkpointing)
 
 
 def share_realigner(backbone: Backbone, realign: bool, accelerator: Accelerator) -> None:
@@ -144,7 +145,7 @@ def heldout_loss(module: torch.nn.Module, examples: list[TrainExample], batch_si
     with torch.no_grad():
         for lo in range(0, len(examples), batch_size):
             chunk = examples[lo: lo + batch_size]
-            ce_sum, n = module(StepPlan([e.prompt for e in chunk], heldout_targets(cfg, chunk)), 0, 0, heldout=True)
+            ce_sum, n = module(StepPlan([e.prompt for e in chunk], heldout_targets(cfg, chunk)), heldout=True)
             total += float(ce_sum)
             tokens += float(n)
     if hasattr(module, "reshard"):  # FSDP2 keeps the root gathered after a forward without backward
@@ -267,16 +268,16 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         if starts_new_stage(step, cfg) and cfg.curriculum.reset_optimizer:
             optimizer.state.clear()  # fresh AdamW moments for the new stage, as Coconut does
         plan = plan_step(cfg, step, train_set[step * global_batch: (step + 1) * global_batch])
-        n_tokens, n_rows = plan_tokens(backbone, spec, plan), len(plan.prompts)
-        local = torch.zeros(3, device=accelerator.device)
+        norm = plan_norm(backbone, spec, plan)
+        local = torch.zeros(4, device=accelerator.device)
         for m in range(cfg.grad_accum):
             mine = plan.rows(slice(m * micro, (m + 1) * micro)).rows(slice(rank, None, world))
             sync = accelerator.no_sync(module) if m < cfg.grad_accum - 1 else nullcontext()
             with sync:
-                loss_part, ce_sum, distill_sum = module(mine, n_tokens, n_rows)
+                loss_part, sums = module(mine, norm)
                 # DDP averages gradients over processes: scale so the result is the global objective.
                 accelerator.backward(loss_part * world)
-            local += torch.stack([loss_part.detach(), ce_sum, distill_sum])
+            local += torch.cat([loss_part.detach()[None], sums])
         totals = accelerator.reduce(local, "sum")
         loss = float(totals[0])
         if not math.isfinite(loss):
@@ -288,11 +289,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                  "target_tokens": n_tokens, "tokens_per_s": n_tokens / seconds, "seconds": seconds}
+                  "target_tokens": norm.tokens, "tokens_per_s": norm.tokens / seconds, "seconds": seconds}
         if cfg.method != "answer":
-            record["ce"] = float(totals[1]) / n_tokens
+            record["ce"] = float(totals[1]) / norm.tokens
         if cfg.method == "distill":
-            record["distill"] = float(totals[2]) / n_rows
+            record["distill"] = float(totals[2]) / norm.rows
+            record["teacher_ce"] = float(totals[3]) / max(1, norm.teacher_tokens)
         if plan.stage is not None:
             record["stage"] = plan.stage
         done = step + 1 == cfg.steps

@@ -6,14 +6,17 @@
   with loss; the final agent is trained on the answer line. Stages advance every ``stage_steps`` steps; with
   probability ``mixin`` a batch replays an earlier stage. At the last stage every step is latent and nothing
   is written, which is exactly the inference rollout.
-- ``distill`` (CODI, arXiv 2502.21074): a teacher pass whose thinker writes the whole worked solution as text
-  (no gradient), and the student pass with latent thinkers; loss = answer CE + lambda x smooth-L1 between the
-  final agent's hidden states at the position that predicts the answer, each layer divided by the teacher's
-  standard deviation there.
+- ``distill`` (CODI, arXiv 2502.21074): a teacher pass whose thinker writes the whole worked solution as text,
+  and the student pass with latent thinkers; loss = student answer CE + alpha x the teacher's own CE (worked
+  text and answer) + lambda x smooth-L1 between the final agent's hidden states at the position that predicts
+  the answer, each layer divided by the teacher's standard deviation there. The distance carries no gradient
+  into the teacher's states; the teacher is trained by its own CE only. Without that CE (alpha = 0) nothing
+  anchors the teacher, and the shared weights can make the two passes agree by ignoring the trace: measured,
+  the study's first distillation arm collapsed to 0.016 accuracy that way.
 
-The step loss is normalised globally: summed CE over every teacher-forced token of the global batch divided by
-their number, plus lambda x the distillation term summed over rows divided by the global batch size, so one
-process and N processes follow the same curve.
+The step loss is normalised globally: each CE summed over the teacher-forced tokens of the global batch and
+divided by their number, plus lambda x the distillation term summed over rows divided by the global batch
+size, so one process and N processes follow the same curve.
 """
 
 from __future__ import annotations
@@ -95,9 +98,22 @@ def heldout_targets(cfg: TrainConfig, examples: list[TrainExample]) -> list[str]
     return [ex.target if cfg.method == "answer" else ex.answer for ex in examples]
 
 
-def plan_tokens(backbone: Backbone, spec: RolloutSpec, plan: StepPlan) -> int:
-    """Tokens that carry cross-entropy in ``plan`` (the global normaliser, known before the forward)."""
-    return count_forced_tokens(backbone, spec, plan.targets, plan.thinker_texts)
+@dataclass(frozen=True)
+class StepNorm:
+    """The global batch's normalisers, known before the forward."""
+
+    tokens: int
+    """Tokens that carry the (student) cross-entropy."""
+    rows: int
+    teacher_tokens: int = 0
+    """Distillation: tokens that carry the teacher pass's cross-entropy (worked text and answer)."""
+
+
+def plan_norm(backbone: Backbone, spec: RolloutSpec, plan: StepPlan) -> StepNorm:
+    """The normalisers of the global batch ``plan``."""
+    teacher = 0 if plan.teacher_texts is None else \
+        count_forced_tokens(backbone, spec, plan.targets, plan.teacher_texts)
+    return StepNorm(count_forced_tokens(backbone, spec, plan.targets, plan.thinker_texts), len(plan.prompts), teacher)
 
 
 def distill_distance(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], layers: tuple[int, ...]) -> Tensor:
@@ -118,22 +134,27 @@ def distill_distance(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], l
     return torch.stack(terms).mean(0)
 
 
-def step_loss(backbone: Backbone, spec: RolloutSpec, cfg: TrainConfig, plan: StepPlan, n_tokens: int,
-              n_rows: int, checkpoint: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(this share's contribution to the global step loss, its summed CE, its summed distillation distance).
+def step_loss(backbone: Backbone, spec: RolloutSpec, cfg: TrainConfig, plan: StepPlan, norm: StepNorm,
+              checkpoint: bool = False) -> tuple[Tensor, Tensor]:
+    """(this share's contribution to the global step loss, its sums [CE, distillation distance, teacher CE]).
 
-    ``n_tokens`` and ``n_rows`` are the global batch's forced tokens and rows.
+    ``norm`` holds the global batch's normalisers.
     """
     result = rollout(backbone, spec, plan.prompts, targets=plan.targets, thinker_texts=plan.thinker_texts,
                      thinker_latent_steps=plan.thinker_latent_steps, capture=plan.teacher_texts is not None,
                      grad_mode=cfg.grad_mode, checkpoint=checkpoint)
     ce_sum = result.loss * result.target_tokens
-    loss = ce_sum / n_tokens
-    distill_sum = torch.zeros((), device=ce_sum.device)
+    loss = ce_sum / norm.tokens
+    distill_sum = teacher_sum = torch.zeros((), device=ce_sum.device)
     if plan.teacher_texts is not None:
-        with torch.no_grad():
+        train_teacher = cfg.distill.teacher_weight > 0
+        with torch.set_grad_enabled(train_teacher and torch.is_grad_enabled()):
             teacher = rollout(backbone, spec, plan.prompts, targets=plan.targets, thinker_texts=plan.teacher_texts,
-                              thinker_latent_steps=0, capture=True, grad_mode="detached")
+                              thinker_latent_steps=0, capture=True,
+                              grad_mode=cfg.grad_mode if train_teacher else "detached", checkpoint=checkpoint)
+        teacher_sum = teacher.loss * teacher.target_tokens
+        if train_teacher:
+            loss = loss + cfg.distill.teacher_weight * teacher_sum / norm.teacher_tokens
         distill_sum = distill_distance(result.captured, teacher.captured, cfg.distill.layers).sum()
-        loss = loss + cfg.distill.weight * distill_sum / n_rows
-    return loss, ce_sum.detach(), distill_sum.detach()
+        loss = loss + cfg.distill.weight * distill_sum / norm.rows
+    return loss, torch.stack([ce_sum.detach(), distill_sum.detach(), teacher_sum.detach()])
