@@ -13,11 +13,13 @@ same positions and the same real keys whatever else shares the batch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from diffmas.errors import DiffMASError
@@ -27,21 +29,143 @@ class TraceTooLong(DiffMASError):
     """A segment would put real tokens past the model's ``max_position_embeddings``."""
 
 
+class _SplitLayer(DynamicLayer):
+    """A full-attention cache layer that can take single tokens without copying its past.
+
+    A plain layer concatenates the whole past with every new token, and the attention saves that fresh copy for
+    backward: m latent steps over a trace of T positions keep O(m x T) K/V per layer alive. In a split call
+    (``split`` set by :class:`TraceBuilder`) the new keys go to a small ``recent`` part and :func:`_split_attention`
+    attends to the untouched past and to ``recent`` separately, so every step's backward refers to the same past
+    tensor. The parts are joined once, when the layer is read (:meth:`materialize`) or a wider segment arrives.
+    """
+
+    split = False
+
+    def adopt(self, keys: Tensor, values: Tensor) -> None:
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values  # as they are: no copy of the trace
+        self.recent_keys = self.recent_values = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.adopt(key_states[..., :0, :], value_states[..., :0, :])
+        if self.split:
+            if self.recent_keys is None:
+                self.recent_keys, self.recent_values = key_states, value_states
+            else:
+                self.recent_keys = torch.cat([self.recent_keys, key_states], dim=-2)
+                self.recent_values = torch.cat([self.recent_values, value_states], dim=-2)
+            return self.recent_keys, self.recent_values
+        keys, values = self.materialize()
+        self.keys = torch.cat([keys, key_states], dim=-2)
+        self.values = torch.cat([values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def materialize(self) -> tuple[Tensor, Tensor]:
+        """Past and recent joined (one copy), and adopted as the new past."""
+        if getattr(self, "recent_keys", None) is not None:
+            self.keys = torch.cat([self.keys, self.recent_keys], dim=-2)
+            self.values = torch.cat([self.values, self.recent_values], dim=-2)
+            self.recent_keys = self.recent_values = None
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        recent = 0 if self.recent_keys is None else self.recent_keys.shape[-2]
+        return self.keys.shape[-2] + recent
+
+
 def _as_cache(keys: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> DynamicCache:
     # Plain full-attention layers for every model: the trace must keep every position it was given.
     # The layers adopt the tensors as they are; DynamicCache(ddp_cache_data=...) would copy the whole
     # trace once more on every call (a cat onto an empty tensor), which shows up in per-token decoding.
     cache = DynamicCache()
+    cache.layer_class_to_replicate = _SplitLayer
     for k, v in zip(keys, values):
-        layer = DynamicLayer()
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
+        layer = _SplitLayer()
+        layer.adopt(k, v)
         cache.layers.append(layer)
     return cache
 
 
 def _cache_tensors(cache: DynamicCache) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-    return tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers)
+    joined = [layer.materialize() for layer in cache.layers]
+    return tuple(k for k, _ in joined), tuple(v for _, v in joined)
+
+
+_SPLIT_ATTENTION = "diffmas_split"
+_SPLIT_CACHE: ContextVar[DynamicCache | None] = ContextVar("diffmas_split_cache", default=None)
+_SPLIT_UNSUPPORTED = ("s_aux", "sinks")
+_SPLIT_ENABLED: ContextVar[bool] = ContextVar("diffmas_split_enabled", default=True)
+
+
+@contextmanager
+def joined_attention():
+    """Within this block single-token steps join the cache as transformers does (a copy of the past per step):
+    the reference the split path is tested and benchmarked against."""
+    token = _SPLIT_ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _SPLIT_ENABLED.reset(token)
+
+
+def _split_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor,
+                     dropout: float = 0.0, scaling: float | None = None, softcap: float | None = None, **kwargs
+                     ) -> tuple[Tensor, None]:
+    """Attention of new queries to a layer's past and its recent keys (``key``/``value``), without joining them.
+
+    The same arithmetic as eager attention (one softmax, at least in float32, over all columns), with the key/value heads
+    shared by their query groups without copies. ``attention_mask`` is boolean ``[B, 1, S, past + recent]``.
+    """
+    bad = [k for k in _SPLIT_UNSUPPORTED if kwargs.get(k) is not None]
+    if bad:
+        raise DiffMASError(f"split attention does not support {bad}; this model needs the joined-cache path")
+    past_k, past_v = (layer := _SPLIT_CACHE.get().layers[module.layer_idx]).keys, layer.values
+    b, heads, s, d = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    q = query.reshape(b, kv_heads, groups * s, d)  # a query head h reads key head h // groups
+    scores = torch.cat([q @ past_k.transpose(-1, -2), q @ key.transpose(-1, -2)], dim=-1)
+    scores = scores * (scaling if scaling is not None else d ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    visible = attention_mask[:, :, None].expand(b, 1, groups, s, scores.shape[-1]).reshape(b, 1, groups * s, -1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    past = past_k.shape[-2]
+    out = probs[..., :past] @ past_v + probs[..., past:] @ value  # [B, kv_heads, groups * S, D]
+    return out.reshape(b, heads, s, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(_SPLIT_ATTENTION, _split_attention)
+
+
+def _splittable(config) -> bool:
+    """Whether single-token segments may take the split path: attention that takes a prepared boolean mask
+    (eager, sdpa) over full or sliding layers; other kernels join the cache as transformers does."""
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    return _SPLIT_ENABLED.get() and getattr(config, "_attn_implementation", None) in _MASKABLE_ATTENTION and \
+        layer_types <= {"full_attention", "sliding_attention"}
+
+
+@contextmanager
+def _split_call(config, cache: DynamicCache):
+    """Route this forward's attention through :func:`_split_attention` and its cache updates to ``recent``."""
+    original = config._attn_implementation_internal
+    config._attn_implementation_internal = _SPLIT_ATTENTION
+    token = _SPLIT_CACHE.set(cache)
+    for layer in cache.layers:
+        layer.split = True
+    try:
+        yield
+    finally:
+        for layer in cache.layers:
+            layer.split = False
+        _SPLIT_CACHE.reset(token)
+        config._attn_implementation_internal = original
 
 
 def segment_positions(start: Tensor, seg_mask: Tensor) -> Tensor:
@@ -56,7 +180,8 @@ _MASKABLE_ATTENTION = ("eager", "sdpa")
 """Attention implementations that take a prepared 4D mask (flash kernels take only a 2D padding mask)."""
 
 
-def attention_masks(config, mask: Tensor, start: Tensor, q_len: int, dtype: torch.dtype) -> Tensor | dict | None:
+def attention_masks(config, mask: Tensor, start: Tensor, q_len: int, dtype: torch.dtype, split: bool = False
+                    ) -> Tensor | dict | None:
     """4D attention masks that count real positions, not cache columns, or None where the 2D mask is exact.
 
     transformers' sliding-window mask keeps the last ``sliding_window`` *columns*; on a trace whose segments are
@@ -73,15 +198,16 @@ def attention_masks(config, mask: Tensor, start: Tensor, q_len: int, dtype: torc
     (Gemma 2/3 and other models with ``config.layer_types`` take such a dict), and None where transformers'
     own mask from the 2D one is exact (sdpa without a binding window) or where a 4D mask cannot be used
     (attention implementations other than eager and sdpa, layer types other than full and sliding).
+    ``split``: always boolean masks, for :func:`_split_attention`.
     """
-    implementation = getattr(config, "_attn_implementation", None)
+    implementation = "sdpa" if split else getattr(config, "_attn_implementation", None)
     layer_types = set(getattr(config, "layer_types", None) or ())
     if implementation not in _MASKABLE_ATTENTION or not layer_types <= {"full_attention", "sliding_attention"}:
         return None
     window = getattr(config, "sliding_window", None)
     total = mask.shape[1]
     slides = bool(window) and total > window and (not layer_types or "sliding_attention" in layer_types)
-    if implementation == "sdpa" and not slides:
+    if implementation == "sdpa" and not slides and not split:
         return None
     cols = torch.arange(total, device=mask.device)
     q_cols = cols[total - q_len:]
@@ -217,10 +343,10 @@ class Trace:
 class TraceBuilder:
     """A trace extended in place by a token-by-token loop (latent steps, decoding).
 
-    One DynamicCache is updated step after step, so each step concatenates once per layer and the previous
-    layer tensors are freed at once; extending an immutable Trace step by step would hold two full copies of
-    the trace during every forward and rebuild the cache object each time. The Trace it started from is not
-    modified (the cache's first update concatenates into new tensors). Gradients flow through it as usual.
+    One cache is updated step after step. Single-token steps take the split path (:class:`_SplitLayer`): they
+    never copy the past, so neither the loop nor autograd holds a copy of the trace per step; the past and the
+    new tokens are joined once, when the trace is read (:meth:`freeze`) or a wider segment follows. The Trace it
+    started from is not modified. Gradients flow through it as usual.
     """
 
     def __init__(self, trace: Trace) -> None:
@@ -261,16 +387,19 @@ class TraceBuilder:
         self._check_length(body, seg_mask)
         mask = torch.cat([self._mask, seg_mask.to(self._mask.dtype)], dim=1)
         dtype = inputs_embeds.dtype if inputs_embeds is not None else body.get_input_embeddings().weight.dtype
-        windowed = attention_masks(body.config, mask, self._start, seg_mask.shape[1], dtype)
-        out = body(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=mask if windowed is None else windowed,
-            position_ids=segment_positions(self._start + self._mask.sum(1), seg_mask),
-            cache=self._cache,
-            use_cache=True,
-            output_hidden_states=all_layers,
-        )
+        # One token over a non-empty trace (latent steps, decoding) attends to the past without copying it.
+        split = seg_mask.shape[1] == 1 and bool(self._cache.layers) and _splittable(body.config)
+        windowed = attention_masks(body.config, mask, self._start, seg_mask.shape[1], dtype, split=split)
+        with _split_call(body.config, self._cache) if split else nullcontext():
+            out = body(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=mask if windowed is None else windowed,
+                position_ids=segment_positions(self._start + self._mask.sum(1), seg_mask),
+                cache=self._cache,
+                use_cache=True,
+                output_hidden_states=all_layers,
+            )
         self._mask = mask
         return out.hidden_states if all_layers else out.last_hidden_state
 
