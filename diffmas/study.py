@@ -174,6 +174,19 @@ def _evaluate(arm: Arm, adapter: Path, out: Path, cfg: StudyConfig, device: str,
                     shuffle_trace=shuffled, show_progress=True)
 
 
+def code_version() -> str:
+    """The commit of the code running the study (plus ``+dirty`` with uncommitted changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True,
+                               text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def run_arm(arm: Arm, cfg: StudyConfig, out: Path, docs: Path, device: str = "cpu") -> dict:
     """Train and evaluate one arm; writes docs/arms/<id>.json and docs/curves/<id>.jsonl."""
     tcfg = train_config(arm, cfg, device)
@@ -185,7 +198,8 @@ def run_arm(arm: Arm, cfg: StudyConfig, out: Path, docs: Path, device: str = "cp
               "label": arm.label, "n": result["n"], "accuracy": result["accuracy"], "stderr": result["stderr"],
               "format_failures": result.get("format_failures"), "tokens_mean": result.get("tokens_mean"),
               "accuracy_flexible": result.get("accuracy_flexible"), "train_seconds": round(train_s),
-              "config": to_dict(tcfg), "machine": machine_description(), "date": time.strftime("%Y-%m-%d")}
+              "config": to_dict(tcfg), "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
+              "code": code_version()}
     if arm.shuffled:
         shuffled = _evaluate(arm, run, out / "eval" / f"{arm.id}--shuffled", cfg, device, shuffled=True)
         row = shuffled["results"][0]

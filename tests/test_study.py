@@ -87,6 +87,8 @@ def test_one_arm_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatc
     run_study(tmp_path / "out", tmp_path / "docs", cfg)
     record = json.loads((tmp_path / "docs" / "arms" / "chain_sum--curriculum--s0.json").read_text())
     assert record["n"] == 4 and record["shuffled"]["n"] == 4 and record["config"]["method"] == "curriculum"
+    assert record["code"].split("+")[0] == subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                                         capture_output=True).stdout.strip()
     curve = (tmp_path / "docs" / "curves" / "chain_sum--curriculum--s0.jsonl").read_text().splitlines()
     assert sum('"heldout_loss"' in line for line in curve) == 3  # steps 0, 2, 4
     results = json.loads((tmp_path / "docs" / "results.json").read_text())
