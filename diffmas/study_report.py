@@ -73,6 +73,8 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
     for rec in arms:
         row = {k: rec[k] for k in ("task", "arm", "seed", "system", "n", "accuracy", "stderr", "tokens_mean",
                                    "format_failures", "accuracy_flexible", "train_seconds", "phase")}
+        # Arms that predate the field ran on the study's first frozen commit (docs/study/NOTES.md).
+        row["code"] = rec.get("code", "4bd81a8")
         if "shuffled" in rec:
             row["shuffled_trace"] = rec["shuffled"]
         for base in BASELINES:
@@ -91,13 +93,14 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             "An interval that contains 0 is reported as no difference detected at this n.", ""]
     for task in sorted(outcomes):
         pooled[task] = {}
-        text += [f"## {task}", "", "| arm | seed | n | accuracy ± stderr | decoded tokens | shuffled trace |",
-                 "|---|---|---|---|---|---|"]
+        text += [f"## {task}", "", "| arm | seed | n | accuracy ± stderr | decoded tokens | shuffled trace | code |",
+                 "|---|---|---|---|---|---|---|"]
         for row in sorted((r for r in rows if r["task"] == task), key=lambda r: (r["arm"], r["seed"])):
             shuffled = row.get("shuffled_trace")
             text.append(f"| {row['arm']} | {row['seed']} | {row['n']} | {row['accuracy']:.3f} ± {row['stderr']:.3f} | "
                         f"{row['tokens_mean']:.1f} | "
-                        + (f"{shuffled['accuracy']:.3f} ± {shuffled['stderr']:.3f}" if shuffled else "–") + " |")
+                        + (f"{shuffled['accuracy']:.3f} ± {shuffled['stderr']:.3f}" if shuffled else "–")
+                        + f" | {row['code']} |")
         text.append("")
         for base, title in BASELINES.items():
             if base not in outcomes[task]:
