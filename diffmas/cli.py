@@ -148,6 +148,8 @@ def train(
     stage_steps: Optional[int] = typer.Option(None, help="Curriculum: training steps per stage."),
     mixin: Optional[float] = typer.Option(None, help="Curriculum: probability of replaying an earlier stage."),
     distill_weight: Optional[float] = typer.Option(None, help="Distillation: lambda."),
+    distill_teacher_weight: Optional[float] = typer.Option(None, help="Distillation: alpha, the weight of the "
+                                                           "teacher pass's own CE (default 1; 0 leaves it untrained)."),
     link_pretrain_steps: Optional[int] = typer.Option(None, help="Learned link: text pre-training steps."),
     model: Optional[str] = typer.Option(None),
     task: Optional[str] = typer.Option(None, help="e.g. rg:chain_sum"),
@@ -187,7 +189,7 @@ def train(
         "model.device": device, "method": method, "latent_map": latent_map,
         "curriculum.stages": curriculum_stages, "curriculum.thoughts_per_step": thoughts_per_step,
         "curriculum.stage_steps": stage_steps, "curriculum.mixin": mixin, "distill.weight": distill_weight,
-        "link.pretrain_steps": link_pretrain_steps, "think": think, "realign": realign,
+        "distill.teacher_weight": distill_teacher_weight, "link.pretrain_steps": link_pretrain_steps, "think": think, "realign": realign,
     }
     summary = run_training(load_config(config, overrides), out, resume=resume)
     if summary["is_main_process"]:
