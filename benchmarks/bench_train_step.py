@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from _common import compare, interleaved, load, machine, parser, setup, table, write_json
 from diffmas.adapters import LoraSettings, attach_lora, trainable_parameters
 from diffmas.backbone import Backbone
-from diffmas.kv import left_pad
+from diffmas.kv import joined_attention, left_pad
 from diffmas.prompts import Topology, load_topology, render_agent, render_target
 from diffmas.rollout import RolloutSpec, rollout
 from diffmas.tasks import get_task
@@ -74,16 +74,15 @@ def make_floor(backbone: Backbone, topology: Topology, prompts: list[str], targe
     latents = [torch.randn(len(prompts), p, dim, device=backbone.device) * 0.02 for p in pieces if isinstance(p, int)]
     n_target = int((labels != -100).sum())
 
-    def step() -> float:
+    def step() -> torch.Tensor:
+        """The floor's loss (call ``.backward()`` on it)."""
         lat = iter(latents)
         embeds = torch.cat([next(lat) if isinstance(p, int) else backbone.embed(p) for p in pieces], 1)
         hidden = backbone.body(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         targets_ = labels[:, 1:]
         keep = targets_ != -100
         logits = backbone.logits(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits, targets_[keep], reduction="sum") / n_target
-        loss.backward()
-        return float(loss.detach())
+        return F.cross_entropy(logits, targets_[keep], reduction="sum") / n_target
 
     return step, int(mask.shape[1])
 
@@ -102,15 +101,21 @@ def compare_step(backbone: Backbone, roles: dict[str, str], prompts: list[str], 
         zero()
         rollout(backbone, spec, prompts, targets=targets, grad_mode="coupled").loss.backward()
 
+    def joined() -> None:  # the same step with the cache joined as transformers does (a copy per latent step)
+        with joined_attention():
+            ours()
+
     floor_step, width = make_floor(backbone, topology, prompts, targets, latent_steps)
 
     def floor() -> None:
         zero()
-        floor_step()
+        floor_step().backward()
 
-    times = interleaved({"ours": ours, "floor": floor}, reps)
+    sides = {"ours": ours, "floor": floor} | ({"joined": joined} if latent_steps else {})
+    times = interleaved(sides, reps)
     return {"latent_steps": latent_steps, "batch": len(prompts), "positions_per_row": width, "seconds": times,
-            "ratio": compare(times, "ours", "floor")}
+            "ratio": compare(times, "ours", "floor"),
+            "joined_over_ours": compare(times, "joined", "ours") if latent_steps else None}
 
 
 def main() -> None:
@@ -138,6 +143,9 @@ def main() -> None:
           f"({args.threads} thread(s), interleaved)")
     print(table(["m", "batch", "positions/row", "ours s", "floor s", "ours/floor wall", "wall range",
                  "ours/floor CPU", "reps"], rows))
+    j = results[-1]["joined_over_ours"]["wall"]
+    print(f"joined cache / split (ours) at m={args.latent_steps}: {j['median_of_ratios']:.2f} "
+          f"({j['min_ratio']:.2f}-{j['max_ratio']:.2f})")
     write_json(args.out, "train_step", {"machine": machine(args.threads, args.device), "goal": "ours/floor <= 1.3",
                                         "results": results})
 
