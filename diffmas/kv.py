@@ -13,6 +13,7 @@ same positions and the same real keys whatever else shares the batch.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -143,12 +144,25 @@ def _split_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
 AttentionInterface.register(_SPLIT_ATTENTION, _split_attention)
 
 
-def _splittable(config) -> bool:
+_SHARED_CONFIG: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _splittable(body: torch.nn.Module) -> bool:
     """Whether single-token segments may take the split path: attention that takes a prepared boolean mask
-    (eager, sdpa) over full or sliding layers; other kernels join the cache as transformers does."""
+    (eager, sdpa) over full or sliding layers; other kernels join the cache as transformers does.
+
+    The split path is switched on through ``body.config``, so every attention module must read that very config
+    (a module reading another one would get only the recent keys from the cache and attend to them alone).
+    """
+    config = body.config
     layer_types = set(getattr(config, "layer_types", None) or ())
-    return _SPLIT_ENABLED.get() and getattr(config, "_attn_implementation", None) in _MASKABLE_ATTENTION and \
-        layer_types <= {"full_attention", "sliding_attention"}
+    if not (_SPLIT_ENABLED.get() and getattr(config, "_attn_implementation", None) in _MASKABLE_ATTENTION
+            and layer_types <= {"full_attention", "sliding_attention"}):
+        return False
+    if body not in _SHARED_CONFIG:
+        _SHARED_CONFIG[body] = all(m.config is config for m in body.modules()
+                                   if hasattr(m, "layer_idx") and hasattr(m, "config"))
+    return _SHARED_CONFIG[body]
 
 
 @contextmanager
@@ -388,7 +402,7 @@ class TraceBuilder:
         mask = torch.cat([self._mask, seg_mask.to(self._mask.dtype)], dim=1)
         dtype = inputs_embeds.dtype if inputs_embeds is not None else body.get_input_embeddings().weight.dtype
         # One token over a non-empty trace (latent steps, decoding) attends to the past without copying it.
-        split = seg_mask.shape[1] == 1 and bool(self._cache.layers) and _splittable(body.config)
+        split = seg_mask.shape[1] == 1 and bool(self._cache.layers) and _splittable(body)
         windowed = attention_masks(body.config, mask, self._start, seg_mask.shape[1], dtype, split=split)
         with _split_call(body.config, self._cache) if split else nullcontext():
             out = body(

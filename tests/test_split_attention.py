@@ -75,3 +75,19 @@ def test_latent_steps_do_not_save_a_copy_of_the_trace_per_step():
         (bb.model.config.hidden_size // bb.model.config.num_attention_heads) * 4
     assert joined_per_step > 0.9 * kv_bytes  # the old path keeps (at least) one K/V copy per step
     assert per_step < 0.25 * joined_per_step, (per_step, joined_per_step)
+
+
+def test_a_model_whose_attention_reads_another_config_keeps_the_joined_path():
+    """The split path is switched on through body.config; attention reading another config must not take it
+    (it would attend to the recent keys alone)."""
+    import copy
+
+    bb, spec = _trained("llama")
+    own = copy.copy(bb.body.config)
+    for module in bb.body.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "config"):
+            module.config = own
+    loss, _ = _step(bb, spec)
+    with joined_attention():
+        ref_loss, _ = _step(bb, spec)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
