@@ -117,8 +117,9 @@ def _split_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
                      ) -> tuple[Tensor, None]:
     """Attention of new queries to a layer's past and its recent keys (``key``/``value``), without joining them.
 
-    The same arithmetic as eager attention (one softmax, at least in float32, over all columns), with the key/value heads
-    shared by their query groups without copies. ``attention_mask`` is boolean ``[B, 1, S, past + recent]``.
+    The same arithmetic as eager attention (one softmax, at least in float32, over all columns), with the
+    key/value heads shared by their query groups without copies. ``attention_mask`` is boolean
+    ``[B, 1, S, past + recent]``.
     """
     bad = [k for k in _SPLIT_UNSUPPORTED if kwargs.get(k) is not None]
     if bad:
