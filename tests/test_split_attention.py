@@ -33,7 +33,8 @@ def _step(bb, spec):
     bb.model.zero_grad(set_to_none=True)
     result = rollout(bb, spec, QUESTIONS, targets=TARGETS, grad_mode="coupled")
     result.loss.backward()
-    return float(result.loss.detach()), {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.grad is not None}
+    return float(result.loss.detach()), grads
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
