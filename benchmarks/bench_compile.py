@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from _common import compare, interleaved, load, machine, parser, setup, write_json
-from bench_train_step import training_batch
+from _common import compare, interleaved, load, machine, write_json
+from bench_train_step import step_args, training_batch
 from diffmas.adapters import LoraSettings, attach_lora
 from diffmas.kv import Trace, left_pad
 from diffmas.latent import get_realigner, latent_steps
@@ -21,12 +21,7 @@ from diffmas.prompts import load_topology, render_agent
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--latent-steps", type=int, default=10)
-    p.add_argument("--reps", type=int, default=3)
-    args = p.parse_args()
-    setup(args.threads)
+    args = step_args(__doc__)
     backbone = load(args.model, args.device)
     topology = load_topology("sequential")
     attach_lora(backbone, LoraSettings(dropout=0.0), [a.role for a in topology.agents])

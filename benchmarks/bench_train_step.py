@@ -118,13 +118,19 @@ def compare_step(backbone: Backbone, roles: dict[str, str], prompts: list[str], 
             "joined_over_ours": compare(times, "joined", "ours") if latent_steps else None}
 
 
-def main() -> None:
-    p = parser(__doc__)
+def step_args(doc: str | None) -> Any:
+    """The options of a latent-step benchmark (batch, m, repetitions), parsed, with torch set up."""
+    p = parser(doc)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--latent-steps", type=int, default=10)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     setup(args.threads)
+    return args
+
+
+def main() -> None:
+    args = step_args(__doc__)
     reps = 2 if args.quick else args.reps
     backbone = load(args.model, args.device)
     topology = load_topology("sequential")
