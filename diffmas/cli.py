@@ -189,7 +189,8 @@ def train(
         "model.device": device, "method": method, "latent_map": latent_map,
         "curriculum.stages": curriculum_stages, "curriculum.thoughts_per_step": thoughts_per_step,
         "curriculum.stage_steps": stage_steps, "curriculum.mixin": mixin, "distill.weight": distill_weight,
-        "distill.teacher_weight": distill_teacher_weight, "link.pretrain_steps": link_pretrain_steps, "think": think, "realign": realign,
+        "distill.teacher_weight": distill_teacher_weight, "link.pretrain_steps": link_pretrain_steps,
+        "think": think, "realign": realign,
     }
     summary = run_training(load_config(config, overrides), out, resume=resume)
     if summary["is_main_process"]:

@@ -23,6 +23,7 @@ import torch
 from diffmas.config import DataConfig, ModelConfig, TrainConfig, load_config, to_dict
 from diffmas.adapters import META_FILE, LoraSettings
 from diffmas.errors import DiffMASError
+from diffmas.eval.report import self_perplexity
 from diffmas.train.checkpoint import latest_checkpoint
 
 
@@ -107,8 +108,6 @@ def train_once(cfg: TrainConfig, out: Path, reuse: tuple[Path, ...] = ()) -> Pat
 
 
 def _markdown_table(results: dict) -> str:
-    from diffmas.eval.report import self_perplexity
-
     lines = ["| system | accuracy ± stderr | n | format failures | tokens / problem | s / problem | gold perplexity "
              "| perplexity of own output |",
              "|---|---|---|---|---|---|---|---|"]
@@ -175,7 +174,7 @@ def _rows(results: dict) -> dict:
     for row in results["results"]:
         rows.append({"system": row["system"], **{k: row.get(k) for k in (
             "accuracy", "stderr", "n", "format_failures", "tokens_mean", "seconds_mean", "gold_perplexity")},
-            "self_perplexity": row.get("self_perplexity", row.get("perplexity"))})
+            "self_perplexity": self_perplexity(row)})
     return {"rows": rows}
 
 
