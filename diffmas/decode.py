@@ -44,7 +44,8 @@ class Decoded:
     tokens: list[list[int]]
     texts: list[str]
     nll_sum: list[float]
-    trace: Trace
+    trace: Trace | None
+    """With ``keep_in_trace``: the trace with the replies in it."""
 
 
 def _choose(logits: Tensor, cfg: DecodeConfig, generator: torch.Generator | None) -> Tensor:
@@ -67,7 +68,7 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 def decode(
     backbone: Backbone,
-    trace: Trace,
+    trace: Trace | TraceBuilder,
     last_hidden: Tensor,
     cfg: DecodeConfig,
     keep_in_trace: bool = False,
@@ -75,10 +76,13 @@ def decode(
     """Decode from ``last_hidden`` [B, D] (the hidden state at the trace's last real position).
 
     With ``keep_in_trace`` the last chosen token is also run through the model, so the returned trace holds
-    the whole reply (text writers hand it to the next agent); otherwise that final forward is skipped and the
-    returned trace is ``trace`` itself (the reply is not in it).
+    the whole reply (text writers hand it to the next agent); otherwise that final forward is skipped and no
+    trace is returned. A :class:`TraceBuilder` is taken over and continued (the caller gives the trace up, so
+    the memory of rows that finish can be freed).
     """
-    batch = trace.batch_size
+    builder = trace if isinstance(trace, TraceBuilder) else TraceBuilder(trace)
+    del trace  # the builder holds the only reference decoding needs
+    batch = len(last_hidden)
     device = last_hidden.device
     eos = torch.tensor(sorted(backbone.eos_ids) or [-1], device=device)
     generator = None
@@ -90,7 +94,6 @@ def decode(
     rows_t = torch.arange(batch, device=device)
     finished_parts: list[tuple[Tensor, Trace]] = []  # with keep_in_trace: (original rows, their final trace)
     logits = backbone.logits(last_hidden)
-    builder = TraceBuilder(trace)
     for step in range(cfg.max_new_tokens):
         if generator is not None and len(rows) < batch:
             # Sample over the full batch (finished rows get dummy logits) so every row draws from the random
@@ -124,7 +127,7 @@ def decode(
             hidden = builder.extend(backbone.body, torch.ones_like(chosen)[:, None], input_ids=chosen[:, None])
         logits = backbone.logits(hidden[:, -1])
     texts = [_cut_at_stop(backbone.tokenizer.decode(t, skip_special_tokens=True), cfg.stop)[0] for t in tokens]
-    out = trace
+    out = None
     if keep_in_trace:
         out = Trace.assemble([(rows_t, builder.freeze()), *finished_parts], batch) if finished_parts \
             else builder.freeze()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -24,6 +24,9 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from diffmas.errors import DiffMASError
+from diffmas.positions import MASKABLE_ATTENTION, attention_masks, left_pad, segment_positions
+
+__all__ = ["Trace", "TraceBuilder", "TraceTooLong", "joined_attention", "left_pad", "segment_positions"]
 
 
 class TraceTooLong(DiffMASError):
@@ -70,6 +73,11 @@ class _SplitLayer(DynamicLayer):
             self.recent_keys = self.recent_values = None
         return self.keys, self.values
 
+    @property
+    def past(self) -> tuple[Tensor, Tensor]:
+        """What a split call's new tokens attend to besides themselves."""
+        return self.keys, self.values
+
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
@@ -93,6 +101,94 @@ def _as_cache(keys: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> DynamicCa
 def _cache_tensors(cache: DynamicCache) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     joined = [layer.materialize() for layer in cache.layers]
     return tuple(k for k, _ in joined), tuple(v for _, v in joined)
+
+
+class _Arena:
+    """Preallocated per-layer K/V storage that an inference trace grows into without copying its past.
+
+    Columns below ``frontier`` are never written again, so every Trace holding views of them stays valid while
+    the trace that ends at the frontier (the tip) grows in place; any other extension copies as usual. Inference
+    only: autograd may not see in-place writes into tensors it saved, so under grad every builder copies.
+    A layer whose storage fills up moves to one 1.5x larger (the old storage lives on only in views).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.keys: list[Tensor | None] = []  # per layer [B, H_kv, capacity, D], allocated at its first write
+        self.values: list[Tensor | None] = []
+        self.frontier = 0
+
+    def is_tip(self, length: int) -> bool:
+        return self.frontier == length and not torch.is_grad_enabled()
+
+    def write(self, layer: int, keys: Tensor, values: Tensor, at: int) -> tuple[Tensor, Tensor]:
+        """Store a layer's new K/V at column ``at``; returns views of that layer's columns up to them."""
+        end = at + keys.shape[-2]
+        if layer == len(self.keys):
+            self.keys.append(None)
+            self.values.append(None)
+        stored = self.keys[layer]
+        if stored is None or stored.shape[-2] < end:
+            size = max(self.capacity, end) if stored is None else max(end, stored.shape[-2] * 3 // 2)
+            for part, new in ((self.keys, keys), (self.values, values)):
+                grown = new.new_empty((*new.shape[:2], size, new.shape[-1]))
+                if part[layer] is not None:
+                    grown[:, :, :at] = part[layer][:, :, :at]
+                part[layer] = grown
+        self.keys[layer][:, :, at:end] = keys
+        self.values[layer][:, :, at:end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def views(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        return (tuple(k[:, :, :self.frontier] for k in self.keys),
+                tuple(v[:, :, :self.frontier] for v in self.values))
+
+    def select(self, rows: Tensor) -> "_Arena":
+        """A new arena holding only ``rows``. This one is retired (nothing grows in it again) and lets go of its
+        storage layer by layer, so unless a Trace still holds views of it, one layer's rows are copied at a time."""
+        new = _Arena(self.capacity)
+        for part, into in ((self.keys, new.keys), (self.values, new.values)):
+            for layer, stored in enumerate(part):
+                kept = stored.new_empty((len(rows), *stored.shape[1:]))
+                kept[:, :, :self.frontier] = stored[:, :, :self.frontier].index_select(0, rows)
+                into.append(kept)
+                part[layer] = None
+        new.frontier, self.frontier = self.frontier, -1
+        return new
+
+
+class _ArenaLayer(DynamicLayer):
+    """A cache layer whose K/V live in an :class:`_Arena` (written in place). A split call (single tokens over a
+    non-empty past, see :class:`_SplitLayer`) gets back only the new token and attends to ``past`` besides it."""
+
+    split = False
+
+    def __init__(self, arena: _Arena, index: int) -> None:
+        super().__init__()
+        self.arena, self.index, self.length = arena, index, 0
+        if index < len(arena.keys):
+            self.lazy_initialization(arena.keys[index], arena.values[index])
+            self.length = arena.frontier
+            self.keys = arena.keys[index][:, :, :self.length]
+            self.values = arena.values[index][:, :, :self.length]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.arena.write(self.index, key_states, value_states, self.length)
+        self.past = keys[:, :, :self.length], values[:, :, :self.length]
+        self.keys, self.values, self.length = keys, values, keys.shape[-2]
+        return (key_states, value_states) if self.split else (keys, values)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+def _arena_cache(arena: _Arena) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = lambda: _ArenaLayer(arena, len(cache.layers))
+    cache.layers.extend(_ArenaLayer(arena, i) for i in range(len(arena.keys)))
+    return cache
 
 
 _SPLIT_ATTENTION = "diffmas_split"
@@ -124,7 +220,7 @@ def _split_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value:
     bad = [k for k in _SPLIT_UNSUPPORTED if kwargs.get(k) is not None]
     if bad:
         raise DiffMASError(f"split attention does not support {bad}; this model needs the joined-cache path")
-    past_k, past_v = (layer := _SPLIT_CACHE.get().layers[module.layer_idx]).keys, layer.values
+    past_k, past_v = _SPLIT_CACHE.get().layers[module.layer_idx].past
     b, heads, s, d = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
@@ -157,7 +253,7 @@ def _splittable(body: torch.nn.Module) -> bool:
     """
     config = body.config
     layer_types = set(getattr(config, "layer_types", None) or ())
-    if not (_SPLIT_ENABLED.get() and getattr(config, "_attn_implementation", None) in _MASKABLE_ATTENTION
+    if not (_SPLIT_ENABLED.get() and getattr(config, "_attn_implementation", None) in MASKABLE_ATTENTION
             and layer_types <= {"full_attention", "sliding_attention"}):
         return False
     if body not in _SHARED_CONFIG:
@@ -183,68 +279,6 @@ def _split_call(config, cache: DynamicCache):
         config._attn_implementation_internal = original
 
 
-def segment_positions(start: Tensor, seg_mask: Tensor) -> Tensor:
-    """Position ids of a left-padded segment whose first real token sits at ``start`` (per row).
-
-    Padding positions get the position of the next real token; they are masked out as keys, so any value works.
-    """
-    return start[:, None] + (seg_mask.cumsum(1) - 1).clamp(min=0)
-
-
-_MASKABLE_ATTENTION = ("eager", "sdpa")
-"""Attention implementations that take a prepared 4D mask (flash kernels take only a 2D padding mask)."""
-
-
-def attention_masks(config, mask: Tensor, start: Tensor, q_len: int, dtype: torch.dtype, split: bool = False
-                    ) -> Tensor | dict | None:
-    """4D attention masks that count real positions, not cache columns, or None where the 2D mask is exact.
-
-    transformers' sliding-window mask keeps the last ``sliding_window`` *columns*; on a trace whose segments are
-    left-padded, padding columns in the middle would eat into the window (a row would see less context at batch
-    N than at batch 1, and less than on one unpadded sequence). Here a query at position p sees a key at
-    position k iff the key is real, comes no later (column order) and, on sliding layers,
-    ``p - k < sliding_window``: exactly what the model computes on one unpadded sequence. A padding query also
-    sees its own column, so no row is fully masked: eager attention turns a fully masked row into NaN, and NaN
-    keys at padding columns would then poison every real query of the next layer (0 x NaN), so eager always
-    gets these masks.
-
-    Returns one tensor when every layer takes the same mask (no sliding layers, every layer slides as in
-    Mistral, or a trace no longer than the window), a dict per layer type when full and sliding layers differ
-    (Gemma 2/3 and other models with ``config.layer_types`` take such a dict), and None where transformers'
-    own mask from the 2D one is exact (sdpa without a binding window) or where a 4D mask cannot be used
-    (attention implementations other than eager and sdpa, layer types other than full and sliding).
-    ``split``: always boolean masks, for :func:`_split_attention`.
-    """
-    implementation = "sdpa" if split else getattr(config, "_attn_implementation", None)
-    layer_types = set(getattr(config, "layer_types", None) or ())
-    if implementation not in _MASKABLE_ATTENTION or not layer_types <= {"full_attention", "sliding_attention"}:
-        return None
-    window = getattr(config, "sliding_window", None)
-    total = mask.shape[1]
-    slides = bool(window) and total > window and (not layer_types or "sliding_attention" in layer_types)
-    if implementation == "sdpa" and not slides and not split:
-        return None
-    cols = torch.arange(total, device=mask.device)
-    q_cols = cols[total - q_len:]
-    diag = (cols[None, :] == q_cols[:, None])[None]  # [1, S, T]
-    full = ((cols[None, :] <= q_cols[:, None])[None] & mask.bool()[:, None, :]) | diag  # [B, S, T]
-
-    def as_mask(visible: Tensor) -> Tensor:
-        visible = visible[:, None]  # [B, 1, S, T]
-        if implementation == "sdpa":
-            return visible
-        return torch.zeros(visible.shape, dtype=dtype, device=mask.device).masked_fill(~visible,
-                                                                                        torch.finfo(dtype).min)
-
-    if not slides:
-        return as_mask(full)
-    pos = start[:, None] + mask.cumsum(1) - 1  # position of every real column
-    sliding = (full & (pos[:, -q_len:, None] - pos[:, None, :] < window)) | diag
-    if "full_attention" not in layer_types:
-        return as_mask(sliding)
-    return {"full_attention": as_mask(full), "sliding_attention": as_mask(sliding)}
-
-
 @dataclass(frozen=True)
 class Trace:
     """Shared KV trace of a batch of multi-agent conversations (see module docstring)."""
@@ -253,13 +287,21 @@ class Trace:
     values: tuple[Tensor, ...]
     mask: Tensor  # [B, T], 1 = real position
     start: Tensor  # [B], position id of each row's first token
+    arena: _Arena | None = field(default=None, compare=False, repr=False)
+    """Inference: the storage ``keys``/``values`` are views of, which the trace grows into while it is the tip."""
 
     @classmethod
-    def empty(cls, batch_size: int, device: torch.device | str, start: Tensor | None = None) -> "Trace":
-        """A trace with no tokens; ``start`` offsets positions (an independent branch continues a parent's)."""
+    def empty(cls, batch_size: int, device: torch.device | str, start: Tensor | None = None,
+              capacity: int | None = None) -> "Trace":
+        """A trace with no tokens; ``start`` offsets positions (an independent branch continues a parent's).
+
+        ``capacity`` (inference): preallocate that many columns per layer, so that extending the trace and its
+        extensions under no_grad writes in place instead of copying the past (one live copy of the trace).
+        """
         if start is None:
             start = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return cls((), (), torch.zeros(batch_size, 0, dtype=torch.long, device=device), start)
+        arena = _Arena(capacity) if capacity else None
+        return cls((), (), torch.zeros(batch_size, 0, dtype=torch.long, device=device), start, arena)
 
     @property
     def batch_size(self) -> int:
@@ -301,6 +343,12 @@ class Trace:
 
     def concat(self, other: "Trace") -> "Trace":
         """Append a trace that was built independently, starting at this trace's ``next_positions``."""
+        mask = torch.cat([self.mask, other.mask], 1)
+        if self.arena is not None and self.arena.is_tip(self.length) and other.keys:
+            for layer, (k, v) in enumerate(zip(other.keys, other.values)):
+                self.arena.write(layer, k, v, self.length)
+            self.arena.frontier = mask.shape[1]
+            return Trace(*self.arena.views(), mask, self.start, self.arena)
         if not self.keys:
             return Trace(other.keys, other.values, torch.cat([self.mask, other.mask], 1), self.start)
         if not other.keys:
@@ -315,15 +363,15 @@ class Trace:
             tuple(k.detach() for k in self.keys), tuple(v.detach() for v in self.values), self.mask, self.start
         )
 
-    def flatten(self) -> list[Tensor]:
-        """Tensors of the trace as a flat list (inputs of a checkpointed function)."""
-        return [*self.keys, *self.values, self.mask, self.start]
+    def flatten(self) -> list:
+        """The trace as a flat list (inputs of a checkpointed function): its tensors, then its arena or None."""
+        return [*self.keys, *self.values, self.mask, self.start, self.arena]
 
     @classmethod
-    def unflatten(cls, tensors: list[Tensor] | tuple[Tensor, ...]) -> "Trace":
+    def unflatten(cls, parts: list | tuple) -> "Trace":
         """Inverse of :meth:`flatten`."""
-        n = (len(tensors) - 2) // 2
-        return cls(tuple(tensors[:n]), tuple(tensors[n : 2 * n]), tensors[-2], tensors[-1])
+        n = (len(parts) - 3) // 2
+        return cls(tuple(parts[:n]), tuple(parts[n : 2 * n]), parts[-3], parts[-2], parts[-1])
 
     def select(self, rows: Tensor) -> "Trace":
         """The trace of some rows of the batch only (``rows``: indices, in the order wanted)."""
@@ -365,7 +413,9 @@ class TraceBuilder:
     """
 
     def __init__(self, trace: Trace) -> None:
-        self._cache = _as_cache(trace.keys, trace.values)
+        # The tip of an inference trace grows in place in its arena; anything else copies (see _Arena).
+        self._arena = trace.arena if trace.arena is not None and trace.arena.is_tip(trace.length) else None
+        self._cache = _as_cache(trace.keys, trace.values) if self._arena is None else _arena_cache(self._arena)
         self._mask = trace.mask
         self._start = trace.start
         self._bound: int | None = None  # an upper bound on every row's next position (checked lazily, no sync)
@@ -400,6 +450,9 @@ class TraceBuilder:
         """Append one segment; returns its last-layer hidden states ``[B, S, D]`` (every layer's with
         ``all_layers``). Raises :class:`TraceTooLong` when a row would pass ``max_position_embeddings``."""
         self._check_length(body, seg_mask)
+        if self._arena is not None and not self._arena.is_tip(self._mask.shape[1]):  # grown from elsewhere meanwhile
+            layers = self._cache.layers
+            self._cache, self._arena = _as_cache(tuple(la.keys for la in layers), tuple(la.values for la in layers)), None
         mask = torch.cat([self._mask, seg_mask.to(self._mask.dtype)], dim=1)
         dtype = inputs_embeds.dtype if inputs_embeds is not None else body.get_input_embeddings().weight.dtype
         # One token over a non-empty trace (latent steps, decoding) attends to the past without copying it.
@@ -416,33 +469,24 @@ class TraceBuilder:
                 output_hidden_states=all_layers,
             )
         self._mask = mask
+        if self._arena is not None:
+            self._arena.frontier = mask.shape[1]
         return out.hidden_states if all_layers else out.last_hidden_state
 
     def freeze(self) -> Trace:
         """The trace as it stands now."""
+        if self._arena is not None:
+            return Trace(*self._arena.views(), self._mask, self._start, self._arena)
         keys, values = _cache_tensors(self._cache)
         return Trace(keys, values, self._mask, self._start)
 
     def select(self, rows: Tensor) -> None:
         """Keep only ``rows`` of the batch from now on (decoding drops the rows that finished)."""
-        trace = self.freeze().select(rows)
-        self._cache = _as_cache(trace.keys, trace.values)
-        self._mask, self._start = trace.mask, trace.start
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str,
-             allow_empty: bool = False) -> tuple[Tensor, Tensor]:
-    """Left-pad token lists into ``(ids [B, S], mask [B, S])``.
-
-    Every row must be non-empty unless ``allow_empty`` (a teacher-forced continuation that some rows lack:
-    such a row is all padding, so it adds no real position to the trace).
-    """
-    if not allow_empty and any(len(s) == 0 for s in sequences):
-        raise ValueError("cannot pad an empty segment: every agent segment needs at least one token")
-    width = max(1, max(len(s) for s in sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
-    return ids.to(device), mask.to(device)
+        if self._arena is not None:
+            self._cache = None  # its views would keep every layer's old storage alive during the copy
+            self._arena = self._arena.select(rows)
+            self._cache = _arena_cache(self._arena)
+        else:
+            trace = self.freeze().select(rows)
+            self._cache = _as_cache(trace.keys, trace.values)
+        self._mask, self._start = self._mask[rows], self._start[rows]

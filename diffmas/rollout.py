@@ -28,7 +28,7 @@ from diffmas.adapters import activate
 from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig, decode
 from diffmas.errors import DiffMASError
-from diffmas.kv import Trace, TraceTooLong, left_pad
+from diffmas.kv import Trace, TraceBuilder, TraceTooLong, left_pad
 from diffmas.latent import get_realigner, latent_steps
 from diffmas.prompts import ANSWER_KEY, Agent, Topology, render_agent, render_target
 
@@ -257,7 +257,7 @@ def _cap_replies(tokenizer, reply, reply_from: int, caps: list[int]) -> tuple[Tr
             mask[row, reply_from + cap: reply_from + len(tokens)] = 0
             texts[row] = tokenizer.decode(tokens[:cap], skip_special_tokens=True)
     generated = [min(len(t), c) for t, c in zip(reply.tokens, caps)]
-    return Trace(trace.keys, trace.values, mask, trace.start), texts, generated
+    return Trace(trace.keys, trace.values, mask, trace.start, trace.arena), texts, generated
 
 
 def forced_texts(spec: RolloutSpec, targets: list[str], thinker_texts: list[str] | None
@@ -295,6 +295,19 @@ def _final_inputs(backbone: Backbone, prompt_seqs: list[list[int]], forced: list
     ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
     f_ids, f_mask, f_labels = _labelled([[] for _ in forced], forced, backbone.pad_id, device)
     return ids, mask, None, f_ids, f_mask, f_labels
+
+
+def _inference_columns(spec: RolloutSpec, rendered: list, final_prompts: list[list[int]], final_steps: int,
+                       cfg: DecodeConfig) -> int:
+    """An upper bound on the trace's columns in an inference rollout, preallocated so that it grows in place."""
+    columns = max(len(s) for s in final_prompts) + final_steps + (spec.topology.final.max_new_tokens
+                                                                   or cfg.max_new_tokens)
+    for agent, (_, ids, _) in zip(spec.topology.writers, rendered):
+        if spec.writer_mode == "latent":
+            columns += ids.shape[1] + (spec.latent_steps if agent.latent_steps is None else agent.latent_steps)
+        else:
+            columns += ids.shape[1] + (agent.max_new_tokens or spec.writer_max_new_tokens)
+    return columns
 
 
 def _final_steps(spec: RolloutSpec) -> int:
@@ -375,7 +388,10 @@ def rollout(
     uses_latent = spec.writer_mode == "latent" and (spec.latent_steps or final_steps or thinker_latent_steps
                                                     or any(a.latent_steps for a in writers))
     latent_map = (spec.latent_map or get_realigner(backbone, spec.realign)) if uses_latent else None
-    trace = Trace.empty(batch, device)
+    rendered = [_render(backbone, agent, writer_prompts or prompts, spec.think) for agent in writers]
+    prompt_seqs = [render_agent(tok, final, p, spec.think) for p in prompts]
+    capacity = None if training else _inference_columns(spec, rendered, prompt_seqs, final_steps, decode_cfg)
+    trace = Trace.empty(batch, device, capacity=capacity)
     records: list[AgentRecord] = []
     stage_one_grad = training and grad_mode == "coupled"
     loss_sum = torch.zeros((), device=device)
@@ -384,7 +400,7 @@ def rollout(
     with torch.set_grad_enabled(stage_one_grad):
         for number, agent in enumerate(writers):
             start = time.perf_counter()
-            seqs, ids, mask = _render(backbone, agent, writer_prompts or prompts, spec.think)
+            seqs, ids, mask = rendered[number]
             branch = trace if agent.reads_trace else Trace.empty(batch, device, start=trace.next_positions)
             lens = texts = None
             generated = [0] * batch
@@ -439,7 +455,6 @@ def rollout(
         trace = trace.detach()
     trace_tokens = trace.real_lengths.tolist()
     start = time.perf_counter()
-    prompt_seqs = [render_agent(tok, final, p, spec.think) for p in prompts]
 
     if training:
         forced = [render_target(tok, t) for t in final_text]
@@ -471,7 +486,11 @@ def rollout(
                                          latent_map)
         if final.max_new_tokens is not None:
             decode_cfg = replace(decode_cfg, max_new_tokens=final.max_new_tokens)
-        reply = _as_agent(final.role, decode, backbone, final_trace, last, decode_cfg)
+        # The decode takes the trace over: with no other reference left, the rows it drops are freed.
+        builder, final_trace = TraceBuilder(final_trace), None
+        if not keep_trace:
+            trace = None
+        reply = _as_agent(final.role, decode, backbone, builder, last, decode_cfg)
     records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], final_steps,
                                [len(t) for t in reply.tokens], (time.perf_counter() - start) / batch,
                                max_new_tokens=decode_cfg.max_new_tokens))

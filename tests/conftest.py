@@ -70,6 +70,16 @@ def make_backbone(arch: str = "llama", tied: bool = True, seed: int = 0, dtype: 
     return Backbone(model=model, tokenizer=make_tokenizer(), name=f"tiny-{arch}")
 
 
+class MoreEos(Backbone):
+    """The tiny model with some ordinary tokens declared end-of-sequence, so rows end at ragged times."""
+
+    extra_eos: tuple[int, ...] = ()
+
+    @property
+    def eos_ids(self) -> set[int]:  # type: ignore[override]
+        return {*super().eos_ids, *self.extra_eos}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The tiny Llama and its tokenizer saved as an ordinary model folder (loadable by path, like a user's)."""

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import make_backbone
+from conftest import MoreEos, make_backbone
 
 from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig, decode
@@ -24,16 +24,6 @@ QUESTIONS = [
 MAX_NEW = 16
 
 
-class _MoreEos(Backbone):
-    """The tiny model with some ordinary tokens declared end-of-sequence, so rows end at ragged times."""
-
-    extra_eos: tuple[int, ...] = ()
-
-    @property
-    def eos_ids(self) -> set[int]:  # type: ignore[override]
-        return {*super().eos_ids, *self.extra_eos}
-
-
 def _prefill(bb: Backbone, questions: list[str]) -> tuple[Trace, torch.Tensor]:
     seqs = [render_agent(bb.tokenizer, SINGLE.final, q) for q in questions]
     ids, mask = left_pad(seqs, bb.pad_id, "cpu")
@@ -42,13 +32,13 @@ def _prefill(bb: Backbone, questions: list[str]) -> tuple[Trace, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def ragged() -> _MoreEos:
+def ragged() -> MoreEos:
     base = make_backbone("llama", dtype=torch.float64)
     with torch.no_grad():
         free = decode(base, *_prefill(base, QUESTIONS), DecodeConfig(max_new_tokens=MAX_NEW))
     # The two tokens the model emits most (after its first one) become EOS: rows then stop at different steps.
     common = Counter(t for row in free.tokens for t in row[1:]).most_common(2)
-    bb = _MoreEos(model=base.model, tokenizer=base.tokenizer, name=base.name)
+    bb = MoreEos(model=base.model, tokenizer=base.tokenizer, name=base.name)
     bb.extra_eos = tuple(t for t, _ in common)
     return bb
 
@@ -77,7 +67,7 @@ def test_rows_that_finish_leave_the_batch_and_answers_do_not_change(ragged, keep
         assert one.tokens[0] == full.tokens[i] and one.texts[0] == full.texts[i]
         assert one.nll_sum[0] == pytest.approx(full.nll_sum[i], rel=1e-9, abs=1e-9)
     if not keep_in_trace:
-        assert full.trace is trace  # the reply is not in the returned trace
+        assert full.trace is None  # no trace is handed back without the reply in it
         return
     # The reassembled trace holds each row's whole reply (EOS included), and the same K/V as the row alone.
     assert full.trace.real_lengths.tolist() == [int(trace.real_lengths[i]) + n for i, n in enumerate(lengths)]
@@ -107,7 +97,7 @@ def test_sampling_does_not_depend_on_which_rows_finished(ragged):
     # Rows draw from one random stream over the whole batch: a row's samples are the same whether or not
     # other rows have already left the batch (here: against a backbone whose only EOS never comes).
     cfg = DecodeConfig(max_new_tokens=MAX_NEW, temperature=0.5, top_p=0.95, seed=7)
-    never = _MoreEos(model=ragged.model, tokenizer=ragged.tokenizer, name=ragged.name)
+    never = MoreEos(model=ragged.model, tokenizer=ragged.tokenizer, name=ragged.name)
     never.extra_eos = ()
     with torch.no_grad():
         trace, last = _prefill(ragged, QUESTIONS)
