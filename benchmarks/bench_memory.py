@@ -19,8 +19,13 @@ What is measured (CPU; torch has no CPU allocator statistics):
 - activations saved for backward: the bytes of the distinct tensors autograd saved during the forward
   (``saved_tensors_hooks``), parameters excluded; deterministic, independent of the allocator.
 
+Then, at the demo's settings (``diffmas.demo.DemoConfig``: duo, m = 5, batch 8, no checkpointing), the same peak
+for a diffmas step and for a single_sft step (the final agent alone on the same prompts and targets), also each
+in a fresh process.
+
 Gradients: the three diffmas children save every LoRA gradient and the parent checks they match (dropout 0).
-Goal (issue 10): the un-checkpointed step's peak <= 1.5x the floor's.
+Goals (issue 10): the un-checkpointed step's peak <= 1.5x the floor's; at the demo's settings a diffmas step's
+peak <= 1.5x a single_sft step's.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from _common import (load, machine, parser, peak_rss_mib, release_memory, reset_
                      write_json)
 from bench_train_step import make_floor, training_batch
 from diffmas.adapters import LoraSettings, attach_lora, trainable_parameters
+from diffmas.demo import DemoConfig
 from diffmas.kv import joined_attention
 from diffmas.memory import configure_allocator
 from diffmas.prompts import load_topology
@@ -83,7 +89,10 @@ def child(args: Any) -> None:
     import resource
 
     backbone = load(args.model, args.device)
-    topology = load_topology("sequential")
+    demo = DemoConfig()
+    if args.path.startswith("demo"):  # the demo's settings: duo (or the final agent alone), its m and batch
+        args.latent_steps, args.batch = (demo.latent_steps if args.path == "demo_diffmas" else 0), demo.batch_size
+    topology = load_topology({"demo_diffmas": demo.topology, "demo_single_sft": "single"}.get(args.path, "sequential"))
     # Dropout 0: with and without recomputation must be the same function for the gradient check.
     roles = attach_lora(backbone, LoraSettings(dropout=0.0), [a.role for a in topology.agents])
     backbone.model.train()
@@ -94,7 +103,8 @@ def child(args: Any) -> None:
     from diffmas.latent import get_realigner
 
     get_realigner(backbone)
-    floor_step, positions = make_floor(backbone, topology, prompts, targets, args.latent_steps)
+    floor_step, positions = (None, None) if args.path.startswith("demo") else \
+        make_floor(backbone, topology, prompts, targets, args.latent_steps)
     # Warm-up: a tiny step pages in the kernels this step uses, so their code pages are not counted as its memory.
     warm = RolloutSpec(topology, "latent", latent_steps=1, adapters=roles)
     rollout(backbone, warm, prompts[:1], targets=targets[:1], grad_mode="coupled",
@@ -138,6 +148,20 @@ def child(args: Any) -> None:
 
 
 SETTINGS = (("floor", False), ("joined", False), ("split", False), ("split", True))
+DEMO_SETTINGS = (("demo_diffmas", False), ("demo_diffmas", True), ("demo_single_sft", False))
+
+
+def demo_ratios(demo: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """diffmas (without, with checkpointing) over single_sft at the demo's settings: the step's peak over the RSS
+    before it, and the whole process's peak RSS (what a user sees in top; weights and runtime included)."""
+    *ours, single = demo
+
+    def process(r: dict[str, Any]) -> float:
+        return r["rss_before_step_mib"] + r["peak_step_mib"]
+
+    return {("checkpointed" if r["checkpoint"] else "plain"): {
+        "step_peak": r["peak_step_mib"] / single["peak_step_mib"], "process_peak": process(r) / process(single)}
+        for r in ours}
 
 
 def run_child(args: Any, path: str, checkpoint: bool, grads: Path) -> dict[str, Any]:
@@ -154,7 +178,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--latent-steps", type=int, default=20)
     p.add_argument("--child", action="store_true", help=argparse_hidden())
-    p.add_argument("--path", choices=("floor", "joined", "split"), default="split", help=argparse_hidden())
+    p.add_argument("--path", choices=("floor", "joined", "split", "demo_diffmas", "demo_single_sft"), default="split",
+                   help=argparse_hidden())
     p.add_argument("--checkpoint", action="store_true", help=argparse_hidden())
     p.add_argument("--grads", type=Path, help=argparse_hidden())
     args = p.parse_args()
@@ -170,6 +195,7 @@ def main() -> None:
             runs.append(run_child(args, path, ckpt, Path(tmp) / f"{i}.pt"))
             if path != "floor":
                 grads.append(torch.load(Path(tmp) / f"{i}.pt"))
+        demo = [run_child(args, path, ckpt, Path(tmp) / f"demo{i}.pt") for i, (path, ckpt) in enumerate(DEMO_SETTINGS)]
     ref = grads[0]
     scale = max(float(g.abs().max()) for g in ref.values())
     max_abs = max(float((ref[k] - g[k]).abs().max()) for g in grads[1:] for k in ref)
@@ -186,7 +212,8 @@ def main() -> None:
                             "split+ckpt": ckpt["peak_step_mib"] / floor["peak_step_mib"]},
         "saved_over_floor": {"joined": joined["saved_activations_mib"] / floor["saved_activations_mib"],
                              "split": split["saved_activations_mib"] / floor["saved_activations_mib"]},
-        "joined_over_split_peak": joined["peak_step_mib"] / split["peak_step_mib"]}
+        "joined_over_split_peak": joined["peak_step_mib"] / split["peak_step_mib"],
+        "demo_runs": demo, "demo_over_single_sft": demo_ratios(demo)}
     print(f"\nP4 training-step memory, coupled, batch {args.batch}, m={args.latent_steps}, "
           f"{floor['trace_positions']} positions/row ({args.threads} thread(s), one fresh process per row)")
     rows = [[r["path"], "per-agent" if r["checkpoint"] else "none", r["peak_step_mib"], r["rss_after_forward_mib"],
@@ -195,9 +222,14 @@ def main() -> None:
                  "saved activations MiB", "of which per-head K/V MiB", "fwd+bwd s (single run)"], rows))
     for name, ratio in summary["peak_over_floor"].items():
         print(f"{name}: peak {ratio:.2f}x the floor's")
+    cfg = DemoConfig()
+    for name, r in summary["demo_over_single_sft"].items():
+        print(f"demo settings (duo, m={cfg.latent_steps}, batch {cfg.batch_size}), diffmas {name} vs single_sft: "
+              f"step peak {r['step_peak']:.2f}x, process peak RSS {r['process_peak']:.2f}x")
     print(f"gradients match (joined, split, split+ckpt): {close} (max |diff| {max_abs:.2e}, max |grad| {scale:.2e})")
     write_json(args.out, "memory", {"machine": machine(args.threads, args.device),
-                                    "goal": "un-checkpointed peak <= 1.5x the floor's", "batch": args.batch,
+                                    "goal": "un-checkpointed peak <= 1.5x the floor's; demo settings: "
+                                    "diffmas peak <= 1.5x single_sft's", "batch": args.batch,
                                     "latent_steps": args.latent_steps, "runs": runs, **summary})
     assert close, "gradients of the three diffmas paths differ"
 
