@@ -89,7 +89,9 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
     text = ["# Grounding study: results so far", "",
             "Built by `make study` (`diffmas study`) from the finished arms in `arms/`; every number is a greedy "
             "evaluation on held-out problems. Intervals are 95% paired bootstrap intervals of the accuracy "
-            "difference (items, and training seeds where both sides have 3 or more); p is an exact McNemar test. "
+            "difference (items, and training seeds where both sides have 3 or more); p is a paired sign-flip test "
+            "of the per-item differences (exact McNemar with one training seed per side; with more, of the per-item "
+            "means over seeds). "
             "An interval that contains 0 is reported as no difference detected at this n.", ""]
     for task in sorted(outcomes):
         pooled[task] = {}

@@ -23,6 +23,7 @@ from diffmas.eval.compare import (
     markdown_table,
     mcnemar_exact,
     paired_bootstrap,
+    sign_flip_p,
 )
 from diffmas.eval.runner import parse_systems
 
@@ -102,13 +103,15 @@ def test_verdicts_and_counts():
     assert "| arm | 100 | 1 vs 1 | 50.0 | -50.0 [" in markdown_table([worse])
 
 
-def test_several_seeds_majority_vote_and_seed_pairs():
-    # Arm seeds disagree on item 1 (a tie: counts as wrong); seed 1 lacks item 3, so only items 0-2 are common.
+def test_several_seeds_seed_means_and_seed_pairs():
+    # Arm seeds disagree on item 1 (seed mean 0.5); seed 1 lacks item 3, so only items 0-2 are common.
     arm = {0: {"i0": True, "i1": True, "i2": False, "i3": True}, 1: {"i0": True, "i1": False, "i2": False}}
     base = _outcomes([False, False, False, True])
     (result,) = compare({"arm": arm, "base": base}, "base", n_boot=500)
     assert (result.n_items, result.n_seeds_arm, result.n_seeds_base) == (3, 2, 1)
-    assert (result.arm_only, result.base_only, result.mcnemar_p) == (1, 0, 1.0)
+    assert (result.arm_only, result.base_only) == (2, 0)
+    # Differences 1 and 0.5: flipping signs gives |sum| >= 1.5 in 2 of 4 cases.
+    assert result.mcnemar_p == pytest.approx(0.5, abs=0.01)
     assert result.mcnemar_per_seed_pair == ((0, 0, 0.5), (1, 0, 1.0))
     assert result.acc_arm == pytest.approx(0.5) and result.acc_arm_std_over_seeds == pytest.approx(math.sqrt(2) / 6)
     assert result.diff == pytest.approx(0.5)
@@ -211,3 +214,22 @@ def test_cli_errors(eval_dir, tmp_path, case):
     errors = [line for line in result.output.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], result.output
     assert not (eval_dir / "compare.json").exists()
+
+
+def test_a_zero_difference_gets_no_small_p_however_many_seeds_a_side_has():
+    # Two baseline seeds that are each right on a different half, and an arm equal to the first of them: the
+    # accuracies are equal, so no test may call the difference significant (a per-item majority vote counting
+    # the ties as wrong gave the arm 50 "wins" and p ~ 1e-15 here).
+    first = np.arange(100) < 50
+    base = {0: {f"q{i}": bool(v) for i, v in enumerate(first)}, 1: {f"q{i}": bool(not v) for i, v in enumerate(first)}}
+    arm = {0: base[0]}
+    (result,) = compare({"arm": arm, "base": base}, "base", n_boot=500)
+    assert result.diff == 0 and (result.arm_only, result.base_only) == (50, 50)
+    assert result.mcnemar_p > 0.9
+
+
+def test_sign_flip_p_is_exact_mcnemar_on_binary_differences_and_agrees_with_it_on_halves():
+    diffs = np.array([1.0] * 12 + [-1.0] * 3 + [0.0] * 20)
+    assert sign_flip_p(diffs) == mcnemar_exact(12, 3)
+    # Halved differences: the same sign-flip distribution up to scale, so the Monte Carlo p matches the exact one.
+    assert sign_flip_p(diffs / 2, n_flips=200_000) == pytest.approx(mcnemar_exact(12, 3), abs=0.005)

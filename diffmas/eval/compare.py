@@ -3,10 +3,10 @@
     diffmas compare runs/eval-a runs/eval-b --baseline single_sft
 
 Every system is scored on the same problems, so differences are paired: the bootstrap resamples items jointly
-for both systems, and McNemar's test looks only at the items the two systems disagree on. An arm may be trained
-several times; ``diffmas eval --systems curriculum/s1=diffmas:DIR`` labels training seed 1 of arm ``curriculum``,
-and with 3 or more training seeds on both sides the bootstrap also resamples seeds, so the interval includes
-the run-to-run spread of training.
+for both systems, and McNemar's test (its sign-flip form for means over training seeds) looks only at the items
+the two systems disagree on. An arm may be trained several times; ``diffmas eval --systems
+curriculum/s1=diffmas:DIR`` labels training seed 1 of arm ``curriculum``, and with 3 or more training seeds on
+both sides the bootstrap also resamples seeds, so the interval includes the run-to-run spread of training.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from rich.table import Table
 from diffmas.errors import DiffMASError
 from diffmas.eval.metrics import across_seeds
 
-__all__ = ["Outcomes", "Interval", "Comparison", "mcnemar_exact", "common_items", "paired_bootstrap", "compare",
+__all__ = ["Outcomes", "Interval", "Comparison", "mcnemar_exact", "sign_flip_p", "common_items", "paired_bootstrap", "compare",
            "load_arms", "markdown_table", "comparison_table", "forest_plot", "compare_dirs", "NO_DIFFERENCE",
            "ARM_BETTER", "BASELINE_BETTER"]
 
@@ -55,6 +55,27 @@ def mcnemar_exact(b: int, c: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
     return min(1.0, 2 * tail / 2**n)  # exact integers until the one division: no underflow for large n
+
+
+def sign_flip_p(diffs: np.ndarray, n_flips: int = 100_000, seed: int = 0) -> float:
+    """Two-sided p-value of a paired sign-flip test that the per-item differences ``diffs`` sum to 0.
+
+    Under the null the two systems are exchangeable on every item, so each difference is as likely negated.
+    With one outcome per item and side the differences are 0 or +-1 and this is McNemar's exact test (computed
+    exactly); differences of training-seed means are tested by Monte Carlo, (1 + hits) / (1 + n_flips).
+    """
+    d = diffs[diffs != 0]
+    if np.all(np.abs(d) == 1):
+        return mcnemar_exact(int((d > 0).sum()), int((d < 0).sum()))
+    observed = abs(d.sum()) - 1e-9 * len(d)  # sums of the same fractions in another order may differ in the last bit
+    rng = np.random.default_rng(seed)
+    hits = 0
+    block = max(1, _BLOCK_DRAWS // len(d))
+    for lo in range(0, n_flips, block):
+        size = min(block, n_flips - lo)
+        signs = rng.integers(0, 2, size=(size, len(d)), dtype=np.int8) * 2 - 1
+        hits += int((np.abs(signs @ d) >= observed).sum())
+    return (1 + hits) / (1 + n_flips)
 
 
 def common_items(*sides: Outcomes) -> list[str]:
@@ -163,12 +184,13 @@ def compare(arms: dict[str, Outcomes], baseline: str, tokens: dict[str, float] |
             n_boot: int = 10_000, seed: int = 0) -> list[Comparison]:
     """Compare every arm other than ``baseline`` with it, in the order of ``arms``.
 
-    ``tokens`` maps arm -> mean decoded tokens per problem. The interval is :func:`paired_bootstrap`'s. McNemar
-    needs one outcome per item and system: the headline ``mcnemar_p`` (and ``arm_only`` / ``base_only``) uses the
-    per-item majority vote over each side's training seeds, a tie counting as wrong, so it is the plain test with
-    one seed per side; it tests items, not training-seed variance (only the hierarchical interval covers that).
-    ``mcnemar_per_seed_pair`` gives the test for each matched pair of runs (see _seed_pairs), so a headline
-    result carried by one lucky seed shows up there.
+    ``tokens`` maps arm -> mean decoded tokens per problem. The interval is :func:`paired_bootstrap`'s. The
+    headline ``mcnemar_p`` is :func:`sign_flip_p` of the per-item differences of training-seed means: exact
+    McNemar with one seed per side, its paired generalisation with more (a majority vote would count a tie
+    between two seeds as wrong and bias the test against the side with an even number of seeds). It tests items,
+    not training-seed variance (only the hierarchical interval covers that). ``arm_only`` / ``base_only`` count
+    the items where one side's seed mean is higher. ``mcnemar_per_seed_pair`` gives the test for each matched
+    pair of runs (see _seed_pairs), so a headline result carried by one lucky seed shows up there.
     """
     if baseline not in arms:
         raise DiffMASError(f"unknown baseline '{baseline}'; arms found: {', '.join(arms)}")
@@ -183,7 +205,8 @@ def compare(arms: dict[str, Outcomes], baseline: str, tokens: dict[str, float] |
         a, b = _matrix(arm, items).astype(bool), _matrix(base, items).astype(bool)
         acc_a, acc_b = a.mean(axis=1), b.mean(axis=1)
         std_a, std_b = ((across_seeds(acc.tolist())[1] if len(acc) > 1 else None) for acc in (acc_a, acc_b))
-        arm_only, base_only = _discordant(a.mean(axis=0) > 0.5, b.mean(axis=0) > 0.5)
+        item_a, item_b = a.mean(axis=0), b.mean(axis=0)
+        arm_only, base_only = int(np.sum(item_a > item_b)), int(np.sum(item_a < item_b))
         seeds_a, seeds_b = sorted(arm), sorted(base)
         per_pair = tuple((sa, sb, mcnemar_exact(*_discordant(a[seeds_a.index(sa)], b[seeds_b.index(sb)])))
                          for sa, sb in _seed_pairs(seeds_a, seeds_b))
@@ -193,7 +216,7 @@ def compare(arms: dict[str, Outcomes], baseline: str, tokens: dict[str, float] |
             arm=name, baseline=baseline, n_items=len(items), n_seeds_arm=len(arm), n_seeds_base=len(base),
             acc_arm=float(acc_a.mean()), acc_base=float(acc_b.mean()), acc_arm_std_over_seeds=std_a,
             acc_base_std_over_seeds=std_b, diff=interval.diff, ci_low=interval.low, ci_high=interval.high,
-            mcnemar_p=mcnemar_exact(arm_only, base_only), arm_only=arm_only, base_only=base_only,
+            mcnemar_p=sign_flip_p(item_a - item_b, seed=seed), arm_only=arm_only, base_only=base_only,
             mcnemar_per_seed_pair=per_pair, tokens_arm=(tokens or {}).get(name),
             tokens_base=(tokens or {}).get(baseline), verdict=verdict))
     return results
