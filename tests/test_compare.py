@@ -233,3 +233,6 @@ def test_sign_flip_p_is_exact_mcnemar_on_binary_differences_and_agrees_with_it_o
     assert sign_flip_p(diffs) == mcnemar_exact(12, 3)
     # Halved differences: the same sign-flip distribution up to scale, so the Monte Carlo p matches the exact one.
     assert sign_flip_p(diffs / 2, n_flips=200_000) == pytest.approx(mcnemar_exact(12, 3), abs=0.005)
+    # Far in the tail (no draw as extreme) the normal approximation takes over: tiny, not the resolution 1e-5.
+    far = np.array([0.5] * 200 + [-0.5] * 20)
+    assert 0 < sign_flip_p(far) < 1e-20

@@ -62,7 +62,8 @@ def sign_flip_p(diffs: np.ndarray, n_flips: int = 100_000, seed: int = 0) -> flo
 
     Under the null the two systems are exchangeable on every item, so each difference is as likely negated.
     With one outcome per item and side the differences are 0 or +-1 and this is McNemar's exact test (computed
-    exactly); differences of training-seed means are tested by Monte Carlo, (1 + hits) / (1 + n_flips).
+    exactly); differences of training-seed means are tested by Monte Carlo, (1 + hits) / (1 + n_flips), and
+    below that resolution (no draw as extreme) by the normal approximation of the same statistic.
     """
     d = diffs[diffs != 0]
     if np.all(np.abs(d) == 1):
@@ -75,6 +76,8 @@ def sign_flip_p(diffs: np.ndarray, n_flips: int = 100_000, seed: int = 0) -> flo
         size = min(block, n_flips - lo)
         signs = rng.integers(0, 2, size=(size, len(d)), dtype=np.int8) * 2 - 1
         hits += int((np.abs(signs @ d) >= observed).sum())
+    if hits == 0:  # the sign-flip sum has variance sum(d^2) under the null
+        return min(1 / (1 + n_flips), math.erfc(abs(d.sum()) / math.sqrt(2 * float(np.sum(d * d)))))
     return (1 + hits) / (1 + n_flips)
 
 
