@@ -19,6 +19,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -262,21 +263,58 @@ def _splittable(body: torch.nn.Module) -> bool:
     return _SHARED_CONFIG[body]
 
 
+_GQA_SDPA = "diffmas_gqa_sdpa"
+
+
+def _gqa_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor,
+                        dropout: float = 0.0, scaling: float | None = None, softcap: float | None = None, **kwargs
+                        ) -> tuple[Tensor, None]:
+    """SDPA with key/value heads shared by their query groups (``enable_gqa``) instead of transformers'
+    ``repeat_kv`` copies, which backward would keep (x groups the K/V of every wide segment)."""
+    bad = [k for k in _SPLIT_UNSUPPORTED if kwargs.get(k) is not None] + (["softcap"] if softcap is not None else [])
+    if bad:
+        raise DiffMASError(f"grouped SDPA does not support {bad}; this model needs transformers' own attention")
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(_GQA_SDPA, _gqa_sdpa_attention)
+
+
+def _grouped_wide(body: torch.nn.Module, device: torch.device) -> bool:
+    """Whether a multi-token segment may take :func:`_gqa_sdpa_attention`: an sdpa model with grouped key/value
+    heads, on CPU, whose fused kernel takes a mask with GQA (CUDA's would fall back to the math kernel, which
+    keeps the whole attention matrix: worse than the copies)."""
+    config = body.config
+    heads, kv_heads = getattr(config, "num_attention_heads", 0), getattr(config, "num_key_value_heads", None)
+    return (device.type == "cpu" and getattr(config, "_attn_implementation", None) == "sdpa"
+            and kv_heads is not None and kv_heads < heads and _splittable(body))
+
+
+@contextmanager
+def _attention_as(config, implementation: str):
+    original = config._attn_implementation_internal
+    config._attn_implementation_internal = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = original
+
+
 @contextmanager
 def _split_call(config, cache: DynamicCache):
     """Route this forward's attention through :func:`_split_attention` and its cache updates to ``recent``."""
-    original = config._attn_implementation_internal
-    config._attn_implementation_internal = _SPLIT_ATTENTION
     token = _SPLIT_CACHE.set(cache)
     for layer in cache.layers:
         layer.split = True
     try:
-        yield
+        with _attention_as(config, _SPLIT_ATTENTION):
+            yield
     finally:
         for layer in cache.layers:
             layer.split = False
         _SPLIT_CACHE.reset(token)
-        config._attn_implementation_internal = original
 
 
 @dataclass(frozen=True)
@@ -457,8 +495,10 @@ class TraceBuilder:
         dtype = inputs_embeds.dtype if inputs_embeds is not None else body.get_input_embeddings().weight.dtype
         # One token over a non-empty trace (latent steps, decoding) attends to the past without copying it.
         split = seg_mask.shape[1] == 1 and bool(self._cache.layers) and _splittable(body)
-        windowed = attention_masks(body.config, mask, self._start, seg_mask.shape[1], dtype, split=split)
-        with _split_call(body.config, self._cache) if split else nullcontext():
+        grouped = not split and _grouped_wide(body, mask.device)  # wide segments: no repeat_kv copies of K/V
+        windowed = attention_masks(body.config, mask, self._start, seg_mask.shape[1], dtype, split=split or grouped)
+        with _split_call(body.config, self._cache) if split else \
+                _attention_as(body.config, _GQA_SDPA) if grouped else nullcontext():
             out = body(
                 input_ids=input_ids,
                 inputs_embeds=inputs_embeds,

@@ -40,7 +40,7 @@ def attention_masks(config, mask: Tensor, start: Tensor, q_len: int, dtype: torc
     (Gemma 2/3 and other models with ``config.layer_types`` take such a dict), and None where transformers'
     own mask from the 2D one is exact (sdpa without a binding window) or where a 4D mask cannot be used
     (attention implementations other than eager and sdpa, layer types other than full and sliding).
-    ``split``: always boolean masks, for :func:`_split_attention`.
+    ``split``: always boolean masks, for diffmas' own attention functions (``diffmas.kv``).
     """
     implementation = "sdpa" if split else getattr(config, "_attn_implementation", None)
     layer_types = set(getattr(config, "layer_types", None) or ())

@@ -92,3 +92,30 @@ def test_a_model_whose_attention_reads_another_config_keeps_the_joined_path():
     with joined_attention():
         ref_loss, _ = _step(bb, spec)
     assert loss == pytest.approx(ref_loss, rel=1e-12)
+
+
+def _per_head_kv_saved(bb, trace, ids, mask) -> int:
+    """How many [B, heads, T, head_dim] tensors (key/value heads repeated per query head) autograd saves."""
+    cfg = bb.model.config
+    shape = (ids.shape[0], cfg.num_attention_heads, trace.length + ids.shape[1], cfg.hidden_size // cfg.num_attention_heads)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trace.extend(bb.body, mask, input_ids=ids)
+    return shapes.count(shape)
+
+
+def test_a_wide_segment_over_a_trace_saves_no_per_head_copies_of_it():
+    bb = make_backbone("llama")
+    bb.model.train()
+    assert bb.model.config.num_key_value_heads < bb.model.config.num_attention_heads  # grouped heads: the case
+    first = left_pad([[5 + j % 200 for j in range(60 + 20 * i)] for i in range(2)], bb.pad_id, "cpu")
+    trace, _ = Trace.empty(2, "cpu").extend(bb.body, first[1], input_ids=first[0])
+    ids, mask = left_pad([[7 + j % 100 for j in range(30 + 9 * i)] for i in range(2)], bb.pad_id, "cpu")
+    with joined_attention():  # transformers' SDPA path repeats K/V per query head, and backward keeps the copies
+        assert _per_head_kv_saved(bb, trace, ids, mask) == 2 * bb.model.config.num_hidden_layers
+    assert _per_head_kv_saved(bb, trace, ids, mask) == 0
