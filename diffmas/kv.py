@@ -395,6 +395,13 @@ class Trace:
         values = tuple(torch.cat([a, b], dim=2) for a, b in zip(self.values, other.values))
         return Trace(keys, values, torch.cat([self.mask, other.mask], 1), self.start)
 
+    def reclaim(self) -> None:
+        """Make this trace its arena's tip again, so that the columns written after it are reused. Every trace
+        extended from it since becomes invalid: only the code that made those traces, and dropped them, may call
+        this. A trace without an arena (or whose arena moved on to fewer rows) is left as it is."""
+        if self.arena is not None and self.arena.frontier >= self.length:
+            self.arena.frontier = self.length
+
     def detach(self) -> "Trace":
         """Same trace, cut from the autograd graph (Stage I in ``detached`` gradient mode)."""
         return Trace(

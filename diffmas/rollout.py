@@ -108,6 +108,8 @@ class RolloutResult:
     """The writers' trace the final agent read, with ``keep_trace`` (for inspection; not in per-question records)."""
     captured: tuple[Tensor, ...] = ()
     """Training with ``capture``: the final agent's hidden states [B, D] per layer at the answer-predicting position."""
+    gold: list[tuple[float, int]] | None = None
+    """With ``gold_targets``: per row, the gold target's summed NLL and token count (see :func:`gold_nll`)."""
 
     def per_question(self) -> list[dict]:
         """JSON-ready records: answer, per-agent stats, trace_tokens, and the final reply's NLL."""
@@ -298,10 +300,11 @@ def _final_inputs(backbone: Backbone, prompt_seqs: list[list[int]], forced: list
 
 
 def _inference_columns(spec: RolloutSpec, rendered: list, final_prompts: list[list[int]], final_steps: int,
-                       cfg: DecodeConfig) -> int:
-    """An upper bound on the trace's columns in an inference rollout, preallocated so that it grows in place."""
-    columns = max(len(s) for s in final_prompts) + final_steps + (spec.topology.final.max_new_tokens
-                                                                   or cfg.max_new_tokens)
+                       cfg: DecodeConfig, gold_width: int = 0) -> int:
+    """An upper bound on the trace's columns in an inference rollout, preallocated so that it grows in place
+    (the gold targets' pass, if any, uses the final agent's columns before it)."""
+    reply = max(spec.topology.final.max_new_tokens or cfg.max_new_tokens, gold_width)
+    columns = max(len(s) for s in final_prompts) + final_steps + reply
     for agent, (_, ids, _) in zip(spec.topology.writers, rendered):
         if spec.writer_mode == "latent":
             columns += ids.shape[1] + (spec.latent_steps if agent.latent_steps is None else agent.latent_steps)
@@ -352,6 +355,7 @@ def rollout(
     grad_mode: str = "coupled",
     checkpoint: bool = False,
     keep_trace: bool = False,
+    gold_targets: list[str] | None = None,
 ) -> RolloutResult:
     """Run ``spec`` on a batch of task prompts.
 
@@ -362,7 +366,8 @@ def rollout(
     writer, or the final agent when there are no writers); ``thinker_latent_steps`` overrides its number of
     latent steps; ``capture`` returns the final agent's every-layer hidden states at the position that
     predicts the answer's value. ``writer_prompts`` makes the writers work on other questions than the final
-    agent (the shuffled-trace control).
+    agent (the shuffled-trace control). ``gold_targets`` (inference): also score these targets teacher-forced
+    after the writers' trace (:func:`gold_nll`), in the columns the final agent then reuses.
     """
     if not prompts:
         raise DiffMASError("no questions to run")
@@ -373,10 +378,13 @@ def rollout(
         raise DiffMASError("text writers decode discrete tokens and cannot be trained end to end; use latent writers")
     if (thinker_texts is not None or capture) and not training:
         raise DiffMASError("thinker_texts and capture are training options: pass targets too")
+    if gold_targets is not None and training:
+        raise DiffMASError("gold_targets is an evaluation option: training already scores its targets")
     decode_cfg = decode_cfg or DecodeConfig()
     adapters = spec.adapters or {}
     batch, device, tok = len(prompts), backbone.device, backbone.tokenizer
-    for name, rows in (("targets", targets), ("thinker_texts", thinker_texts), ("writer_prompts", writer_prompts)):
+    for name, rows in (("targets", targets), ("thinker_texts", thinker_texts), ("writer_prompts", writer_prompts),
+                       ("gold_targets", gold_targets)):
         if rows is not None and len(rows) != batch:
             raise DiffMASError(f"{len(rows)} {name} for {batch} prompts")
     writers = spec.topology.writers
@@ -390,7 +398,9 @@ def rollout(
     latent_map = (spec.latent_map or get_realigner(backbone, spec.realign)) if uses_latent else None
     rendered = [_render(backbone, agent, writer_prompts or prompts, spec.think) for agent in writers]
     prompt_seqs = [render_agent(tok, final, p, spec.think) for p in prompts]
-    capacity = None if training else _inference_columns(spec, rendered, prompt_seqs, final_steps, decode_cfg)
+    gold_width = max((len(render_target(tok, t)) for t in gold_targets), default=0) if gold_targets else 0
+    capacity = None if training else _inference_columns(spec, rendered, prompt_seqs, final_steps, decode_cfg,
+                                                        gold_width)
     trace = Trace.empty(batch, device, capacity=capacity)
     records: list[AgentRecord] = []
     stage_one_grad = training and grad_mode == "coupled"
@@ -478,6 +488,10 @@ def rollout(
                              loss=loss_sum / n_forced, target_tokens=n_forced,
                              trace=trace if keep_trace else None, captured=tuple(out[2: 2 + n_captured]))
 
+    gold = None
+    if gold_targets is not None:
+        gold = gold_nll(backbone, spec, trace, prompts, gold_targets)
+        trace.reclaim()  # nothing holds the gold pass's columns: the final agent writes over them (one copy)
     with torch.no_grad():
         activate(backbone, adapters.get(final.role))
         ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
@@ -495,4 +509,4 @@ def rollout(
                                [len(t) for t in reply.tokens], (time.perf_counter() - start) / batch,
                                max_new_tokens=decode_cfg.max_new_tokens))
     return RolloutResult(reply.texts, reply.tokens, records, trace_tokens, reply.nll_sum,
-                         trace=trace if keep_trace else None)
+                         trace=trace if keep_trace else None, gold=gold)

@@ -24,7 +24,7 @@ from diffmas.decode import DecodeConfig
 from diffmas.errors import DiffMASError
 from diffmas.latent import load_latent_map
 from diffmas.prompts import SINGLE, Topology, load_topology
-from diffmas.rollout import RolloutResult, RolloutSpec, gold_nll, rollout
+from diffmas.rollout import RolloutResult, RolloutSpec, rollout
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class System:
         ``writer_prompts`` (one per prompt) makes the writers work on other questions (shuffled-trace control).
         ``targets`` (gold references, one per prompt, in the task's target format) add ``gold_nll_sum`` and
         ``gold_tokens`` to each record: the final agent teacher-forced on its target after the same writers'
-        trace (see :func:`diffmas.rollout.gold_nll`).
+        trace (see :func:`diffmas.rollout.gold_nll`, run inside the rollout).
         """
         if writer_prompts is not None and len(writer_prompts) != len(prompts):
             raise DiffMASError(f"{len(writer_prompts)} writer prompts for {len(prompts)} prompts")
@@ -87,9 +87,9 @@ class System:
             others = [writer_prompts[i] for i in idx] if writer_prompts is not None else None
             batch = [prompts[i] for i in idx]
             result: RolloutResult = rollout(self.backbone, self.spec, batch, decode_cfg=decode_cfg,
-                                            writer_prompts=others, keep_trace=targets is not None)
-            gold = gold_nll(self.backbone, self.spec, result.trace, batch, [targets[i] for i in idx]) \
-                if targets is not None else None
+                                            writer_prompts=others,
+                                            gold_targets=None if targets is None else [targets[i] for i in idx])
+            gold = result.gold
             for n, (i, rec) in enumerate(zip(idx, result.per_question())):
                 if gold is not None:
                     rec["gold_nll_sum"], rec["gold_tokens"] = gold[n]

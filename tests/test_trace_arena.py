@@ -93,3 +93,25 @@ def test_rollouts_with_preallocated_traces_answer_exactly_as_copying_ones(arch, 
         assert ours.trace.arena is not None and ref.trace.arena is None
     for x, y in zip(ours.trace.keys + ours.trace.values, ref.trace.keys + ref.trace.values):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+
+
+def test_an_evaluation_rollout_with_gold_targets_never_copies_its_trace(monkeypatch):
+    """Writers, latent steps, the gold-target pass, the final agent and its decode all write into the one
+    preallocated trace: the copying cache path (kv._as_cache) is never taken, and answers and gold NLLs are
+    those of separate passes."""
+    import diffmas.kv as kv
+    from diffmas.rollout import gold_nll
+
+    bb = _ragged("llama")
+    spec = RolloutSpec(SEQUENTIAL, "latent", latent_steps=3)
+    cfg, gold = DecodeConfig(max_new_tokens=12), ["Answer: 4", "Answer: 100", "Answer: hello there", "Answer: 1"]
+    plain = rollout(bb, spec, QUESTIONS, decode_cfg=cfg, keep_trace=True)
+    separate = gold_nll(bb, spec, plain.trace, QUESTIONS, gold)
+    copies = []
+    original = kv._as_cache
+    monkeypatch.setattr(kv, "_as_cache", lambda *args: copies.append(1) or original(*args))
+    ours = rollout(bb, spec, QUESTIONS, decode_cfg=cfg, gold_targets=gold)
+    assert copies == []
+    assert ours.tokens == plain.tokens and ours.texts == plain.texts
+    assert [n for _, n in ours.gold] == [n for _, n in separate]
+    assert [x for x, _ in ours.gold] == pytest.approx([x for x, _ in separate], rel=1e-9)
