@@ -186,8 +186,12 @@ def release_memory() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ output / info
+# Taken when a benchmark starts (its first import), not when machine() writes the JSON at the end.
+_STARTED = (dt.datetime.now().isoformat(timespec="seconds"), os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+
+
 def machine(threads: int, device: str = "cpu") -> dict[str, Any]:
-    """What produced the numbers: CPU model, cores, threads, versions, date, load at start."""
+    """What produced the numbers: CPU model, cores, threads, versions, start time and the load then."""
     import transformers
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -201,8 +205,8 @@ def machine(threads: int, device: str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "loadavg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "date": _STARTED[0],
+        "loadavg_at_start": _STARTED[1],
         "device": device,
     }
     if torch.device(device).type == "cuda":
