@@ -25,7 +25,7 @@ from diffmas.eval.compare import (
     paired_bootstrap,
     sign_flip_p,
 )
-from diffmas.eval.runner import parse_systems
+from diffmas.eval.entries import parse_systems
 
 TASK = "rg:chain_sum"
 

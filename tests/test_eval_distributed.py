@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from diffmas.eval.runner import RESULTS_FILE, SAMPLES_FILE, SampleLog, _merge_rank_logs
+from diffmas.eval.samples import RESULTS_FILE, SAMPLES_FILE, SampleLog, merge_rank_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_ARGS = ["eval", "--systems", "single,latent_mas", "--task", "rg:chain_sum", "--limit", "7", "--seeds", "2",
@@ -68,9 +68,9 @@ def test_merging_rank_logs_is_idempotent_and_repairs_a_cut_line(tmp_path):
     (tmp_path / SAMPLES_FILE).write_text("".join(json.dumps(rec(i)) + "\n" for i in (0, 1)))
     (tmp_path / "samples.rank0.jsonl").write_text(json.dumps(rec(1)) + "\n" + json.dumps(rec(2)) + "\n")
     (tmp_path / "samples.rank1.jsonl").write_text(json.dumps(rec(3)) + "\n" + json.dumps(rec(4))[:-5])
-    log = _merge_rank_logs(tmp_path)
+    log = merge_rank_logs(tmp_path)
     assert sorted(k[3] for k in log.samples) == ["0", "1", "2", "3"]
     assert not list(tmp_path.glob("samples.rank*.jsonl"))
     lines = (tmp_path / SAMPLES_FILE).read_text().splitlines()
     assert sorted(json.loads(line)["id"] for line in lines) == ["0", "1", "2", "3"]
-    assert _merge_rank_logs(tmp_path).samples == SampleLog(tmp_path / SAMPLES_FILE).samples  # nothing left to add
+    assert merge_rank_logs(tmp_path).samples == SampleLog(tmp_path / SAMPLES_FILE).samples  # nothing left to add

@@ -9,7 +9,9 @@ from conftest import make_backbone
 
 from diffmas.adapters import LoraSettings, attach_lora, save_adapters
 from diffmas.errors import DiffMASError
-from diffmas.eval.runner import RESULTS_FILE, SAMPLES_FILE, parse_systems, run_eval
+from diffmas.eval.entries import parse_systems
+from diffmas.eval.runner import run_eval
+from diffmas.eval.samples import RESULTS_FILE, SAMPLES_FILE
 from diffmas.prompts import load_topology
 
 TASK = "rg:chain_sum"

@@ -11,7 +11,9 @@ from rich.console import Console
 
 from diffmas.eval.metrics import across_seeds, mean_stderr, pass_at_k, perplexity, summarize
 from diffmas.eval.report import render_table
-from diffmas.eval.runner import _record, compute_results, sample_key
+from diffmas.eval.results import compute_results
+from diffmas.eval.runner import _record
+from diffmas.eval.samples import sample_key
 from diffmas.tasks import get_task
 
 

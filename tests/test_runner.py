@@ -20,7 +20,9 @@ from diffmas.cli import app
 from diffmas.errors import DiffMASError
 from diffmas.eval.metrics import mean_stderr, pass_at_k
 from diffmas.eval.report import PLOTS, report
-from diffmas.eval.runner import RESULTS_FILE, SAMPLES_FILE, parse_systems, run_eval
+from diffmas.eval.entries import parse_systems
+from diffmas.eval.runner import run_eval
+from diffmas.eval.samples import RESULTS_FILE, SAMPLES_FILE
 from diffmas.prompts import load_topology
 
 from conftest import make_backbone
