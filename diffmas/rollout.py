@@ -8,8 +8,9 @@ the target tokens reaches every adapter that took part: the whole trajectory is 
 
 Gradient modes (training only): ``coupled`` keeps Stage I in the graph, so the loss reaches the writers'
 adapters through the trace; ``detached`` runs Stage I without grad, so only the reading side learns.
-With ``checkpoint=True`` every agent call is recomputed in backward (torch.utils.checkpoint over the trace
-tensors; transformers' own gradient checkpointing would silently disable the cache).
+Each agent's turn is one call of :func:`diffmas.agent_call.agent_fn`; with ``checkpoint=True`` every such call is
+recomputed in backward (torch.utils.checkpoint over the trace tensors; transformers' own gradient checkpointing
+would silently disable the cache).
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from diffmas.adapters import activate
+from diffmas.agent_call import agent_fn, answer_predictor_index, final_inputs, labelled, maybe_checkpoint
 from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig, decode
 from diffmas.errors import DiffMASError
 from diffmas.kv import Trace, TraceBuilder, TraceTooLong, left_pad
 from diffmas.latent import get_realigner, latent_steps
-from diffmas.prompts import ANSWER_KEY, Agent, Topology, render_agent, render_target
+from diffmas.prompts import Agent, Topology, render_agent, render_target
 
 WRITER_MODES = ("latent", "text")
 GRAD_MODES = ("coupled", "detached")
@@ -129,100 +129,6 @@ class RolloutResult:
         return out
 
 
-def _maybe_checkpoint(enabled: bool, fn, trace: Trace, *tensors: Tensor | None) -> tuple[Tensor, ...]:
-    # Trace tensors go in as explicit inputs so the recomputation in backward sees the same values.
-    if enabled:
-        return torch_checkpoint(fn, *tensors, *trace.flatten(), use_reentrant=False)
-    return fn(*tensors, *trace.flatten())
-
-
-def _forced_ce(backbone: Backbone, predictors: Tensor, labels: Tensor, per_row: bool = False) -> Tensor:
-    """Summed cross-entropy of ``labels`` (-100 = no loss) predicted from ``predictors`` [B, S, D]; with
-    ``per_row`` one sum per row [B] (float64) instead of one over the batch."""
-    # Logits only where a target token is predicted: the LM head is a large share of a small model's cost.
-    keep = labels != -100
-    if not per_row:
-        return F.cross_entropy(backbone.logits(predictors[keep]), labels[keep], reduction="sum")
-    ce = F.cross_entropy(backbone.logits(predictors[keep]), labels[keep], reduction="none")
-    rows = torch.nonzero(keep)[:, 0]
-    return torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device).index_add_(0, rows, ce.double())
-
-
-def _at_columns(layers: tuple[Tensor, ...], columns: Tensor) -> tuple[Tensor, ...]:
-    rows = torch.arange(columns.shape[0], device=columns.device)
-    return tuple(h[rows, columns] for h in layers)
-
-
-def _agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *, lens_top_k: int = 0,
-              lens_out: list | None = None, capture: bool = False, per_row: bool = False):
-    """A checkpointable agent call: prefill the segment, take ``steps`` latent steps, then teacher-force a
-    continuation (if given) with a summed cross-entropy on its labelled tokens.
-
-    Inputs: ``ids, mask`` (the prompt, or prompt + forced text when there are no latent steps, with
-    ``labels`` on the forced part), ``forced_ids, forced_mask, forced_labels`` (a forced text that follows
-    latent steps, its own left-padded segment), ``capture_col`` (per row, the column whose every-layer hidden
-    states are returned: in the forced segment when there is one, else in the first), then the trace.
-    Returns the summed loss, the last hidden state, the captured states (every layer's, with ``capture``),
-    then the trace's tensors.
-    With ``lens_top_k`` the logit lens of every step is appended to ``lens_out`` (strings cannot be outputs
-    of a checkpointed function, so they leave through this list). With ``per_row`` the loss is one float64 sum
-    per row [B] (evaluation's gold-target NLL) instead of a scalar.
-    """
-
-    def run(ids: Tensor, mask: Tensor, labels: Tensor | None, forced_ids: Tensor | None,
-            forced_mask: Tensor | None, forced_labels: Tensor | None, capture_col: Tensor | None,
-            *trace_tensors: Tensor) -> tuple[Tensor, ...]:
-        activate(backbone, adapter)  # inside, so a recomputation in backward uses the same adapter
-        capture_here = capture and forced_ids is None
-        trace, hidden = Trace.unflatten(trace_tensors).extend(backbone.body, mask, input_ids=ids,
-                                                              all_layers=capture_here)
-        captured: tuple[Tensor, ...] = _at_columns(hidden, capture_col) if capture_here else ()
-        hidden = hidden[-1] if capture_here else hidden
-        loss = _forced_ce(backbone, hidden[:, :-1], labels[:, 1:], per_row) if labels is not None else \
-            hidden.new_zeros((ids.shape[0],) if per_row else (), dtype=torch.float64 if per_row else None)
-        trace, last, lens = latent_steps(backbone, trace, hidden[:, -1], steps, latent_map, lens_top_k)
-        if lens_out is not None:
-            lens_out.append(lens)
-        if forced_ids is not None:
-            trace, layers = trace.extend(backbone.body, forced_mask, input_ids=forced_ids, all_layers=capture)
-            forced_hidden = layers[-1] if capture else layers
-            # Under left padding a row's first forced token follows padding: its predictor is the last latent
-            # state, not the padding column before it.
-            prev = torch.cat([last[:, None], forced_hidden[:, :-1]], 1)
-            prev_real = torch.cat([torch.ones_like(forced_mask[:, :1]), forced_mask[:, :-1]], 1).bool()
-            predictors = torch.where(prev_real[..., None], prev, last[:, None])
-            loss = loss + _forced_ce(backbone, predictors, forced_labels, per_row)
-            captured = _at_columns(layers, capture_col) if capture else ()
-            last = forced_hidden[:, -1]
-        return (loss, last, *captured, *trace.flatten())
-
-    return run
-
-
-def _labelled(seqs: list[list[int]], forced: list[list[int]], pad_id: int, device,
-              allow_empty: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Left-pad ``seq + forced`` rows; labels hold the forced tokens and -100 elsewhere."""
-    ids, mask = left_pad([s + f for s, f in zip(seqs, forced)], pad_id, device, allow_empty)
-    labels = torch.full_like(ids, -100)
-    for row, tokens in enumerate(forced):
-        if tokens:
-            labels[row, ids.shape[1] - len(tokens):] = torch.tensor(tokens, device=device)
-    return ids, mask, labels
-
-
-def answer_predictor_index(tokenizer, forced_text: str) -> int:
-    """Index, within the tokens of ``render_target(forced_text)``, of the token that predicts the answer's
-    value: the last token of the final "Answer:" (where CODI-style distillation compares hidden states)."""
-    cut = forced_text.rfind(ANSWER_KEY)
-    if cut < 0:
-        raise DiffMASError(f"no '{ANSWER_KEY}' in the target {forced_text[:60]!r}")
-    prefix = tokenizer(forced_text[: cut + len(ANSWER_KEY)], add_special_tokens=False).input_ids
-    full = render_target(tokenizer, forced_text)
-    if full[: len(prefix)] != prefix:
-        raise DiffMASError(f"the tokenizer merges '{ANSWER_KEY}' with what follows in {forced_text[:60]!r}")
-    return len(prefix) - 1
-
-
 def _render(backbone: Backbone, agent: Agent, prompts: list[str], think: bool = False
             ) -> tuple[list[list[int]], Tensor, Tensor]:
     seqs = [render_agent(backbone.tokenizer, agent, p, think) for p in prompts]
@@ -285,20 +191,6 @@ def count_forced_tokens(backbone: Backbone, spec: RolloutSpec, targets: list[str
         sum(len(render_target(tok, t)) for t in (writer or []) if t)
 
 
-def _final_inputs(backbone: Backbone, prompt_seqs: list[list[int]], forced: list[list[int]], final_steps: int
-                  ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """The final agent's teacher-forced inputs for :func:`_agent_fn`: ``ids, mask, labels`` (prompt + target in
-    one segment when it takes no latent steps) and ``forced_ids, forced_mask, forced_labels`` (the target as its
-    own segment after its latent steps)."""
-    device = backbone.device
-    if final_steps == 0:
-        ids, mask, labels = _labelled(prompt_seqs, forced, backbone.pad_id, device)
-        return ids, mask, labels, None, None, None
-    ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
-    f_ids, f_mask, f_labels = _labelled([[] for _ in forced], forced, backbone.pad_id, device)
-    return ids, mask, None, f_ids, f_mask, f_labels
-
-
 def _inference_columns(spec: RolloutSpec, rendered: list, final_prompts: list[list[int]], final_steps: int,
                        cfg: DecodeConfig, gold_width: int = 0) -> int:
     """An upper bound on the trace's columns in an inference rollout, preallocated so that it grows in place
@@ -335,9 +227,9 @@ def gold_nll(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompts: list[
     prompt_seqs = [render_agent(tok, final, p, spec.think) for p in prompts]
     forced = [render_target(tok, t) for t in targets]
     with torch.no_grad():
-        inputs = _final_inputs(backbone, prompt_seqs, forced, steps)
-        fn = _agent_fn(backbone, (spec.adapters or {}).get(final.role), steps, latent_map, per_row=True)
-        out = _as_agent(final.role, _maybe_checkpoint, False, fn, trace, *inputs, None)
+        inputs = final_inputs(backbone, prompt_seqs, forced, steps)
+        fn = agent_fn(backbone, (spec.adapters or {}).get(final.role), steps, latent_map, per_row=True)
+        out = _as_agent(final.role, maybe_checkpoint, False, fn, trace, *inputs, None)
     return [(float(nll), len(f)) for nll, f in zip(out[0].tolist(), forced)]
 
 
@@ -424,9 +316,9 @@ def rollout(
                     else None
                 labels = f_ids = f_mask = f_labels = None
                 if forced and any(forced) and steps == 0:  # one prefill: prompt + text, loss on the text
-                    ids, mask, labels = _labelled(seqs, forced, backbone.pad_id, device)
+                    ids, mask, labels = labelled(seqs, forced, backbone.pad_id, device)
                 elif forced and any(forced):
-                    f_ids, f_mask, f_labels = _labelled([[] for _ in forced], forced, backbone.pad_id, device,
+                    f_ids, f_mask, f_labels = labelled([[] for _ in forced], forced, backbone.pad_id, device,
                                                         allow_empty=True)
                 n_forced += sum(len(f) for f in forced or [])
                 if spec.trace == "drop" and steps == 0 and not (forced and any(forced)):
@@ -434,9 +326,9 @@ def rollout(
                     records.append(AgentRecord(agent.role, [0] * batch, 0, generated, 0.0))
                     continue
                 lens_out: list | None = [] if spec.lens_top_k else None
-                fn = _agent_fn(backbone, adapters.get(agent.role), steps, latent_map,
+                fn = agent_fn(backbone, adapters.get(agent.role), steps, latent_map,
                                lens_top_k=spec.lens_top_k, lens_out=lens_out)
-                out = _as_agent(agent.role, _maybe_checkpoint, checkpoint and stage_one_grad, fn, branch, ids, mask,
+                out = _as_agent(agent.role, maybe_checkpoint, checkpoint and stage_one_grad, fn, branch, ids, mask,
                                 labels, f_ids, f_mask, f_labels, None)
                 branch = Trace.unflatten(out[2:])
                 loss_sum = loss_sum + out[0]
@@ -473,12 +365,12 @@ def rollout(
         if capture:
             where = [answer_predictor_index(tok, t) for t in final_text]
             capture_col = torch.tensor(where, device=device)
-        ids, mask, labels, f_ids, f_mask, f_labels = _final_inputs(backbone, prompt_seqs, forced, final_steps)
+        ids, mask, labels, f_ids, f_mask, f_labels = final_inputs(backbone, prompt_seqs, forced, final_steps)
         if capture_col is not None:  # column of the predictor inside the padded segment that holds the target
             width = (ids if f_ids is None else f_ids).shape[1]
             capture_col = width - torch.tensor([len(f) for f in forced], device=device) + capture_col
-        fn = _agent_fn(backbone, adapters.get(final.role), final_steps, latent_map, capture=capture)
-        out = _as_agent(final.role, _maybe_checkpoint, checkpoint, fn, trace, ids, mask, labels, f_ids, f_mask,
+        fn = agent_fn(backbone, adapters.get(final.role), final_steps, latent_map, capture=capture)
+        out = _as_agent(final.role, maybe_checkpoint, checkpoint, fn, trace, ids, mask, labels, f_ids, f_mask,
                         f_labels, capture_col)
         n_captured = backbone.lm.config.num_hidden_layers + 1 if capture else 0
         loss_sum = loss_sum + out[0]

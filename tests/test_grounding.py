@@ -22,7 +22,8 @@ from diffmas.eval.runner import run_eval, trace_partners
 from diffmas.kv import Trace
 from diffmas.latent import LearnedLink, build_latent_map, get_realigner, latent_steps
 from diffmas.prompts import DUO, SINGLE, render_agent, render_target
-from diffmas.rollout import RolloutSpec, answer_predictor_index, rollout
+from diffmas.agent_call import answer_predictor_index
+from diffmas.rollout import RolloutSpec, rollout
 from diffmas.systems import build_system
 from diffmas.train import loop
 from diffmas.train.data import TrainExample, split_worked
