@@ -316,7 +316,8 @@ def compare(
     out: Optional[Path] = typer.Option(None, help="Where compare.json and forest_<task>.png go (default: first DIR)."),
     boot: int = typer.Option(10_000, help="Bootstrap replicates."),
 ) -> None:
-    """Paired comparison with a baseline: accuracy difference with a bootstrap 95% CI, and McNemar's test.
+    """Paired comparison with a baseline: accuracy difference with a bootstrap 95% CI, and a paired sign-flip p
+    (exact McNemar with one training seed per side).
 
     Label training seeds at eval time as ARM/sK (--systems curriculum/s1=diffmas:DIR); with 3+ seeds per side the
     interval also covers the spread over training seeds.

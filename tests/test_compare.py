@@ -88,7 +88,7 @@ def test_identical_systems():
     outcomes = _outcomes([True, False, True, True, False] * 20)
     (result,) = compare({"a": outcomes, "b": outcomes}, baseline="b", tokens={"a": 12.0, "b": 3.5})
     assert (result.diff, result.ci_low, result.ci_high) == (0.0, 0.0, 0.0)
-    assert (result.arm_only, result.base_only, result.mcnemar_p) == (0, 0, 1.0)
+    assert (result.arm_only, result.base_only, result.paired_p) == (0, 0, 1.0)
     assert result.verdict == NO_DIFFERENCE and result.n_items == 100 and result.acc_arm == result.acc_base == 0.6
     assert (result.tokens_arm, result.tokens_base, result.acc_arm_std_over_seeds) == (12.0, 3.5, None)
 
@@ -97,7 +97,7 @@ def test_verdicts_and_counts():
     good, half = _outcomes([True] * 100), _outcomes([True, False] * 50)
     (better,) = compare({"base": half, "arm": good}, "base", n_boot=2000)
     assert (better.arm, better.verdict, better.arm_only, better.base_only) == ("arm", ARM_BETTER, 50, 0)
-    assert better.mcnemar_p == mcnemar_exact(50, 0) and better.diff == 0.5
+    assert better.paired_p == mcnemar_exact(50, 0) and better.diff == 0.5
     (worse,) = compare({"base": good, "arm": half}, "base", n_boot=2000)
     assert (worse.verdict, worse.arm_only, worse.base_only, worse.diff) == (BASELINE_BETTER, 0, 50, -0.5)
     assert "| arm | 100 | 1 vs 1 | 50.0 | -50.0 [" in markdown_table([worse])
@@ -111,7 +111,7 @@ def test_several_seeds_seed_means_and_seed_pairs():
     assert (result.n_items, result.n_seeds_arm, result.n_seeds_base) == (3, 2, 1)
     assert (result.arm_only, result.base_only) == (2, 0)
     # Differences 1 and 0.5: flipping signs gives |sum| >= 1.5 in 2 of 4 cases.
-    assert result.mcnemar_p == pytest.approx(0.5, abs=0.01)
+    assert result.paired_p == pytest.approx(0.5, abs=0.01)
     assert result.mcnemar_per_seed_pair == ((0, 0, 0.5), (1, 0, 1.0))
     assert result.acc_arm == pytest.approx(0.5) and result.acc_arm_std_over_seeds == pytest.approx(math.sqrt(2) / 6)
     assert result.diff == pytest.approx(0.5)
@@ -225,7 +225,7 @@ def test_a_zero_difference_gets_no_small_p_however_many_seeds_a_side_has():
     arm = {0: base[0]}
     (result,) = compare({"arm": arm, "base": base}, "base", n_boot=500)
     assert result.diff == 0 and (result.arm_only, result.base_only) == (50, 50)
-    assert result.mcnemar_p > 0.9
+    assert result.paired_p > 0.9
 
 
 def test_sign_flip_p_is_exact_mcnemar_on_binary_differences_and_agrees_with_it_on_halves():

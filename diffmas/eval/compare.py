@@ -159,7 +159,8 @@ class Comparison:
     diff: float
     ci_low: float
     ci_high: float
-    mcnemar_p: float
+    paired_p: float
+    """Paired sign-flip p of the per-item differences of seed means (exact McNemar with one seed per side)."""
     arm_only: int
     base_only: int
     #: (arm training seed, baseline training seed, McNemar p) for each matched pair of single runs
@@ -188,7 +189,7 @@ def compare(arms: dict[str, Outcomes], baseline: str, tokens: dict[str, float] |
     """Compare every arm other than ``baseline`` with it, in the order of ``arms``.
 
     ``tokens`` maps arm -> mean decoded tokens per problem. The interval is :func:`paired_bootstrap`'s. The
-    headline ``mcnemar_p`` is :func:`sign_flip_p` of the per-item differences of training-seed means: exact
+    headline ``paired_p`` is :func:`sign_flip_p` of the per-item differences of training-seed means: exact
     McNemar with one seed per side, its paired generalisation with more (a majority vote would count a tie
     between two seeds as wrong and bias the test against the side with an even number of seeds). It tests items,
     not training-seed variance (only the hierarchical interval covers that). ``arm_only`` / ``base_only`` count
@@ -219,7 +220,7 @@ def compare(arms: dict[str, Outcomes], baseline: str, tokens: dict[str, float] |
             arm=name, baseline=baseline, n_items=len(items), n_seeds_arm=len(arm), n_seeds_base=len(base),
             acc_arm=float(acc_a.mean()), acc_base=float(acc_b.mean()), acc_arm_std_over_seeds=std_a,
             acc_base_std_over_seeds=std_b, diff=interval.diff, ci_low=interval.low, ci_high=interval.high,
-            mcnemar_p=sign_flip_p(item_a - item_b, seed=seed), arm_only=arm_only, base_only=base_only,
+            paired_p=sign_flip_p(item_a - item_b, seed=seed), arm_only=arm_only, base_only=base_only,
             mcnemar_per_seed_pair=per_pair, tokens_arm=(tokens or {}).get(name),
             tokens_base=(tokens or {}).get(baseline), verdict=verdict))
     return results
@@ -285,11 +286,11 @@ def _acc(value: float, std: float | None) -> str:
 def _cells(c: Comparison) -> list[str]:
     """arm, n, seeds, acc ± std, diff [CI], p, tokens, verdict; percentages in points."""
     return [c.arm, str(c.n_items), f"{c.n_seeds_arm} vs {c.n_seeds_base}", _acc(c.acc_arm, c.acc_arm_std_over_seeds),
-            f"{100 * c.diff:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]", f"{c.mcnemar_p:.3g}",
+            f"{100 * c.diff:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]", f"{c.paired_p:.3g}",
             "–" if c.tokens_arm is None else f"{c.tokens_arm:.1f}", c.verdict]
 
 
-_COLUMNS = ("arm", "n", "seeds (arm vs base)", "acc % ± std", "diff pp [95% CI]", "McNemar p", "tokens", "verdict")
+_COLUMNS = ("arm", "n", "seeds (arm vs base)", "acc % ± std", "diff pp [95% CI]", "paired p", "tokens", "verdict")
 
 
 def markdown_table(comparisons: Sequence[Comparison]) -> str:
@@ -331,7 +332,7 @@ def forest_plot(comparisons: Sequence[Comparison], path: Path, title: str) -> Pa
     for y, c in zip(ys, comparisons):
         ax.errorbar(100 * c.diff, y, xerr=[[100 * (c.diff - c.ci_low)], [100 * (c.ci_high - c.diff)]], fmt="o",
                     color=colors[c.verdict], capsize=4)
-        ax.annotate(f"{100 * c.acc_arm:.1f}% vs {100 * c.acc_base:.1f}%, p={c.mcnemar_p:.3g}", xy=(1.02, y),
+        ax.annotate(f"{100 * c.acc_arm:.1f}% vs {100 * c.acc_base:.1f}%, p={c.paired_p:.3g}", xy=(1.02, y),
                     xycoords=("axes fraction", "data"), va="center", fontsize=8)
     ax.axvline(0, color="black", linewidth=1, linestyle="--")
     ax.set_yticks(ys, [c.arm for c in comparisons])
