@@ -7,8 +7,8 @@ Arms (same data, steps and batch within a task; each evaluated greedily on the s
 single_sft answer-only and worked (the fair baselines), diffmas answer-only (coupled), diffmas + curriculum,
 diffmas + distillation, diffmas + learned link, the pause control, m = 0 with the trace kept, and the
 single-agent latent arm (one agent thinks with the same curriculum). Phase 2 adds training seeds 1 and 2 of
-both baselines and of the two best grounded arms of phase 1; phase 3 repeats the decisive arms on a second
-generator. The shuffled-trace control is evaluated for diffmas answer-only, curriculum and distillation.
+both baselines, of the two best grounded arms of phase 1 and of diffmas answer-only; phase 3 repeats the
+decisive arms on a second generator. The shuffled-trace control is evaluated for diffmas answer-only, curriculum and distillation.
 
 Each worker claims the next arm that is ready (an exclusive claim file; a dead worker's claim is taken over),
 trains it (resuming an interrupted run), evaluates it (resuming from the sample log), then writes the arm's
@@ -33,6 +33,9 @@ from diffmas.demo import _cpu_has_bf16, machine_description, train_once
 TASKS = ("rg:chain_sum", "rg:leg_counting")
 GROUNDED = ("curriculum", "distill", "link")
 BASELINES = ("sft_answer", "sft_worked")
+# Seeded in phase 2 as well: the plain answer-only channel is the demo's recipe, and its one-seed lead over
+# sft_answer in phase 1 (+3 points) is the size of sft_answer's own seed-to-seed spread.
+RECIPE = "diffmas_answer"
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ def plan_arms(docs: Path) -> list[Arm]:
     best = best_grounded(docs)
     if best:
         for seed in (1, 2):
-            arms += [Arm(n, chain, seed, phase=2) for n in (*BASELINES, *best)]
+            arms += [Arm(n, chain, seed, phase=2) for n in (*BASELINES, *best, RECIPE)]
         arms += [Arm(n, legs, 0, phase=3) for n in (*BASELINES, best[0], "pause")]
     return arms
 

@@ -39,7 +39,7 @@ def test_phase_two_waits_for_the_grounded_screen(tmp_path):
     assert best_grounded(docs) == ("distill", "link")
     later = [a for a in plan_arms(docs) if a.phase > 1]
     assert {(a.name, a.seed) for a in later if a.phase == 2} == \
-        {(n, s) for n in ("sft_answer", "sft_worked", "distill", "link") for s in (1, 2)}
+        {(n, s) for n in ("sft_answer", "sft_worked", "distill", "link", "diffmas_answer") for s in (1, 2)}
     assert {a.name for a in later if a.phase == 3} == {"sft_answer", "sft_worked", "distill", "pause"}
     assert all(a.task == "rg:leg_counting" for a in later if a.phase == 3)
 
