@@ -8,7 +8,8 @@ single_sft answer-only and worked (the fair baselines), diffmas answer-only (cou
 diffmas + distillation, diffmas + learned link, the pause control, m = 0 with the trace kept, and the
 single-agent latent arm (one agent thinks with the same curriculum). Phase 2 adds training seeds 1 and 2 of
 both baselines, of the two best grounded arms of phase 1 and of diffmas answer-only; phase 3 repeats the
-decisive arms on a second generator. The shuffled-trace control is evaluated for diffmas answer-only, curriculum and distillation.
+decisive arms on a second generator. The shuffled-trace control is evaluated for diffmas answer-only, curriculum
+and distillation (in phase 1).
 
 Each worker claims the next arm that is ready (an exclusive claim file; a dead worker's claim is taken over),
 trains it (resuming an interrupted run), evaluates it (resuming from the sample log), then writes the arm's
