@@ -45,7 +45,7 @@ def _at_columns(layers: tuple[Tensor, ...], columns: Tensor) -> tuple[Tensor, ..
 
 
 def agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *, lens_top_k: int = 0,
-              lens_out: list | None = None, capture: bool = False, per_row: bool = False):
+             lens_out: list | None = None, capture: bool = False, per_row: bool = False):
     """A checkpointable agent call: prefill the segment, take ``steps`` latent steps, then teacher-force a
     continuation (if given) with a summed cross-entropy on its labelled tokens.
 
@@ -91,7 +91,7 @@ def agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *,
 
 
 def labelled(seqs: list[list[int]], forced: list[list[int]], pad_id: int, device,
-              allow_empty: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+             allow_empty: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Left-pad ``seq + forced`` rows; labels hold the forced tokens and -100 elsewhere."""
     ids, mask = left_pad([s + f for s, f in zip(seqs, forced)], pad_id, device, allow_empty)
     labels = torch.full_like(ids, -100)
@@ -115,7 +115,7 @@ def answer_predictor_index(tokenizer, forced_text: str) -> int:
 
 
 def final_inputs(backbone: Backbone, prompt_seqs: list[list[int]], forced: list[list[int]], final_steps: int
-                  ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """The final agent's teacher-forced inputs for :func:`agent_fn`: ``ids, mask, labels`` (prompt + target in
     one segment when it takes no latent steps) and ``forced_ids, forced_mask, forced_labels`` (the target as its
     own segment after its latent steps)."""

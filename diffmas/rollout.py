@@ -319,7 +319,7 @@ def rollout(
                     ids, mask, labels = labelled(seqs, forced, backbone.pad_id, device)
                 elif forced and any(forced):
                     f_ids, f_mask, f_labels = labelled([[] for _ in forced], forced, backbone.pad_id, device,
-                                                        allow_empty=True)
+                                                       allow_empty=True)
                 n_forced += sum(len(f) for f in forced or [])
                 if spec.trace == "drop" and steps == 0 and not (forced and any(forced)):
                     # LatentMAS: a writer with no latent thoughts contributes nothing (so it is not run at all).
@@ -327,7 +327,7 @@ def rollout(
                     continue
                 lens_out: list | None = [] if spec.lens_top_k else None
                 fn = agent_fn(backbone, adapters.get(agent.role), steps, latent_map,
-                               lens_top_k=spec.lens_top_k, lens_out=lens_out)
+                              lens_top_k=spec.lens_top_k, lens_out=lens_out)
                 out = _as_agent(agent.role, maybe_checkpoint, checkpoint and stage_one_grad, fn, branch, ids, mask,
                                 labels, f_ids, f_mask, f_labels, None)
                 branch = Trace.unflatten(out[2:])

@@ -81,7 +81,7 @@ def parse_systems(entries: Sequence[str]) -> list[SystemEntry]:
 
 
 def system_settings(entries: list[SystemEntry], build_args: dict, max_new_tokens: int,
-                     budget_from: str | None) -> list[dict]:
+                    budget_from: str | None) -> list[dict]:
     """Every entry's effective settings (resolved without loading a model), the budget baseline applied."""
     settings = {e.label: effective_settings(build_system(e.name, None, adapter=e.adapter, **build_args),
                                             max_new_tokens) for e in entries}
