@@ -31,7 +31,7 @@ def _load(docs: Path) -> tuple[list[dict], dict[str, dict[str, dict[int, dict[st
 def _summary(c: Comparison) -> dict:
     return {"diff": c.diff, "ci_low": c.ci_low, "ci_high": c.ci_high, "paired_p": c.paired_p,
             "arm_only": c.arm_only, "base_only": c.base_only, "n_items": c.n_items, "verdict": c.verdict,
-            "seeds_arm": c.n_seeds_arm, "seeds_base": c.n_seeds_base}
+            "seeds_uncovered": c.seeds_uncovered, "seeds_arm": c.n_seeds_arm, "seeds_base": c.n_seeds_base}
 
 
 def _curves(arms: list[dict], docs: Path) -> Path | None:

@@ -101,6 +101,17 @@ def test_verdicts_and_counts():
     (worse,) = compare({"base": good, "arm": half}, "base", n_boot=2000)
     assert (worse.verdict, worse.arm_only, worse.base_only, worse.diff) == (BASELINE_BETTER, 0, 50, -0.5)
     assert "| arm | 100 | 1 vs 1 | 50.0 | -50.0 [" in markdown_table([worse])
+    assert not worse.seeds_uncovered and "items only" not in markdown_table([worse])
+
+
+def test_a_verdict_says_when_training_seeds_are_not_resampled():
+    """With several training seeds on a side but fewer than 3 on the other, the interval covers items only."""
+    good, half = [True] * 100, [True, False] * 50
+    for arm_seeds, base_seeds, uncovered in ((2, 3, True), (1, 3, True), (3, 3, False), (1, 1, False)):
+        (row,) = compare({"base": _outcomes(*[half] * base_seeds), "arm": _outcomes(*[good] * arm_seeds)}, "base",
+                         n_boot=200)
+        assert row.verdict == ARM_BETTER and row.seeds_uncovered == uncovered
+        assert ("items only" in markdown_table([row])) == uncovered
 
 
 def test_several_seeds_seed_means_and_seed_pairs():

@@ -168,6 +168,9 @@ class Comparison:
     tokens_arm: float | None
     tokens_base: float | None
     verdict: str
+    seeds_uncovered: bool = False
+    """A side has several training seeds but the interval resampled items only (fewer than 3 seeds on a side):
+    seed-to-seed variance exists and the verdict does not cover it."""
 
 
 def _seed_pairs(arm_seeds: list[int], base_seeds: list[int]) -> list[tuple[int, int]]:
@@ -222,7 +225,8 @@ def compare(arms: dict[str, Outcomes], baseline: str, tokens: dict[str, float] |
             acc_base_std_over_seeds=std_b, diff=interval.diff, ci_low=interval.low, ci_high=interval.high,
             paired_p=sign_flip_p(item_a - item_b, seed=seed), arm_only=arm_only, base_only=base_only,
             mcnemar_per_seed_pair=per_pair, tokens_arm=(tokens or {}).get(name),
-            tokens_base=(tokens or {}).get(baseline), verdict=verdict))
+            tokens_base=(tokens or {}).get(baseline), verdict=verdict,
+            seeds_uncovered=max(len(arm), len(base)) > 1 and min(len(arm), len(base)) < 3))
     return results
 
 
@@ -287,7 +291,8 @@ def _cells(c: Comparison) -> list[str]:
     """arm, n, seeds, acc ± std, diff [CI], p, tokens, verdict; percentages in points."""
     return [c.arm, str(c.n_items), f"{c.n_seeds_arm} vs {c.n_seeds_base}", _acc(c.acc_arm, c.acc_arm_std_over_seeds),
             f"{100 * c.diff:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]", f"{c.paired_p:.3g}",
-            "–" if c.tokens_arm is None else f"{c.tokens_arm:.1f}", c.verdict]
+            "–" if c.tokens_arm is None else f"{c.tokens_arm:.1f}",
+            c.verdict + (" (items only; training seeds not resampled)" if c.seeds_uncovered else "")]
 
 
 _COLUMNS = ("arm", "n", "seeds (arm vs base)", "acc % ± std", "diff pp [95% CI]", "paired p", "tokens", "verdict")
