@@ -36,6 +36,8 @@ Outcomes = dict[int, dict[str, bool]]
 NO_DIFFERENCE = "no difference detected at this n"
 ARM_BETTER = "arm better"
 BASELINE_BETTER = "baseline better"
+# Training seeds each side needs before the bootstrap resamples seeds too (fewer cannot estimate their spread).
+SEEDS_TO_RESAMPLE = 3
 # A label "<arm>/s<K>" names training seed K of an arm.
 _SEED_LABEL = re.compile(r"^(?P<arm>.+)/s(?P<seed>\d+)$")
 # Resampled item indices drawn per block: bounds memory (8 bytes each) however many items and replicates.
@@ -123,7 +125,7 @@ def paired_bootstrap(arm: Outcomes, base: Outcomes, *, n_boot: int = 10_000, see
     if n_boot < 1 or not 0 < confidence < 1:
         raise ValueError(f"need n_boot >= 1 and 0 < confidence < 1, got {n_boot}, {confidence}")
     a, b = _matrix(arm, items), _matrix(base, items)
-    hierarchical = len(a) >= 3 and len(b) >= 3
+    hierarchical = len(a) >= SEEDS_TO_RESAMPLE and len(b) >= SEEDS_TO_RESAMPLE
     rng = np.random.default_rng(seed)
     n = len(items)
     diffs = np.empty(n_boot)
@@ -168,9 +170,13 @@ class Comparison:
     tokens_arm: float | None
     tokens_base: float | None
     verdict: str
-    seeds_uncovered: bool = False
-    """A side has several training seeds but the interval resampled items only (fewer than 3 seeds on a side):
-    seed-to-seed variance exists and the verdict does not cover it."""
+
+    @property
+    def seeds_uncovered(self) -> bool:
+        """A side has several training seeds but the interval resampled items only (too few seeds on a side to
+        resample them): seed-to-seed variance exists and the verdict does not cover it."""
+        return max(self.n_seeds_arm, self.n_seeds_base) > 1 and \
+            min(self.n_seeds_arm, self.n_seeds_base) < SEEDS_TO_RESAMPLE
 
 
 def _seed_pairs(arm_seeds: list[int], base_seeds: list[int]) -> list[tuple[int, int]]:
@@ -225,8 +231,7 @@ def compare(arms: dict[str, Outcomes], baseline: str, tokens: dict[str, float] |
             acc_base_std_over_seeds=std_b, diff=interval.diff, ci_low=interval.low, ci_high=interval.high,
             paired_p=sign_flip_p(item_a - item_b, seed=seed), arm_only=arm_only, base_only=base_only,
             mcnemar_per_seed_pair=per_pair, tokens_arm=(tokens or {}).get(name),
-            tokens_base=(tokens or {}).get(baseline), verdict=verdict,
-            seeds_uncovered=max(len(arm), len(base)) > 1 and min(len(arm), len(base)) < 3))
+            tokens_base=(tokens or {}).get(baseline), verdict=verdict))
     return results
 
 
