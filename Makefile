@@ -38,8 +38,11 @@ study: setup
 	OMP_NUM_THREADS=1 $(BIN)/diffmas study $(STUDY_FLAGS) > runs/study-worker1.log 2>&1 & \
 	sleep 30; OMP_NUM_THREADS=1 $(BIN)/diffmas study $(STUDY_FLAGS) > runs/study-worker2.log 2>&1; wait
 
+# REFERENCE=path/to/LatentMAS (a git checkout) also times the reference code in P6, in its own environment.
 bench: setup
-	$(BIN)/python benchmarks/run_all.py --out docs/benchmarks
+	$(if $(REFERENCE),bash scripts/reference-env.sh $(VENV) .venv-reference)
+	$(BIN)/python benchmarks/run_all.py --out docs/benchmarks \
+		$(if $(REFERENCE),--reference $(REFERENCE) --reference-python .venv-reference/bin/python)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-reference runs .pytest_cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -249,9 +250,11 @@ def section_p6(d: dict[str, Any], out: Path) -> str:
     lengths = sorted(d["generated_tokens"])
     same = "identical" if d["answers_identical"] else f"DIFFERENT at problems {d['mismatched_problems']}"
     best8 = max(r["problems_per_s"] for r in d["results"] if r["batch"] == 8)
-    return f"""## P6 — throughput of latent_mas on GSM8K, batch 1 vs 8
+    reference = (" --reference LatentMAS --reference-python .venv-reference/bin/python"
+                 if d.get("reference") else "")
+    return f"""## P6 — throughput of latent_mas on GSM8K, batch 1 vs 8, and against the LatentMAS reference
 
-`{command('P6', out)}` — {machine_line(d['machine'])}
+`{command('P6', out)}{reference}` — {machine_line(d['machine'])}
 
 `System.run` of latent_mas (sequential topology, m={d['latent_steps']} latent steps per writer, greedy with EOS, up to
 {d['max_new_tokens']} new tokens) on the first {d['problems']} GSM8K questions; answers of {lengths[0]} to {lengths[-1]}
@@ -261,12 +264,25 @@ rows cost. {d['reps']} repetition(s), batch sizes in alternating order; absolute
 {md_table(["batch", "problems/s", "speedup vs batch 1", "fastest s"], rows)}
 
 Answers at every batch size: {same} (max |NLL difference| {d['max_nll_diff']:.1e}, float32).
-Goal (issue 10): >= 4x the LatentMAS reference's problems/s at batch 8. The reference is not run by this
-benchmark (it needs its own environment); issue 10 recorded {REFERENCE_PROBLEMS_PER_S} problems/s for it against 0.175
+{_p6_goal(d, best8)}
+"""
+
+
+def _p6_goal(d: dict[str, Any], best8: float) -> str:
+    ref = next((r for r in d.get("reference", []) if r["batch"] == 8), None)
+    if ref is None:
+        return f"""Goal (issue 10): >= 4x the LatentMAS reference's problems/s at batch 8. The reference was not run in this
+run (`--reference`, see below); issue 10 recorded {REFERENCE_PROBLEMS_PER_S} problems/s for it against 0.175
 for latent_mas at batch 8, side by side, one thread each (2.9x). This run's batch 8 is
 {f(best8 / REFERENCE_PROBLEMS_PER_S)}x that recorded figure, at load average {d['machine']['loadavg_at_start']:.1f} at start
-({_p6_condition(d['machine']['loadavg_at_start'])}).
-"""
+({_p6_condition(d['machine']['loadavg_at_start'])})."""
+    tokens = statistics.median(ref["decoded_tokens"])
+    ours_tokens = statistics.median(d["generated_tokens"])
+    ratio = ref["ours_over_reference"]
+    return f"""The LatentMAS reference (`benchmarks/reference_latentmas.py`: its own prompts and `run_batch`, greedy, left
+padding; what is changed and why is in that file) ran in the same run on the same questions and model, at batch 8:
+{f(ref['problems_per_s'], 3)} problems/s (median decoded tokens per problem {tokens:g}, ours {ours_tokens:g}).
+Goal (issue 10): latent_mas >= 4x the reference's problems/s at batch 8: **{f(ratio)}x**, {goal(ratio >= 4)}."""
 
 
 def _p6_condition(load: float) -> str:
@@ -306,11 +322,17 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", nargs="+", choices=list(BENCHES))
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--reference", type=Path,
+                   help="a checkout of Gen-Verse/LatentMAS, timed beside latent_mas in P6 (bench_throughput.py)")
+    p.add_argument("--reference-python", help="the Python of the reference's environment (scripts/reference-env.sh)")
     args = p.parse_args()
     if not args.render_only:
         for key in args.only or list(BENCHES):
             cmd = [sys.executable, str(HERE / BENCHES[key]), "--out", str(args.out), "--threads", str(args.threads)]
             cmd += ["--quick"] if args.quick else []
+            if key == "P6" and args.reference:
+                cmd += ["--reference", str(args.reference)]
+                cmd += ["--reference-python", args.reference_python] if args.reference_python else []
             print(f"\n=== {key}: {' '.join(cmd)}", flush=True)
             start = time.perf_counter()
             subprocess.run(cmd, check=True)
