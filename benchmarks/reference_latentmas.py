@@ -18,7 +18,9 @@ What is changed in the reference, and why (nothing else is):
 - its judger decodes greedily (``do_sample=False``; the reference samples with temperature 0.6), as diffmas's
   latent_mas does in P6, so that both decode the same kind of answers; EOS is honoured on both sides.
 The run uses the reference's own prompts (sequential topology: planner, critic, refiner, judger), its realignment
-switch off (as in its README's default command), m latent steps per writer and its batch loop ``run_batch``.
+switch off (as in its README's main latent_mas command; latent_mas here realigns, one hidden x hidden matmul per
+latent step, 30 per problem, too small to show in the timing), m latent steps per writer and its batch loop
+``run_batch``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 def stub_vllm() -> None:
     vllm = types.ModuleType("vllm")
 
-    class _Unavailable:  # constructed only on the vLLM path, which this runner never takes
+    class _Unavailable:  # LatentMASMethod builds a SamplingParams that only its vLLM path, never taken here, uses
         def __init__(self, *args, **kwargs):
             pass
 
