@@ -73,8 +73,9 @@ def main() -> None:
             min(args.new_tokens, 16)
     setup(args.threads)
     backbone = load(args.model, args.device)
-    examples = get_task("gsm8k").load(args.problems)
-    prompts = [get_task("gsm8k").prompt(ex) for ex in examples]
+    task = get_task("gsm8k")
+    examples = task.load(args.problems)
+    prompts = [task.prompt(ex) for ex in examples]
     scratch = tempfile.TemporaryDirectory(prefix="p6-reference-")  # removed when the script ends
     reference = Reference(args, examples, Path(scratch.name)) if args.reference else None
     system = build_system("latent_mas", backbone, topology="sequential", latent_steps=args.latent_steps)
