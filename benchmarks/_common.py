@@ -42,6 +42,7 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
                    help="torch intra-op threads (1 by default: on a shared 2-core machine 1 thread is steadier)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="model weights' dtype (float32 keeps CPU answers comparable)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions / smaller sizes (smoke run)")
     return p
 
@@ -51,8 +52,8 @@ def setup(threads: int, seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def load(model: str, device: str = "cpu") -> Backbone:
-    return load_backbone(model, device=device, dtype="float32")
+def load(model: str, device: str = "cpu", dtype: str = "float32") -> Backbone:
+    return load_backbone(model, device=device, dtype=dtype)
 
 
 class FixedLengthBackbone(Backbone):

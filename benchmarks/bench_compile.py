@@ -22,7 +22,7 @@ from diffmas.prompts import load_topology, render_agent
 
 def main() -> None:
     args = step_args(__doc__)
-    backbone = load(args.model, args.device)
+    backbone = load(args.model, args.device, args.dtype)
     topology = load_topology("sequential")
     attach_lora(backbone, LoraSettings(dropout=0.0), [a.role for a in topology.agents])
     backbone.model.train()

@@ -11,13 +11,15 @@ setting's freed heap cannot hide or inflate another's peak), every child with th
 - ``split``: the step as the library runs it (single-token steps attend to the past without copying it);
 - ``split + checkpointing``: the same with per-agent activation checkpointing (``rollout(checkpoint=True)``).
 
-What is measured (CPU; torch has no CPU allocator statistics):
+What is measured on CPU (torch has no CPU allocator statistics):
 - peak RSS of the step: the kernel's peak-RSS mark (VmHWM) is reset to the current RSS just before the step
   (``/proc/self/clear_refs``), after the model is loaded, a tiny warm-up step has paged in torch's kernels and the
   freed heap is trimmed; reported as the peak minus the RSS right before the step (where the kernel refuses the
   reset: ru_maxrss minus that RSS, reported as such);
 - activations saved for backward: the bytes of the distinct tensors autograd saved during the forward
   (``saved_tensors_hooks``), parameters excluded; deterministic, independent of the allocator.
+On CUDA (``--device cuda``) the peak is the caching allocator's exact one (``max_memory_allocated``, reset just
+before the step) minus what was allocated then (the weights); ``--no-demo`` skips the demo-settings comparison.
 
 Then, at the demo's settings (``diffmas.demo.DemoConfig``: duo, m = 5, batch 8, no checkpointing), the same peak
 for a diffmas step and for a single_sft step (the final agent alone on the same prompts and targets), also each
@@ -88,7 +90,8 @@ def child(args: Any) -> None:
     configure_allocator()
     import resource
 
-    backbone = load(args.model, args.device)
+    backbone = load(args.model, args.device, args.dtype)
+    cuda = backbone.device.type == "cuda"
     demo = DemoConfig()
     if args.path.startswith("demo"):  # the demo's settings: duo (or the final agent alone), its m and batch
         args.latent_steps, args.batch = (demo.latent_steps if args.path == "demo_diffmas" else 0), demo.batch_size
@@ -112,9 +115,12 @@ def child(args: Any) -> None:
     for p in params:
         p.grad = None
     release_memory()
-    load_rss = rss_mib()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    load_rss = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mib()
     load_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    reset_ok = reset_peak_rss()
+    reset_ok = cuda or reset_peak_rss()
 
     cfg = backbone.lm.config
     counter = SavedBytes(list(backbone.model.parameters()), cfg.hidden_size // cfg.num_attention_heads)
@@ -129,19 +135,25 @@ def child(args: Any) -> None:
                                  checkpoint=args.checkpoint)
             loss, backward = result.loss, result.loss.backward
     forward_s = time.perf_counter() - start
-    after_forward = rss_mib()
+    after_forward = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mib()
     with joined_attention() if args.path == "joined" else nullcontext():  # a checkpointed backward recomputes
         backward()
+    if cuda:
+        torch.cuda.synchronize()
     step_s = time.perf_counter() - start
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peak = peak_rss_mib() - load_rss if reset_ok else maxrss - load_rss
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20 - load_rss
+    else:
+        peak = peak_rss_mib() - load_rss if reset_ok else maxrss - load_rss
     names = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
-    grads = {n: p.grad.detach().clone() for n, p in zip(names, params)}
+    grads = {n: p.grad.detach().float().cpu() for n, p in zip(names, params)}
     assert len(names) == len(params) and all(g is not None for g in grads.values()), "a LoRA parameter got no grad"
     torch.save(grads, args.grads)
     print(json.dumps({
         "path": args.path, "checkpoint": args.checkpoint, "loss": float(loss), "rss_before_step_mib": load_rss,
-        "maxrss_after_load_mib": load_maxrss, "peak_method": "VmHWM reset" if reset_ok else "ru_maxrss - load RSS",
+        "maxrss_after_load_mib": load_maxrss,
+        "peak_method": "cuda max_memory_allocated" if cuda else "VmHWM reset" if reset_ok else "ru_maxrss - load RSS",
         "peak_step_mib": peak, "rss_after_forward_mib": after_forward - load_rss,
         "saved_activations_mib": counter.mib, "saved_attention_kv_mib": counter.per_head_mib,
         "forward_s": forward_s, "step_s": step_s, "trace_positions": positions}))
@@ -166,7 +178,7 @@ def demo_ratios(demo: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def run_child(args: Any, path: str, checkpoint: bool, grads: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--model", args.model,
-           "--device", args.device, "--batch", str(args.batch), "--latent-steps", str(args.latent_steps),
+           "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--latent-steps", str(args.latent_steps),
            "--grads", str(grads), "--path", path] + (["--checkpoint"] if checkpoint else [])
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DIFFMAS_MMAP_THRESHOLD"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -177,6 +189,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--latent-steps", type=int, default=20)
+    p.add_argument("--no-demo", action="store_true", help="skip the demo-settings comparison with single_sft")
     p.add_argument("--child", action="store_true", help=argparse_hidden())
     p.add_argument("--path", choices=("floor", "joined", "split", "demo_diffmas", "demo_single_sft"), default="split",
                    help=argparse_hidden())
@@ -195,13 +208,16 @@ def main() -> None:
             runs.append(run_child(args, path, ckpt, Path(tmp) / f"{i}.pt"))
             if path != "floor":
                 grads.append(torch.load(Path(tmp) / f"{i}.pt"))
-        demo = [run_child(args, path, ckpt, Path(tmp) / f"demo{i}.pt") for i, (path, ckpt) in enumerate(DEMO_SETTINGS)]
+        demo = [] if args.no_demo else [run_child(args, path, ckpt, Path(tmp) / f"demo{i}.pt")
+                                        for i, (path, ckpt) in enumerate(DEMO_SETTINGS)]
     ref = grads[0]
     scale = max(float(g.abs().max()) for g in ref.values())
     max_abs = max(float((ref[k] - g[k]).abs().max()) for g in grads[1:] for k in ref)
     # float32: the split path sums in another order than SDPA (3e-7 against gradients of 0.1 seen here); the test
-    # suite checks the two paths agree to 1e-9 in float64.
-    close = all(g.keys() == ref.keys() and all(torch.allclose(ref[k], g[k], rtol=1e-4, atol=1e-5 * scale) for k in ref)
+    # suite checks the two paths agree to 1e-9 in float64. In bfloat16 (8 mantissa bits) every reordering moves
+    # gradients by ~1e-2 of their scale, so there the check allows that.
+    rtol, atol = (1e-4, 1e-5) if args.dtype in ("float32", "fp32") else (5e-2, 2e-2)
+    close = all(g.keys() == ref.keys() and all(torch.allclose(ref[k], g[k], rtol=rtol, atol=atol * scale) for k in ref)
                 for g in grads[1:])
     floor, joined, split, ckpt = runs
     summary: dict[str, Any] = {
@@ -213,12 +229,13 @@ def main() -> None:
         "saved_over_floor": {"joined": joined["saved_activations_mib"] / floor["saved_activations_mib"],
                              "split": split["saved_activations_mib"] / floor["saved_activations_mib"]},
         "joined_over_split_peak": joined["peak_step_mib"] / split["peak_step_mib"],
-        "demo_runs": demo, "demo_over_single_sft": demo_ratios(demo)}
+        "demo_runs": demo, "demo_over_single_sft": demo_ratios(demo) if demo else {}}
     print(f"\nP4 training-step memory, coupled, batch {args.batch}, m={args.latent_steps}, "
           f"{floor['trace_positions']} positions/row ({args.threads} thread(s), one fresh process per row)")
     rows = [[r["path"], "per-agent" if r["checkpoint"] else "none", r["peak_step_mib"], r["rss_after_forward_mib"],
              r["saved_activations_mib"], r["saved_attention_kv_mib"], r["step_s"]] for r in runs]
-    print(table(["attention path", "checkpointing", "peak RSS of step MiB", "RSS held after fwd MiB",
+    kind = "CUDA allocated" if torch.device(args.device).type == "cuda" else "RSS"
+    print(table(["attention path", "checkpointing", f"peak {kind} of step MiB", f"{kind} held after fwd MiB",
                  "saved activations MiB", "of which per-head K/V MiB", "fwd+bwd s (single run)"], rows))
     for name, ratio in summary["peak_over_floor"].items():
         print(f"{name}: peak {ratio:.2f}x the floor's")
@@ -227,7 +244,8 @@ def main() -> None:
         print(f"demo settings (duo, m={cfg.latent_steps}, batch {cfg.batch_size}), diffmas {name} vs single_sft: "
               f"step peak {r['step_peak']:.2f}x, process peak RSS {r['process_peak']:.2f}x")
     print(f"gradients match (joined, split, split+ckpt): {close} (max |diff| {max_abs:.2e}, max |grad| {scale:.2e})")
-    write_json(args.out, "memory", {"machine": machine(args.threads, args.device),
+    write_json(args.out, "memory", {"machine": machine(args.threads, args.device), "model": args.model,
+                                    "dtype": args.dtype,
                                     "goal": "un-checkpointed peak <= 1.5x the floor's; demo settings: "
                                     "diffmas peak <= 1.5x single_sft's", "batch": args.batch,
                                     "latent_steps": args.latent_steps, "runs": runs, **summary})

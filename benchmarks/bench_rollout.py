@@ -40,7 +40,7 @@ def make_floor(backbone: Backbone, segments: list[torch.Tensor], latent_steps: i
     body, head = backbone.body, backbone.lm.get_output_embeddings()
     batch, dim = segments[0].shape[0], backbone.lm.config.hidden_size
     # Drawn once, outside the timed region: the floor measures forwards, not the RNG.
-    latents = torch.randn(len(segments) - 1, latent_steps, batch, 1, dim, device=backbone.device) * 0.02
+    latents = torch.randn(len(segments) - 1, latent_steps, batch, 1, dim, device=backbone.device, dtype=backbone.dtype) * 0.02
 
     @torch.no_grad()
     def run() -> None:
@@ -71,7 +71,7 @@ def overhead(backbone: Backbone, prompts: list[str], latent_steps: int, new_toke
         assert all(len(t) == new_tokens for t in result.tokens), "decode length differs from the floor's"
 
     floor = make_floor(backbone, segment_ids(backbone, topology, prompts), latent_steps, new_tokens)
-    times = interleaved({"ours": ours, "floor": floor}, reps)
+    times = interleaved({"ours": ours, "floor": floor}, reps, device=backbone.device)
     return {"batch": len(prompts), "latent_steps": latent_steps, "new_tokens": new_tokens, "seconds": times,
             "ratio": compare(times, "ours", "floor")}
 
@@ -86,7 +86,7 @@ def throughput(backbone: Backbone, prompts: list[str], batches: list[int], laten
     tokens: dict[int, float] = {}
     for rep in range(reps):  # batch sizes alternate order per repetition, as in interleaved()
         for b in batches if rep % 2 == 0 else batches[::-1]:
-            took, _, records = timed(lambda: system.run(prompts, cfg, batch_size=b))
+            took, _, records = timed(lambda: system.run(prompts, cfg, batch_size=b), backbone.device)
             seconds[b].append(took)
             tokens[b] = statistics.mean(r["generated_tokens"] for r in records)
     base = statistics.median(seconds[batches[0]])
@@ -105,7 +105,7 @@ def main() -> None:
     args = p.parse_args()
     setup(args.threads)
     reps = 3 if args.quick else args.reps
-    backbone = load(args.model, args.device)
+    backbone = load(args.model, args.device, args.dtype)
     prompts = chain_sum_prompts(8)
 
     rows, results = [], []

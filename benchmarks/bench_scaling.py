@@ -84,7 +84,7 @@ def peak_of(fn: Any) -> tuple[float, Any]:
 def memory_child(args: Any) -> None:
     """The memory pass (see module docstring); prints one JSON line."""
     setup(args.threads)
-    backbone: Backbone = fixed_length(load(args.model, args.device))
+    backbone: Backbone = fixed_length(load(args.model, args.device, args.dtype))
     cfg = DecodeConfig(max_new_tokens=args.new_tokens)
 
     def run(k: int, m: int, prompts: list[str]) -> Any:
@@ -147,7 +147,7 @@ def main() -> None:
         return
     setup(args.threads)
     reps = 1 if args.quick else args.reps
-    backbone: Backbone = fixed_length(load(args.model, args.device))
+    backbone: Backbone = fixed_length(load(args.model, args.device, args.dtype))
     prompts = chain_sum_prompts(1)
     cfg = DecodeConfig(max_new_tokens=args.new_tokens)
     grid = [(k, m) for k in args.agents for m in args.latent_steps]

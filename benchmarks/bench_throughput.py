@@ -72,7 +72,7 @@ def main() -> None:
         args.problems, args.latent_steps, args.new_tokens = min(args.problems, 4), min(args.latent_steps, 2), \
             min(args.new_tokens, 16)
     setup(args.threads)
-    backbone = load(args.model, args.device)
+    backbone = load(args.model, args.device, args.dtype)
     task = get_task("gsm8k")
     examples = task.load(args.problems)
     prompts = [task.prompt(ex) for ex in examples]

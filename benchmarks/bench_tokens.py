@@ -31,7 +31,7 @@ def main() -> None:
     args = p.parse_args()
     setup(args.threads)
     n = 8 if args.quick else args.problems
-    backbone = load(args.model, args.device)
+    backbone = load(args.model, args.device, args.dtype)
     task = get_task("rg:chain_sum")
     examples = task.load(limit=n)
     systems = {

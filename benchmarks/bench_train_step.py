@@ -71,7 +71,8 @@ def trajectory_layout(backbone: Backbone, topology: Topology, prompts: list[str]
 def make_floor(backbone: Backbone, topology: Topology, prompts: list[str], targets: list[str], latent_steps: int):
     pieces, mask, labels = trajectory_layout(backbone, topology, prompts, targets, latent_steps)
     dim = backbone.lm.config.hidden_size
-    latents = [torch.randn(len(prompts), p, dim, device=backbone.device) * 0.02 for p in pieces if isinstance(p, int)]
+    latents = [torch.randn(len(prompts), p, dim, device=backbone.device, dtype=backbone.dtype) * 0.02
+               for p in pieces if isinstance(p, int)]
     n_target = int((labels != -100).sum())
 
     def step() -> torch.Tensor:
@@ -112,7 +113,7 @@ def compare_step(backbone: Backbone, roles: dict[str, str], prompts: list[str], 
         floor_step().backward()
 
     sides = {"ours": ours, "floor": floor} | ({"joined": joined} if latent_steps else {})
-    times = interleaved(sides, reps)
+    times = interleaved(sides, reps, device=backbone.device)
     return {"latent_steps": latent_steps, "batch": len(prompts), "positions_per_row": width, "seconds": times,
             "ratio": compare(times, "ours", "floor"),
             "joined_over_ours": compare(times, "joined", "ours") if latent_steps else None}
@@ -132,7 +133,7 @@ def step_args(doc: str | None) -> Any:
 def main() -> None:
     args = step_args(__doc__)
     reps = 2 if args.quick else args.reps
-    backbone = load(args.model, args.device)
+    backbone = load(args.model, args.device, args.dtype)
     topology = load_topology("sequential")
     roles = attach_lora(backbone, LoraSettings(), [a.role for a in topology.agents])  # shared, r=16, all projections
     backbone.model.train()

@@ -42,6 +42,10 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 VOCAB = 272  # 256 bytes + specials, rounded up
 
+# DIFFMAS_TEST_DEVICE=cuda puts the tiny models on a GPU: the equivalence tests (batch invariance, cached decode,
+# split vs joined attention, decode compaction) then check the CUDA kernels; CI runs them on CPU.
+TEST_DEVICE = torch.device(os.environ.get("DIFFMAS_TEST_DEVICE", "cpu"))
+
 
 def tiny_config(arch: str = "llama", tied: bool = True):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -64,7 +68,7 @@ MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": 
 
 def make_backbone(arch: str = "llama", tied: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32) -> Backbone:
     torch.manual_seed(seed)
-    model = MODEL_CLASSES[arch](tiny_config(arch, tied)).to(dtype).eval()
+    model = MODEL_CLASSES[arch](tiny_config(arch, tied)).to(device=TEST_DEVICE, dtype=dtype).eval()
     model.generation_config.eos_token_id = 256
     model.generation_config.pad_token_id = 257
     return Backbone(model=model, tokenizer=make_tokenizer(), name=f"tiny-{arch}")

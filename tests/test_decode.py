@@ -26,8 +26,8 @@ MAX_NEW = 16
 
 def _prefill(bb: Backbone, questions: list[str]) -> tuple[Trace, torch.Tensor]:
     seqs = [render_agent(bb.tokenizer, SINGLE.final, q) for q in questions]
-    ids, mask = left_pad(seqs, bb.pad_id, "cpu")
-    trace, hidden = Trace.empty(len(seqs), "cpu").extend(bb.body, mask, input_ids=ids)
+    ids, mask = left_pad(seqs, bb.pad_id, bb.device)
+    trace, hidden = Trace.empty(len(seqs), bb.device).extend(bb.body, mask, input_ids=ids)
     return trace, hidden[:, -1]
 
 
@@ -83,7 +83,7 @@ def test_a_later_segment_reads_the_reassembled_trace_like_a_lockstep_one(ragged)
     # (right-padded with masked zeros) give the same hidden states as when each row runs alone.
     cfg = DecodeConfig(max_new_tokens=MAX_NEW)
     follow = [render_agent(ragged.tokenizer, SINGLE.final, "And now?")] * len(QUESTIONS)
-    ids, mask = left_pad(follow, ragged.pad_id, "cpu")
+    ids, mask = left_pad(follow, ragged.pad_id, ragged.device)
     with torch.no_grad():
         full = decode(ragged, *_prefill(ragged, QUESTIONS), cfg, keep_in_trace=True)
         _, hidden = full.trace.extend(ragged.body, mask, input_ids=ids)

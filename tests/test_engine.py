@@ -47,9 +47,9 @@ def generated(ref: list[int], eos: set[int]) -> list[int]:
 def test_cached_decode_matches_generate(arch):
     bb = make_backbone(arch)
     seqs = [render_agent(bb.tokenizer, SINGLE.final, q) for q in QUESTIONS]
-    ids, mask = left_pad(seqs, bb.pad_id, "cpu")
+    ids, mask = left_pad(seqs, bb.pad_id, bb.device)
     with torch.no_grad():
-        trace, hidden = Trace.empty(len(seqs), "cpu").extend(bb.body, mask, input_ids=ids)
+        trace, hidden = Trace.empty(len(seqs), bb.device).extend(bb.body, mask, input_ids=ids)
         ours = decode(bb, trace, hidden[:, -1], DecodeConfig(max_new_tokens=12))
         ref = bb.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                              eos_token_id=256, pad_token_id=257)
@@ -144,7 +144,7 @@ def test_realignment_normal_equations_and_tied_identity():
 def test_realigner_rescales_to_embedding_norm_and_is_cached(backbone, tmp_path):
     realigner = get_realigner(backbone)
     assert get_realigner(backbone) is realigner
-    hidden = torch.randn(3, backbone.lm.config.hidden_size) * 50
+    hidden = torch.randn(3, backbone.lm.config.hidden_size, device=backbone.device) * 50
     out = realigner(hidden)
     target = backbone.lm.get_input_embeddings().weight.norm(dim=-1).mean()
     assert torch.allclose(out.norm(dim=-1), target.expand(3), rtol=1e-4)

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, make_backbone, make_tokenizer
+from conftest import TEST_DEVICE, VOCAB, make_backbone, make_tokenizer
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
 
 from diffmas.backbone import Backbone
@@ -41,7 +41,7 @@ def sliding_backbone(arch: str, attn: str) -> Backbone:
     else:
         model = MistralForCausalLM(MistralConfig(head_dim=16, **common))
     model.set_attn_implementation(attn)
-    model = model.to(torch.float64).eval()
+    model = model.to(device=TEST_DEVICE, dtype=torch.float64).eval()
     model.generation_config.eos_token_id = 256
     model.generation_config.pad_token_id = 257
     return Backbone(model=model, tokenizer=make_tokenizer(), name=f"tiny-{arch}-swa")
@@ -50,11 +50,11 @@ def sliding_backbone(arch: str, attn: str) -> Backbone:
 def _solo_nll(bb: Backbone, prefix: list[int], generated: list[int]) -> tuple[list[int], float]:
     """Greedy tokens and NLL of ``generated`` after ``prefix``, from one unpadded sequence through the plain
     model (its own sliding mask, no cache)."""
-    ids = torch.tensor([prefix + generated])
+    ids = torch.tensor([prefix + generated], device=bb.device)
     with torch.no_grad():
         hidden = bb.body(input_ids=ids).last_hidden_state[0, len(prefix) - 1: -1]
         logits = bb.logits(hidden)
-    targets = torch.tensor(generated)
+    targets = torch.tensor(generated, device=bb.device)
     nll = (torch.logsumexp(logits, -1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
     return logits.argmax(-1).tolist(), float(nll)
 
@@ -105,12 +105,12 @@ def test_a_segment_after_padding_sees_a_full_window(arch, attn):
     first = [render_agent(tok, SINGLE.final, q) for q in QUESTIONS]
     second = [render_agent(tok, SINGLE.final, q[::-1] + "xyz" * i) for i, q in enumerate(QUESTIONS)]
     with torch.no_grad():
-        trace = Trace.empty(len(QUESTIONS), "cpu")
+        trace = Trace.empty(len(QUESTIONS), bb.device)
         for seqs in (first, second):
-            ids, mask = left_pad(seqs, bb.pad_id, "cpu")
+            ids, mask = left_pad(seqs, bb.pad_id, bb.device)
             trace, hidden = trace.extend(bb.body, mask, input_ids=ids)
         for i, (a, b) in enumerate(zip(first, second)):
-            solo = bb.body(input_ids=torch.tensor([a + b])).last_hidden_state[0, -len(b):]
+            solo = bb.body(input_ids=torch.tensor([a + b], device=bb.device)).last_hidden_state[0, -len(b):]
             # eager attention takes its softmax in float32 whatever the model's dtype
             assert torch.allclose(hidden[i, -len(b):], solo, rtol=0, atol=1e-5 if attn == "eager" else 1e-10)
 

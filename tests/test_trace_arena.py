@@ -19,7 +19,7 @@ QUESTIONS = ["What is 2 + 2?", "A farmer has 17 cows and 12 chickens; how many l
 
 
 def _segment(bb, texts: list[str]) -> dict:
-    ids, mask = left_pad([render_agent(bb.tokenizer, SINGLE.final, t) for t in texts], bb.pad_id, "cpu")
+    ids, mask = left_pad([render_agent(bb.tokenizer, SINGLE.final, t) for t in texts], bb.pad_id, bb.device)
     return {"seg_mask": mask, "input_ids": ids}
 
 
@@ -32,17 +32,17 @@ def test_the_tip_grows_in_place_and_every_earlier_trace_stays_valid(capacity):
     bb = make_backbone("llama", dtype=torch.float64)
     a, b, c = (_segment(bb, [f"{w} one", f"{w} and a longer second row"]) for w in ("first", "then", "other"))
     with torch.no_grad():
-        plain_a, _ = Trace.empty(2, "cpu").extend(bb.body, **a)
+        plain_a, _ = Trace.empty(2, bb.device).extend(bb.body, **a)
         plain_ab, hidden_ab = plain_a.extend(bb.body, **b)
         _, hidden_ac = plain_a.extend(bb.body, **c)
 
-        grown_a, _ = Trace.empty(2, "cpu", capacity=capacity).extend(bb.body, **a)
+        grown_a, _ = Trace.empty(2, bb.device, capacity=capacity).extend(bb.body, **a)
         keys_a = [k.clone() for k in grown_a.keys]
         grown_ab, ours_ab = grown_a.extend(bb.body, **b)
-        steps, _ = grown_ab.extend(bb.body, torch.ones(2, 1, dtype=torch.long), input_ids=torch.tensor([[65], [66]]))
+        one, tokens = torch.ones(2, 1, dtype=torch.long, device=bb.device), torch.tensor([[65], [66]], device=bb.device)
+        steps, _ = grown_ab.extend(bb.body, one, input_ids=tokens)
         branch, ours_ac = grown_a.extend(bb.body, **c)  # grown_a is no longer the tip: this one copies
-        plain_steps, _ = plain_ab.extend(bb.body, torch.ones(2, 1, dtype=torch.long),
-                                         input_ids=torch.tensor([[65], [66]]))
+        plain_steps, _ = plain_ab.extend(bb.body, one, input_ids=tokens)
     if capacity > steps.length:  # nothing had to grow: the step wrote next to the past it read, copying nothing
         assert all(_storage(x) == _storage(y) for x, y in zip(grown_ab.keys + grown_ab.values, steps.keys + steps.values))
     assert all(_storage(x) != _storage(y) for x, y in zip(branch.keys, steps.keys))
@@ -57,7 +57,7 @@ def test_the_tip_grows_in_place_and_every_earlier_trace_stays_valid(capacity):
 def test_under_grad_an_arena_trace_copies_instead_of_writing_in_place():
     bb = make_backbone("llama", dtype=torch.float64)
     a = _segment(bb, ["first", "second"])
-    trace = Trace.empty(2, "cpu", capacity=256)
+    trace = Trace.empty(2, bb.device, capacity=256)
     with torch.enable_grad():
         grown, _ = trace.extend(bb.body, **a)
     assert grown.arena is None and trace.arena.keys == []  # autograd never sees the storage
