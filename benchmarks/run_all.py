@@ -293,6 +293,45 @@ def _p6_condition(load: float) -> str:
             "indicative only, and a same-session reference run would be needed to judge the goal")
 
 
+def section_gpu(gpu: Path) -> str:
+    """The one-off GPU run (``scripts/gpu-checks.sh``), from the files it left in ``gpu``."""
+    parts = []
+    tests = gpu / "tests_cuda.txt"
+    if tests.is_file():
+        summary = [line for line in tests.read_text().splitlines() if " passed" in line or " failed" in line]
+        parts.append(f"Equivalence tests on CUDA (`DIFFMAS_TEST_DEVICE=cuda`, five test files): "
+                     f"`{summary[-1].strip() if summary else 'no summary line'}`.")
+    machine = None
+    probe = gpu / "cuda_sdpa.json"
+    if probe.is_file():
+        d = json.loads(probe.read_text())
+        machine = d["machine"]
+        shape = ", ".join(f"{k} {v}" for k, v in d["shape"].items())
+        rows = [[r["dtype"], r["layout"], r["backend"], "yes" if r["ok"] else f"no ({r['error'][:40]})",
+                 f(r["peak_mib"], 0) if r["ok"] else "", f(r["ms"]) if r["ok"] else "",
+                 f"{r['max_rel_err_vs_float64']:.1e}" if r["ok"] else ""] for r in d["results"]]
+        parts.append(f"Which SDPA kernels take a wide segment with a padding mask, forward + backward "
+                     f"(`benchmarks/probe_cuda_sdpa.py`; {shape}): `repeat_kv` copies K/V per query head as "
+                     f"transformers does, `grouped` passes `enable_gqa=True`.\n\n"
+                     + md_table(["dtype", "layout", "backend", "runs", "peak MiB above inputs", "fwd+bwd ms",
+                                 "max rel. error vs float64"], rows))
+    for name, key in (("rollout.json", "P1"), ("train_step.json", "P3")):
+        path = gpu / name
+        if path.is_file():
+            d = json.loads(path.read_text())
+            machine = machine or d["machine"]
+            body = SECTIONS[key](d, gpu).split("\n", 3)[3]  # the section without its CPU heading and command
+            parts.append(f"**{key} on the GPU** (random-weight copy of the embedded model, float32):\n{body}")
+    if not parts:
+        return ""
+    head = "## On a GPU (one-off run)\n\n`bash scripts/gpu-checks.sh OUT` — "
+    if machine:
+        head += (f"{machine.get('gpu', 'GPU')}, host {machine['cpu']} ({machine['cores']} cores), torch "
+                 f"{machine['torch']}, transformers {machine['transformers']}, {machine['date']}. ")
+    head += f"Files: `{os.path.relpath(gpu, DOC_DIR)}/`; what they mean is discussed below (\"On the GPU\")."
+    return "\n\n".join([head, *parts]) + "\n"
+
+
 SECTIONS = {"P1": section_p1, "P2": section_p2, "P3": section_p3, "P4": section_p4, "P5": section_p5,
             "P6": section_p6}
 
@@ -308,6 +347,8 @@ def render(out: Path, doc: Path, notes: Path) -> None:
     for key, fn in SECTIONS.items():
         path = out / f"{JSONS[key]}.json"
         parts.append(fn(json.loads(path.read_text()), out.resolve()) if path.is_file() else f"## {key}\n\n(not run)\n")
+    if (out / "gpu").is_dir():
+        parts.append(section_gpu(out / "gpu"))
     if notes.is_file():  # hand-written analysis: where goals are missed and why, inefficiencies found
         parts.append(notes.read_text())
     doc.write_text("\n".join(parts))
