@@ -136,7 +136,7 @@ class _Arena:
 
 class _ArenaLayer(DynamicLayer):
     """A cache layer whose K/V live in an :class:`_Arena` (written in place). A split call (single tokens over a
-    non-empty past, see :class:`_SplitLayer`) gets back only the new token and attends to ``past`` besides it."""
+    non-empty past, see :class:`_SplitLayer`) gets back only the new token and attends to :attr:`contiguous_kv`."""
 
     split = False
 
@@ -153,9 +153,13 @@ class _ArenaLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys, values = self.arena.write(self.index, key_states, value_states, self.length)
-        self.past = keys[:, :, :self.length], values[:, :, :self.length]
         self.keys, self.values, self.length = keys, values, keys.shape[-2]
         return (key_states, value_states) if self.split else (keys, values)
+
+    @property
+    def contiguous_kv(self) -> tuple[Tensor, Tensor]:
+        """Past and new columns as one view (they share the arena's storage): what a split call attends to."""
+        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.length
