@@ -29,6 +29,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
+def model_config(source: Path, shape: str | None = None):
+    """(config, tokenizer) of ``source``, the layers reshaped to ``shape`` (its vocabulary and special ids kept)."""
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source)
+    if shape:
+        special = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        config = Qwen3Config(vocab_size=len(tokenizer), **SHAPES[shape], **special)
+    return config, tokenizer
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--like", required=True, help="model (alias or folder) whose config and tokenizer to use")
@@ -36,11 +46,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     source = Path(resolve_model(args.like))
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    config = AutoConfig.from_pretrained(source)
-    if args.shape:
-        special = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        config = Qwen3Config(vocab_size=len(tokenizer), **SHAPES[args.shape], **special)
+    config, tokenizer = model_config(source, args.shape)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
