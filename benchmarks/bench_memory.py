@@ -178,7 +178,8 @@ def demo_ratios(demo: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def run_child(args: Any, path: str, checkpoint: bool, grads: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--model", args.model,
-           "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--latent-steps", str(args.latent_steps),
+           "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
+           "--latent-steps", str(args.latent_steps),
            "--grads", str(grads), "--path", path] + (["--checkpoint"] if checkpoint else [])
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DIFFMAS_MMAP_THRESHOLD"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
