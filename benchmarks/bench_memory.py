@@ -1,8 +1,9 @@
 """python benchmarks/bench_memory.py --out docs/benchmarks   (P4: training-step memory against a one-pass floor)
 
 Peak memory of one diffmas training step (coupled, shared LoRA, sequential topology, m latent steps per writer,
-answer-only chain_sum targets) in four settings, each in a FRESH subprocess run one after the other (so one
-setting's freed heap cannot hide or inflate another's peak), every child with the allocator setting that
+answer-only chain_sum targets) in four settings, on CPU each in a FRESH subprocess run one after the other (so
+one setting's freed heap cannot hide or inflate another's peak; on CUDA, whose allocator peak is exact, all in one
+process with the model loaded once per topology: ``--in-process``), every one with the allocator setting that
 ``diffmas train`` applies (``diffmas.memory.configure_allocator``), i.e. as a user runs it:
 - ``floor``: one forward + backward of the same model and LoRA over the same trajectory as one sequence
   (bench_train_step's floor: the same positions, m random embeddings per writer, no latent recurrence);
@@ -32,6 +33,7 @@ peak <= 1.5x a single_sft step's.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -48,10 +50,12 @@ from _common import (load, machine, parser, peak_rss_mib, release_memory, reset_
                      write_json)
 from bench_train_step import make_floor, training_batch
 from diffmas.adapters import LoraSettings, attach_lora, trainable_parameters
+from diffmas.backbone import Backbone
 from diffmas.demo import DemoConfig
 from diffmas.kv import joined_attention
+from diffmas.latent import get_realigner
 from diffmas.memory import configure_allocator
-from diffmas.prompts import load_topology
+from diffmas.prompts import Topology, load_topology
 from diffmas.rollout import RolloutSpec, rollout
 
 
@@ -84,34 +88,43 @@ class SavedBytes:
         return sum(n for n, per_head in self.seen.values() if per_head) / 2**20
 
 
-def child(args: Any) -> None:
-    """One setting, in its own process; prints one JSON line and saves the LoRA gradients."""
-    setup(args.threads)
-    configure_allocator()
-    import resource
-
-    backbone = load(args.model, args.device, args.dtype)
-    cuda = backbone.device.type == "cuda"
+def setting(args: Any, path: str) -> tuple[str, int, int]:
+    """(topology, latent steps, batch) of a setting: the demo's own for the demo settings."""
     demo = DemoConfig()
-    if args.path.startswith("demo"):  # the demo's settings: duo (or the final agent alone), its m and batch
-        args.latent_steps, args.batch = (demo.latent_steps if args.path == "demo_diffmas" else 0), demo.batch_size
-    topology = load_topology({"demo_diffmas": demo.topology, "demo_single_sft": "single"}.get(args.path, "sequential"))
+    if path == "demo_diffmas":
+        return demo.topology, demo.latent_steps, demo.batch_size
+    if path == "demo_single_sft":
+        return "single", 0, demo.batch_size
+    return "sequential", args.latent_steps, args.batch
+
+
+def prepare(args: Any, topology_name: str) -> tuple[Backbone, Topology, dict[str, str]]:
+    """The model with a shared LoRA for ``topology_name``'s roles, its realignment computed."""
+    backbone = load(args.model, args.device, args.dtype)
+    topology = load_topology(topology_name)
     # Dropout 0: with and without recomputation must be the same function for the gradient check.
     roles = attach_lora(backbone, LoraSettings(dropout=0.0), [a.role for a in topology.agents])
     backbone.model.train()
-    spec = RolloutSpec(topology, "latent", latent_steps=args.latent_steps, adapters=roles)
-    prompts, targets = training_batch(args.batch)
-    params = trainable_parameters(backbone)
-    # The realignment matrix is computed (or read from disk) on first use: do it before the measured region.
-    from diffmas.latent import get_realigner
+    get_realigner(backbone)  # computed (or read from disk) on first use: before any measured region
+    return backbone, topology, roles
 
-    get_realigner(backbone)
-    floor_step, positions = (None, None) if args.path.startswith("demo") else \
-        make_floor(backbone, topology, prompts, targets, args.latent_steps)
+
+def measure(backbone: Backbone, topology: Topology, roles: dict[str, str], args: Any, path: str,
+            checkpoint: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One setting's step: its memory figures and its LoRA gradients."""
+    import resource
+
+    cuda = backbone.device.type == "cuda"
+    _, latent_steps, batch = setting(args, path)
+    spec = RolloutSpec(topology, "latent", latent_steps=latent_steps, adapters=roles)
+    prompts, targets = training_batch(batch)
+    params = trainable_parameters(backbone)
+    floor_step, positions = (None, None) if path.startswith("demo") else \
+        make_floor(backbone, topology, prompts, targets, latent_steps)
     # Warm-up: a tiny step pages in the kernels this step uses, so their code pages are not counted as its memory.
     warm = RolloutSpec(topology, "latent", latent_steps=1, adapters=roles)
     rollout(backbone, warm, prompts[:1], targets=targets[:1], grad_mode="coupled",
-            checkpoint=args.checkpoint).loss.backward()
+            checkpoint=checkpoint).loss.backward()
     for p in params:
         p.grad = None
     release_memory()
@@ -126,17 +139,17 @@ def child(args: Any) -> None:
     counter = SavedBytes(list(backbone.model.parameters()), cfg.hidden_size // cfg.num_attention_heads)
     start = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-        if args.path == "floor":
+        if path == "floor":
             loss = floor_step()
             backward = loss.backward
         else:
-            with joined_attention() if args.path == "joined" else nullcontext():
+            with joined_attention() if path == "joined" else nullcontext():
                 result = rollout(backbone, spec, prompts, targets=targets, grad_mode="coupled",
-                                 checkpoint=args.checkpoint)
+                                 checkpoint=checkpoint)
             loss, backward = result.loss, result.loss.backward
     forward_s = time.perf_counter() - start
     after_forward = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mib()
-    with joined_attention() if args.path == "joined" else nullcontext():  # a checkpointed backward recomputes
+    with joined_attention() if path == "joined" else nullcontext():  # a checkpointed backward recomputes
         backward()
     if cuda:
         torch.cuda.synchronize()
@@ -147,16 +160,26 @@ def child(args: Any) -> None:
     else:
         peak = peak_rss_mib() - load_rss if reset_ok else maxrss - load_rss
     names = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
-    grads = {n: p.grad.detach().float().cpu() for n, p in zip(names, params)}
+    # A copy: .float().cpu() of a CPU float32 tensor is the tensor itself, and a later backward in this process
+    # would accumulate into it in place.
+    grads = {n: p.grad.detach().to(device="cpu", dtype=torch.float32, copy=True) for n, p in zip(names, params)}
     assert len(names) == len(params) and all(g is not None for g in grads.values()), "a LoRA parameter got no grad"
-    torch.save(grads, args.grads)
-    print(json.dumps({
-        "path": args.path, "checkpoint": args.checkpoint, "loss": float(loss), "rss_before_step_mib": load_rss,
+    return {
+        "path": path, "checkpoint": checkpoint, "loss": float(loss), "rss_before_step_mib": load_rss,
         "maxrss_after_load_mib": load_maxrss,
         "peak_method": "cuda max_memory_allocated" if cuda else "VmHWM reset" if reset_ok else "ru_maxrss - load RSS",
         "peak_step_mib": peak, "rss_after_forward_mib": after_forward - load_rss,
         "saved_activations_mib": counter.mib, "saved_attention_kv_mib": counter.per_head_mib,
-        "forward_s": forward_s, "step_s": step_s, "trace_positions": positions}))
+        "forward_s": forward_s, "step_s": step_s, "trace_positions": positions}, grads
+
+
+def child(args: Any) -> None:
+    """One setting, in its own process; prints one JSON line and saves the LoRA gradients."""
+    setup(args.threads)
+    configure_allocator()
+    result, grads = measure(*prepare(args, setting(args, args.path)[0]), args, args.path, args.checkpoint)
+    torch.save(grads, args.grads)
+    print(json.dumps(result))
 
 
 SETTINGS = (("floor", False), ("joined", False), ("split", False), ("split", True))
@@ -176,6 +199,32 @@ def demo_ratios(demo: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         for r in ours}
 
 
+def subprocesses(args: Any, settings) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """Every setting in a fresh process (on CPU a process's freed heap would blur the next one's peak RSS)."""
+    measured = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (path, ckpt) in enumerate(settings):
+            result = run_child(args, path, ckpt, Path(tmp) / f"{i}.pt")
+            measured.append((result, torch.load(Path(tmp) / f"{i}.pt")))
+    return measured
+
+
+def in_process(args: Any, settings) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """Every setting in this process, the model loaded once per topology: exact where the allocator keeps
+    statistics (CUDA), and on a GPU it saves a model load and a process start per setting."""
+    setup(args.threads)
+    configure_allocator()
+    measured, loaded = [], None
+    for path, ckpt in settings:
+        topology_name = setting(args, path)[0]
+        if loaded is None or loaded[0] != topology_name:
+            loaded = None  # let the previous model go before the next one loads
+            release_memory()
+            loaded = (topology_name, *prepare(args, topology_name))
+        measured.append(measure(*loaded[1:], args, path, ckpt))
+    return measured
+
+
 def run_child(args: Any, path: str, checkpoint: bool, grads: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--model", args.model,
            "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
@@ -191,26 +240,27 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--latent-steps", type=int, default=20)
     p.add_argument("--no-demo", action="store_true", help="skip the demo-settings comparison with single_sft")
-    p.add_argument("--child", action="store_true", help=argparse_hidden())
+    p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure every setting in this process (default on CUDA, whose allocator peak is exact; "
+                        "on CPU each setting gets a fresh process)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", choices=("floor", "joined", "split", "demo_diffmas", "demo_single_sft"), default="split",
-                   help=argparse_hidden())
-    p.add_argument("--checkpoint", action="store_true", help=argparse_hidden())
-    p.add_argument("--grads", type=Path, help=argparse_hidden())
+                   help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--grads", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         args.latent_steps = min(args.latent_steps, 5)
+    if args.in_process is None:
+        args.in_process = torch.device(args.device).type == "cuda"
     if args.child:
         child(args)
         return
-    runs: list[dict[str, Any]] = []
-    grads: list[dict[str, torch.Tensor]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (path, ckpt) in enumerate(SETTINGS):
-            runs.append(run_child(args, path, ckpt, Path(tmp) / f"{i}.pt"))
-            if path != "floor":
-                grads.append(torch.load(Path(tmp) / f"{i}.pt"))
-        demo = [] if args.no_demo else [run_child(args, path, ckpt, Path(tmp) / f"demo{i}.pt")
-                                        for i, (path, ckpt) in enumerate(DEMO_SETTINGS)]
+    settings = SETTINGS + (() if args.no_demo else DEMO_SETTINGS)
+    measured = in_process(args, settings) if args.in_process else subprocesses(args, settings)
+    runs = [r for (path, _), (r, _) in zip(settings, measured) if not path.startswith("demo")]
+    demo = [r for (path, _), (r, _) in zip(settings, measured) if path.startswith("demo")]
+    grads = [g for (path, _), (_, g) in zip(settings, measured) if path in ("joined", "split")]
     ref = grads[0]
     scale = max(float(g.abs().max()) for g in ref.values())
     max_abs = max(float((ref[k] - g[k]).abs().max()) for g in grads[1:] for k in ref)
@@ -251,12 +301,6 @@ def main() -> None:
                                     "diffmas peak <= 1.5x single_sft's", "batch": args.batch,
                                     "latent_steps": args.latent_steps, "runs": runs, **summary})
     assert close, "gradients of the three diffmas paths differ"
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
