@@ -40,7 +40,8 @@ def make_floor(backbone: Backbone, segments: list[torch.Tensor], latent_steps: i
     body, head = backbone.body, backbone.lm.get_output_embeddings()
     batch, dim = segments[0].shape[0], backbone.lm.config.hidden_size
     # Drawn once, outside the timed region: the floor measures forwards, not the RNG.
-    latents = torch.randn(len(segments) - 1, latent_steps, batch, 1, dim, device=backbone.device, dtype=backbone.dtype) * 0.02
+    latents = torch.randn(len(segments) - 1, latent_steps, batch, 1, dim, device=backbone.device,
+                          dtype=backbone.dtype) * 0.02
 
     @torch.no_grad()
     def run() -> None:

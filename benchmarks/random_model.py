@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3C
 
 from _common import parser
 from diffmas.assets import resolve_model
+from diffmas.backbone import resolve_dtype
 
 SHAPES = {
     "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
@@ -47,7 +48,7 @@ def main() -> None:
     args = p.parse_args()
     source = Path(resolve_model(args.like))
     config, tokenizer = model_config(source, args.shape)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = resolve_dtype(args.dtype)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     with device:  # initialise where it is fast (an 8B model on a GPU), then save

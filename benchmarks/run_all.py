@@ -168,6 +168,8 @@ def section_p4(d: dict[str, Any], out: Path) -> str:
     diff = "identical" if d["grad_max_abs_diff"] == 0 else f"max |diff| {d['grad_max_abs_diff']:.2e}"
     dtype = d.get("dtype", "float32")
     tolerance = "rtol 1e-4, atol 1e-5" if dtype in ("float32", "fp32") else "rtol 5e-2, atol 2e-2"
+    where = ("All settings run in one process, the model loaded once per topology" if cuda else
+             "Each setting runs in a fresh process, one\nafter the other,")
     peak = ("Peak = the CUDA caching allocator's peak (`max_memory_allocated`), reset just before the step, minus what "
             "was allocated then (the weights)." if cuda else "Peak = the kernel's peak-RSS mark (VmHWM), reset just\n"
             "before the step, minus the RSS at that moment.")
@@ -176,8 +178,7 @@ def section_p4(d: dict[str, Any], out: Path) -> str:
 `{command('P4', out)}` — {machine_line(d['machine'])}
 
 One coupled training step (shared LoRA, dropout 0, sequential, batch {d['batch']}, m={d['latent_steps']}) and the floor: one
-forward + backward over the same positions as one sequence (P3's floor). Each setting runs in a fresh process, one
-after the other, with the allocator setting `diffmas train` applies. "joined" is the step with single-token
+forward + backward over the same positions as one sequence (P3's floor). {where} with the allocator setting `diffmas train` applies. "joined" is the step with single-token
 attention joining the cache as transformers does (`diffmas.kv.joined_attention`: each latent step saves a copy of
 the past for backward); "split" is the library's path. {peak} "Saved activations" = distinct tensors autograd saved during the
 forward (parameters excluded, `saved_tensors_hooks`); "per-head K/V" = the 4-D attention tensors among them.
@@ -189,7 +190,7 @@ Peak against the floor: joined **{f(over['joined'])}x**, split **{f(over['split'
 Gradients of the three diffmas settings: {diff} over {d['lora_tensors']} LoRA tensors (max |grad| {d['grad_max_abs']:.2e};
 check: allclose {tolerance} x max |grad|; {dtype}) — {'match' if d['grads_match'] else 'MISMATCH'}.
 Goal: un-checkpointed peak <= 1.5x the floor's: {goal(over['split'] <= 1.5)} ({f(over['split'])}x).
-Step times are single runs in separate processes (indicative only).
+Step times are single runs (indicative only).
 {demo_settings(d)}"""
 
 
