@@ -32,8 +32,11 @@ REALIGN_OPTION = typer.Option(True, "--realign/--no-realign", help="Realignment 
 THINK_OPTION = typer.Option(False, "--think/--no-think", help="Render prompts with enable_thinking on, for chat "
                             "templates that have the switch (Qwen3). Off by default: untrained systems would "
                             "otherwise think past their token budget.")
-TRACE_OPTION = typer.Option("keep", help="keep | drop: drop = a writer with 0 latent steps adds nothing to the "
-                                         "trace (LatentMAS); keep = its prompt stays in the trace.")
+TRACE_OPTION = typer.Option(None, help="Trace scope, keep | drop | latents: keep = every writer's prompt and "
+                                       "output stay in the trace; drop = a writer with 0 latent steps adds nothing "
+                                       "(LatentMAS); latents = later agents see only the writers' latent steps (or "
+                                       "text replies), not their prompts. Default: the topology's, else keep "
+                                       "(trained systems: what they were trained with).")
 
 
 def user_errors(fn):
@@ -94,7 +97,7 @@ def run(
     batch_size: int = typer.Option(8),
     realign: bool = REALIGN_OPTION,
     think: bool = THINK_OPTION,
-    trace: str = TRACE_OPTION,
+    trace: Optional[str] = TRACE_OPTION,
     show_latents: bool = typer.Option(False, help="Logit lens: top-3 tokens of every latent step."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("float32"),
@@ -106,8 +109,6 @@ def run(
     from diffmas.systems import build_system, get_kind
 
     get_kind(system)  # fail on a typo before loading a model
-    if trace not in ("keep", "drop"):
-        raise DiffMASError(f"--trace must be keep or drop, got '{trace}'")
     questions = read_questions(question, question_file)
     try:
         decode_cfg = DecodeConfig(max_new_tokens, temperature, top_p, seed)
@@ -173,6 +174,17 @@ def train(
     realign: Optional[bool] = typer.Option(None, "--realign/--no-realign",
                                            help="Ridge realignment before the norm rescaling (default on; "
                                                 "--no-realign: rescaling only)."),
+    trace: Optional[str] = typer.Option(None, help="Trace scope keep | drop | latents (latents: the final agent "
+                                                   "sees only the writers' latent steps)."),
+    anneal: Optional[float] = typer.Option(None, help="Bottleneck curriculum (--trace latents): share of the steps "
+                                                      "over which writer prompts fade from view (0: off)."),
+    autoencode_steps: Optional[int] = typer.Option(None, help="Autoencoding pre-training: first N steps, the final "
+                                                   "agent repeats what the writers saw (it must see none)."),
+    stop: Optional[bool] = typer.Option(None, "--stop-when-flat/--no-stop-when-flat",
+                                        help="Stop once the held-out loss improves < 1% over the last 20% of the "
+                                             "steps (at least 300; needs --eval-every)."),
+    eval_every: Optional[int] = typer.Option(None, help="Held-out loss every N steps (0: start and end only)."),
+    heldout_examples: Optional[int] = typer.Option(None, help="Held-out (validation) examples."),
     device: Optional[str] = typer.Option(None),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
 ) -> None:
@@ -190,7 +202,9 @@ def train(
         "curriculum.stages": curriculum_stages, "curriculum.thoughts_per_step": thoughts_per_step,
         "curriculum.stage_steps": stage_steps, "curriculum.mixin": mixin, "distill.weight": distill_weight,
         "distill.teacher_weight": distill_teacher_weight, "link.pretrain_steps": link_pretrain_steps,
-        "think": think, "realign": realign,
+        "think": think, "realign": realign, "trace": trace, "channel.anneal": anneal,
+        "channel.autoencode_steps": autoencode_steps, "stop.enabled": stop, "eval_every": eval_every,
+        "data.heldout_examples": heldout_examples,
     }
     summary = run_training(load_config(config, overrides), out, resume=resume)
     if summary["is_main_process"]:
@@ -227,7 +241,7 @@ def eval_(
                                           "writers alike."),
     realign: bool = REALIGN_OPTION,
     think: bool = THINK_OPTION,
-    trace: str = TRACE_OPTION,
+    trace: Optional[str] = TRACE_OPTION,
     text_context_limit: Optional[int] = typer.Option(None, help="text_mas: the most real tokens the shared trace "
                                                      "may hold after a writer's turn; replies are cut to fit."),
     budget_from: Optional[str] = typer.Option(None, help="Full thinking budget baseline: single@budget (or every "

@@ -18,6 +18,7 @@ import yaml
 from diffmas.adapters import LoraSettings
 from diffmas.assets import DEFAULT_MODEL
 from diffmas.errors import DiffMASError
+from diffmas.prompts import TRACE_SCOPES
 
 
 @dataclass
@@ -84,6 +85,31 @@ class LinkConfig:
 
 
 @dataclass
+class ChannelConfig:
+    """Training that makes a bottlenecked channel carry the problem (trace scope ``latents``; relay tasks)."""
+
+    anneal: float = 0.0
+    """Bottleneck curriculum: over the first ``anneal`` share of the steps each writer-prompt column stays visible
+    downstream with a probability falling linearly from 1 to 0 (the reader first learns to read the trace, the
+    writers' latent steps then take over what the prompt gave); afterwards only the outputs are. 0: off."""
+    autoencode_steps: int = 0
+    """Autoencoding pre-training (as ICAE): the first N steps teacher-force the final agent, which sees the problem
+    only through the trace, on what the writers saw (their views, word for word); then the task loss takes over."""
+
+
+@dataclass
+class StopConfig:
+    """A budget set by the held-out loss of the validation split (never the evaluation items)."""
+
+    enabled: bool = False
+    """Stop once the held-out loss has improved by less than ``tolerance`` (relative) over the last ``window``
+    share of the steps, and at least ``min_steps`` were taken (``steps`` is then the most it may take)."""
+    min_steps: int = 300
+    window: float = 0.2
+    tolerance: float = 0.01
+
+
+@dataclass
 class TrainConfig:
     """One training run of a trainable system."""
 
@@ -101,7 +127,12 @@ class TrainConfig:
     think: bool = False
     """Render prompts with ``enable_thinking`` on (chat templates that have the switch, e.g. Qwen3); saved with
     the adapters, so evaluation renders prompts the same way."""
-    topology: str = "sequential"
+    topology: str | None = None
+    """A built-in topology or a YAML file; None: the task's own (relay and split tasks name one), else
+    ``sequential``."""
+    trace: str | None = None
+    """Trace scope (``keep``, ``drop``, ``latents``: downstream agents see only the writers' latent steps); None:
+    the topology's, else ``keep``."""
     latent_steps: int = 10
     grad_mode: str = "coupled"
     """``coupled``: the loss reaches the writers through the trace; ``detached``: only the reader learns."""
@@ -128,6 +159,8 @@ class TrainConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
+    channel: ChannelConfig = field(default_factory=ChannelConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
 
     @property
     def thinks(self) -> bool:
@@ -170,6 +203,16 @@ class TrainConfig:
             (self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1"),
             (self.mixed_precision in ("no", "bf16"), "mixed_precision", "must be 'no' or 'bf16'"),
             (self.data.target_style in ("answer", "worked"), "data.target_style", "must be 'answer' or 'worked'"),
+            (self.trace in (None, *TRACE_SCOPES), "trace", f"must be one of {', '.join(TRACE_SCOPES)}"),
+            (0 <= self.channel.anneal < 1, "channel.anneal", "must be in [0, 1)"),
+            (self.channel.autoencode_steps >= 0, "channel.autoencode_steps", "must be >= 0"),
+            (not (self.channel.anneal or self.channel.autoencode_steps) or self.system == "diffmas", "channel",
+             "trains a channel between agents: system must be diffmas"),
+            (self.channel.autoencode_steps < self.steps, "channel.autoencode_steps", "must be below steps"),
+            (not self.stop.enabled or self.eval_every > 0, "stop.enabled",
+             "needs the held-out loss during training: set eval_every > 0"),
+            (self.stop.min_steps >= 1 and 0 < self.stop.window < 1 and self.stop.tolerance >= 0, "stop",
+             "needs min_steps >= 1, window in (0, 1) and tolerance >= 0"),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -50,7 +50,7 @@ from diffmas.prompts import render_agent
 from diffmas.rollout import rollout
 from diffmas.systems import System, build_system
 
-__all__ = ["DiffMASLM", "select_rows", "writers_trace", "score_continuations", "main"]
+__all__ = ["DiffMASLM", "writers_trace", "score_continuations", "main"]
 
 
 def _flag(value) -> bool:
@@ -59,12 +59,6 @@ def _flag(value) -> bool:
             raise DiffMASError(f"expected true or false, got '{value}'")
         return value.lower() in ("true", "1", "yes")
     return bool(value)
-
-
-def select_rows(trace: Trace, rows: Tensor) -> Trace:
-    """The trace's ``rows`` (a 1-D index tensor; repeats allowed)."""
-    return Trace(tuple(k[rows] for k in trace.keys), tuple(v[rows] for v in trace.values), trace.mask[rows],
-                 trace.start[rows])
 
 
 def writers_trace(system: System, questions: list[str]) -> Trace:
@@ -100,7 +94,7 @@ def score_continuations(system: System, questions: list[str], prompts: list[list
     backbone = system.backbone
     unique = list(dict.fromkeys(questions))  # the writers' trace is computed once per distinct question
     rows = torch.tensor([unique.index(q) for q in questions], device=backbone.device)
-    trace = select_rows(writers_trace(system, unique), rows)
+    trace = writers_trace(system, unique).select(rows)
     if system.spec.final_latent_steps:  # the continuation follows latent steps: its own segment
         trace, last = _final_prefix(system, trace, prompts)
         ids, mask = left_pad(continuations, backbone.pad_id, backbone.device, allow_empty=True)

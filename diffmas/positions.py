@@ -1,8 +1,8 @@
 """Padding, position ids and attention masks of left-padded segments over a trace (no Cache API here).
 
-Every segment is left-padded and one [B, T] mask of real positions is carried over the whole trace; positions
-come from the cumulative mask, so a row's real tokens get the same positions and see the same keys whatever else
-shares the batch (see diffmas.kv).
+Every segment is left-padded and one [B, T] mask of real positions is carried over the whole trace; a segment's
+positions continue from each row's next position over its real tokens only, so a row's real tokens get the same
+positions and see the same keys whatever else shares the batch (see diffmas.kv).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def segment_positions(start: Tensor, seg_mask: Tensor) -> Tensor:
     return start[:, None] + (seg_mask.cumsum(1) - 1).clamp(min=0)
 
 
-def attention_masks(config, mask: Tensor, start: Tensor, q_len: int, dtype: torch.dtype, split: bool = False
+def attention_masks(config, mask: Tensor, positions: Tensor, q_len: int, dtype: torch.dtype, split: bool = False
                     ) -> Tensor | dict | None:
     """4D attention masks that count real positions, not cache columns, or None where the 2D mask is exact.
 
@@ -65,8 +65,7 @@ def attention_masks(config, mask: Tensor, start: Tensor, q_len: int, dtype: torc
 
     if not slides:
         return as_mask(full)
-    pos = start[:, None] + mask.cumsum(1) - 1  # position of every real column
-    sliding = (full & (pos[:, -q_len:, None] - pos[:, None, :] < window)) | diag
+    sliding = (full & (positions[:, -q_len:, None] - positions[:, None, :] < window)) | diag
     if "full_attention" not in layer_types:
         return as_mask(sliding)
     return {"full_attention": as_mask(full), "sliding_attention": as_mask(sliding)}

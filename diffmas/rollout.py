@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -30,11 +31,12 @@ from diffmas.decode import DecodeConfig, decode
 from diffmas.errors import DiffMASError
 from diffmas.kv import Trace, TraceBuilder, TraceTooLong, left_pad
 from diffmas.latent import get_realigner, latent_steps
-from diffmas.prompts import Agent, Topology, render_agent, render_target
+from diffmas.prompts import Agent, Topology, check_trace_scope, render_agent, render_target, view_text
 
 WRITER_MODES = ("latent", "text")
 GRAD_MODES = ("coupled", "detached")
-TRACE_MODES = ("keep", "drop")
+Prompt = str | Mapping[str, str]
+"""A question, or a mapping of view names to texts (see :mod:`diffmas.prompts`)."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,11 @@ class RolloutSpec:
     """A trained hidden -> embedding map (learned link, pause embedding); None: the fixed ridge realigner."""
     think: bool = False
     """Render prompts with ``enable_thinking`` on (chat templates that have the switch, e.g. Qwen3)."""
-    trace: str = "keep"
-    """``keep``: a latent writer that takes 0 latent steps still adds its prompt to the trace (this project);
-    ``drop``: it adds nothing, so with latent_steps = 0 the final agent sees no upstream writer (LatentMAS)."""
+    trace: str | None = None
+    """The trace scope (:data:`diffmas.prompts.TRACE_SCOPES`); None: the topology's, else ``keep``. ``keep``: a
+    latent writer that takes 0 latent steps still adds its prompt to the trace (this project); ``drop``: it adds
+    nothing, so with latent_steps = 0 the final agent sees no upstream writer (LatentMAS); ``latents``: downstream
+    agents see only the writers' outputs (latent steps, text replies), not their prompts."""
     text_context_limit: int | None = None
     """Text writers only: the most real tokens the shared trace may hold after a writer's turn (the upstream
     trace, the writer's prompt and its reply). A writer's reply is cut, per question, to what is left under the
@@ -68,14 +72,19 @@ class RolloutSpec:
     final agent's prompt and answer are not counted. None: no limit."""
 
     def __post_init__(self) -> None:
-        if self.trace not in TRACE_MODES:
-            raise DiffMASError(f"trace must be one of {TRACE_MODES}, got '{self.trace}'")
+        if self.trace is not None:
+            check_trace_scope(self.trace)
         if self.writer_mode not in WRITER_MODES:
             raise DiffMASError(f"writer_mode must be one of {WRITER_MODES}, got '{self.writer_mode}'")
         if self.latent_steps < 0 or self.final_latent_steps < 0:
             raise DiffMASError("latent_steps must be >= 0")
         if self.text_context_limit is not None and self.text_context_limit < 1:
             raise DiffMASError("text_context_limit must be >= 1")
+
+    @property
+    def scope(self) -> str:
+        """The trace scope in force: this spec's, else the topology's, else ``keep``."""
+        return self.trace or self.topology.trace or "keep"
 
 
 @dataclass
@@ -129,11 +138,21 @@ class RolloutResult:
         return out
 
 
-def _render(backbone: Backbone, agent: Agent, prompts: list[str], think: bool = False
+def _render(backbone: Backbone, agent: Agent, prompts: list[Prompt], think: bool = False
             ) -> tuple[list[list[int]], Tensor, Tensor]:
-    seqs = [render_agent(backbone.tokenizer, agent, p, think) for p in prompts]
+    seqs = [render_agent(backbone.tokenizer, agent, view_text(agent, p), think) for p in prompts]
     ids, mask = left_pad(seqs, backbone.pad_id, backbone.device)
     return seqs, ids, mask
+
+
+def _outputs_only(trace: Trace, lo: int, hi: int, reveal: float, generator: torch.Generator | None) -> Trace:
+    """``trace`` with a writer's prompt columns ``lo..hi-1`` dropped (scope ``latents``), or with ``reveal``, each
+    of them hidden with probability 1 - reveal (the bottleneck curriculum; positions never change)."""
+    if not reveal:
+        return trace.drop(lo, hi)
+    hidden = torch.zeros_like(trace.mask, dtype=torch.bool)
+    hidden[:, lo:hi] = (torch.rand(trace.batch_size, hi - lo, generator=generator) >= reveal).to(hidden.device)
+    return trace.hide(hidden)
 
 
 def _as_agent(role: str, fn, *args, **kwargs):
@@ -158,14 +177,16 @@ def _cap_replies(tokenizer, reply, reply_from: int, caps: list[int]) -> tuple[Tr
     what decoding that row with a budget of ``caps[r]`` would have left, since no kept token attends to a later
     one."""
     trace = reply.trace
-    mask = trace.mask.clone()
+    cut = torch.zeros_like(trace.mask, dtype=torch.bool)
     texts = list(reply.texts)
     for row, (tokens, cap) in enumerate(zip(reply.tokens, caps)):
         if len(tokens) > cap:
-            mask[row, reply_from + cap: reply_from + len(tokens)] = 0
+            cut[row, reply_from + cap: reply_from + len(tokens)] = True
             texts[row] = tokenizer.decode(tokens[:cap], skip_special_tokens=True)
     generated = [min(len(t), c) for t, c in zip(reply.tokens, caps)]
-    return Trace(trace.keys, trace.values, mask, trace.start, trace.arena), texts, generated
+    trace = trace.hide(cut)
+    # As if never decoded: the next agent continues right after the kept tokens.
+    return replace(trace, next_positions=trace.next_positions - cut.sum(1)), texts, generated
 
 
 def forced_texts(spec: RolloutSpec, targets: list[str], thinker_texts: list[str] | None
@@ -213,7 +234,7 @@ def _final_steps(spec: RolloutSpec) -> int:
     return spec.final_latent_steps
 
 
-def gold_nll(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompts: list[str], targets: list[str]
+def gold_nll(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompts: list[Prompt], targets: list[str]
              ) -> list[tuple[float, int]]:
     """Per row, (summed NLL, token count) of ``render_target(target)`` when the final agent (its adapter, prompt
     rendering and latent steps) is teacher-forced on it after the writers' ``trace`` (``rollout(...,
@@ -224,7 +245,7 @@ def gold_nll(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompts: list[
     tok, final = backbone.tokenizer, spec.topology.final
     steps = _final_steps(spec)
     latent_map = (spec.latent_map or get_realigner(backbone, spec.realign)) if steps else None
-    prompt_seqs = [render_agent(tok, final, p, spec.think) for p in prompts]
+    prompt_seqs = [render_agent(tok, final, view_text(final, p), spec.think) for p in prompts]
     forced = [render_target(tok, t) for t in targets]
     with torch.no_grad():
         inputs = final_inputs(backbone, prompt_seqs, forced, steps)
@@ -236,18 +257,20 @@ def gold_nll(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompts: list[
 def rollout(
     backbone: Backbone,
     spec: RolloutSpec,
-    prompts: list[str],
+    prompts: list[Prompt],
     *,
     decode_cfg: DecodeConfig | None = None,
     targets: list[str] | None = None,
     thinker_texts: list[str] | None = None,
     thinker_latent_steps: int | None = None,
     capture: bool = False,
-    writer_prompts: list[str] | None = None,
+    writer_prompts: list[Prompt] | None = None,
     grad_mode: str = "coupled",
     checkpoint: bool = False,
     keep_trace: bool = False,
     gold_targets: list[str] | None = None,
+    reveal: float = 0.0,
+    reveal_seed: int = 0,
 ) -> RolloutResult:
     """Run ``spec`` on a batch of task prompts.
 
@@ -259,7 +282,9 @@ def rollout(
     latent steps; ``capture`` returns the final agent's every-layer hidden states at the position that
     predicts the answer's value. ``writer_prompts`` makes the writers work on other questions than the final
     agent (the shuffled-trace control). ``gold_targets`` (inference): also score these targets teacher-forced
-    after the writers' trace (:func:`gold_nll`), in the columns the final agent then reuses.
+    after the writers' trace (:func:`gold_nll`), in the columns the final agent then reuses. ``reveal`` (scope
+    ``latents``, training's bottleneck curriculum): each writer-prompt column stays visible downstream with this
+    probability (drawn per row and column from ``reveal_seed``) instead of being dropped.
     """
     if not prompts:
         raise DiffMASError("no questions to run")
@@ -272,6 +297,12 @@ def rollout(
         raise DiffMASError("thinker_texts and capture are training options: pass targets too")
     if gold_targets is not None and training:
         raise DiffMASError("gold_targets is an evaluation option: training already scores its targets")
+    scope = spec.scope
+    if reveal and scope != "latents":
+        raise DiffMASError(f"reveal applies to the trace scope 'latents', not '{scope}'")
+    if scope == "latents" and thinker_texts is not None and spec.topology.writers:
+        raise DiffMASError("the trace scope 'latents' keeps only latent outputs: a writer that also writes "
+                           "teacher-forced text (curriculum, distillation) is not supported with it")
     decode_cfg = decode_cfg or DecodeConfig()
     adapters = spec.adapters or {}
     batch, device, tok = len(prompts), backbone.device, backbone.tokenizer
@@ -289,13 +320,14 @@ def rollout(
                                                     or any(a.latent_steps for a in writers))
     latent_map = (spec.latent_map or get_realigner(backbone, spec.realign)) if uses_latent else None
     rendered = [_render(backbone, agent, writer_prompts or prompts, spec.think) for agent in writers]
-    prompt_seqs = [render_agent(tok, final, p, spec.think) for p in prompts]
+    prompt_seqs = [render_agent(tok, final, view_text(final, p), spec.think) for p in prompts]
     gold_width = max((len(render_target(tok, t)) for t in gold_targets), default=0) if gold_targets else 0
     capacity = None if training else _inference_columns(spec, rendered, prompt_seqs, final_steps, decode_cfg,
                                                         gold_width)
     trace = Trace.empty(batch, device, capacity=capacity)
     records: list[AgentRecord] = []
     stage_one_grad = training and grad_mode == "coupled"
+    generator = torch.Generator().manual_seed(reveal_seed) if reveal else None
     loss_sum = torch.zeros((), device=device)
     n_forced = 0
 
@@ -321,7 +353,7 @@ def rollout(
                     f_ids, f_mask, f_labels = labelled([[] for _ in forced], forced, backbone.pad_id, device,
                                                        allow_empty=True)
                 n_forced += sum(len(f) for f in forced or [])
-                if spec.trace == "drop" and steps == 0 and not (forced and any(forced)):
+                if scope == "drop" and steps == 0 and not (forced and any(forced)):
                     # LatentMAS: a writer with no latent thoughts contributes nothing (so it is not run at all).
                     records.append(AgentRecord(agent.role, [0] * batch, 0, generated, 0.0))
                     continue
@@ -347,6 +379,9 @@ def rollout(
                 branch, texts, generated = reply.trace, reply.texts, [len(t) for t in reply.tokens]
                 if caps is not None:
                     branch, texts, generated = _cap_replies(tok, reply, reply_from, caps)
+            if scope == "latents":  # downstream agents see the writer's output, not its prompt
+                lo = trace.length if agent.reads_trace else 0
+                branch = _outputs_only(branch, lo, lo + rendered[number][1].shape[1], reveal, generator)
             trace = branch if agent.reads_trace else trace.concat(branch)
             records.append(AgentRecord(agent.role, [len(s) for s in seqs],
                                        steps if spec.writer_mode == "latent" else 0, generated,

@@ -23,8 +23,8 @@ from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig
 from diffmas.errors import DiffMASError
 from diffmas.latent import load_latent_map
-from diffmas.prompts import SINGLE, Topology, load_topology
-from diffmas.rollout import RolloutResult, RolloutSpec, rollout
+from diffmas.prompts import SINGLE, Topology, load_topology, question_text
+from diffmas.rollout import Prompt, RolloutResult, RolloutSpec, rollout
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ class System:
     backbone: Backbone
     spec: RolloutSpec
 
-    def run(self, prompts: list[str], decode_cfg: DecodeConfig, batch_size: int = 8,
-            on_batch: Callable[[int], None] | None = None, writer_prompts: list[str] | None = None,
+    def run(self, prompts: list[Prompt], decode_cfg: DecodeConfig, batch_size: int = 8,
+            on_batch: Callable[[int], None] | None = None, writer_prompts: list[Prompt] | None = None,
             targets: list[str] | None = None) -> list[dict]:
         """Answer every prompt; returns one JSON-ready record per prompt, in input order.
 
@@ -80,7 +80,7 @@ class System:
             raise DiffMASError(f"{len(targets)} targets for {len(prompts)} prompts")
         if batch_size < 1:
             raise DiffMASError("batch size must be >= 1")
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        order = sorted(range(len(prompts)), key=lambda i: len(question_text(prompts[i])))
         records: list[dict | None] = [None] * len(prompts)
         for lo in range(0, len(order), batch_size):
             idx = order[lo: lo + batch_size]
@@ -119,12 +119,15 @@ def build_system(
     writer_max_new_tokens: int = 128,
     lens_top_k: int = 0,
     think: bool = False,
-    trace: str = "keep",
+    trace: str | None = None,
     text_context_limit: int | None = None,
+    default_topology: str | None = None,
 ) -> System:
-    """Set up system ``name`` on ``backbone``. Trained systems load ``adapter`` and default their topology and
-    latent steps to the ones they were trained with, and use the ``realign`` and ``think`` they were trained with.
-    ``think``: prompts with ``enable_thinking`` on; ``trace``: ``keep`` or ``drop`` (see :class:`RolloutSpec`).
+    """Set up system ``name`` on ``backbone``. Trained systems load ``adapter`` and default their topology, trace
+    scope and latent steps to the ones they were trained with, and use the ``realign`` and ``think`` they were
+    trained with. ``think``: prompts with ``enable_thinking`` on; ``trace``: the trace scope (see
+    :class:`RolloutSpec`); ``default_topology``: a multi-agent system's topology when neither ``topology`` nor the
+    adapter names one (a task's own, e.g. ``relay``), else ``sequential``.
     With ``backbone`` None only the settings are resolved (no adapter is loaded): see :func:`effective_settings`."""
     kind = get_kind(name)
     meta: dict = {}
@@ -137,7 +140,8 @@ def build_system(
     elif adapter is not None:
         raise DiffMASError(f"system '{name}' is training-free and takes no adapter")
     if kind.multi_agent:
-        topo = topology if isinstance(topology, Topology) else load_topology(topology or meta.get("topology", "sequential"))
+        topo = topology if isinstance(topology, Topology) else \
+            load_topology(topology or meta.get("topology") or default_topology or "sequential")
     else:
         topo = SINGLE
     steps = latent_steps if latent_steps is not None else int(meta.get("latent_steps", 10))
@@ -151,9 +155,14 @@ def build_system(
                 latent_map = load_latent_map(backbone, meta["latent_map"], adapter, realign)
     spec = RolloutSpec(topo, kind.writer_mode, steps if kind.multi_agent else 0, writer_max_new_tokens, realign,
                        roles, lens_top_k, final_latent_steps=steps if name == "single_latent" else 0,
-                       latent_map=latent_map, think=think, trace=trace,
+                       latent_map=latent_map, think=think, trace=trace or meta.get("trace"),
                        text_context_limit=text_context_limit if kind.name == "text_mas" else None)
     return System(kind, backbone, spec)
+
+
+def _view(agent) -> dict:
+    # Recorded where it is not the default, so settings written before views existed still compare equal.
+    return {} if agent.sees == "question" else {"sees": agent.sees}
 
 
 def effective_settings(system: System, max_new_tokens: int) -> dict:
@@ -169,17 +178,17 @@ def effective_settings(system: System, max_new_tokens: int) -> dict:
     for agent in spec.topology.writers:
         steps = 0 if text else (spec.latent_steps if agent.latent_steps is None else agent.latent_steps)
         budget = (agent.max_new_tokens or spec.writer_max_new_tokens) if text else 0
-        agents.append({"role": agent.role, "latent_steps": steps, "max_new_tokens": budget})
+        agents.append({"role": agent.role, "latent_steps": steps, "max_new_tokens": budget, **_view(agent)})
     final = spec.topology.final
     final_steps = final.latent_steps if final.latent_steps is not None and not text else spec.final_latent_steps
     agents.append({"role": final.role, "latent_steps": final_steps,
-                   "max_new_tokens": final.max_new_tokens or max_new_tokens})
+                   "max_new_tokens": final.max_new_tokens or max_new_tokens, **_view(final)})
     return {
         "system": system.kind.name, "topology": spec.topology.name, "writer_mode": spec.writer_mode,
         # m: the writers' default latent steps (text writers take none)
         "latent_steps": None if text else spec.latent_steps if system.kind.multi_agent else spec.final_latent_steps,
         "realign": spec.realign, "writer_max_new_tokens": spec.writer_max_new_tokens if text else None,
-        "text_context_limit": spec.text_context_limit, "think": spec.think, "trace": spec.trace,
+        "text_context_limit": spec.text_context_limit, "think": spec.think, "trace": spec.scope,
         "agents": agents, "max_new_tokens": agents[-1]["max_new_tokens"],
         "thinking_budget": sum(a["latent_steps"] + a["max_new_tokens"] for a in agents),
     }

@@ -71,7 +71,7 @@ def test_rows_that_finish_leave_the_batch_and_answers_do_not_change(ragged, keep
         return
     # The reassembled trace holds each row's whole reply (EOS included), and the same K/V as the row alone.
     assert full.trace.real_lengths.tolist() == [int(trace.real_lengths[i]) + n for i, n in enumerate(lengths)]
-    assert torch.equal(full.trace.start, trace.start)
+    assert full.trace.next_positions.tolist() == [int(trace.next_positions[i]) + n for i, n in enumerate(lengths)]
     for i, one in enumerate(alone):
         real = full.trace.mask[i].bool()
         for ours, ref in zip(full.trace.keys + full.trace.values, one.trace.keys + one.trace.values):

@@ -80,7 +80,7 @@ def test_curriculum_stage_segment_holds_s_times_c_latents_then_the_remaining_ste
     roles = _trained(backbone)
     spec = RolloutSpec(DUO, "latent", latent_steps=4, adapters=roles)
     examples = [TrainExample(p, w) for p, w in zip(PROMPTS, WORKED)]
-    plan = plan_step(cfg, stage * 10, examples)  # mixin draws may pick an earlier stage: pin it
+    plan = plan_step(cfg, stage * 10, examples, DUO)  # mixin draws may pick an earlier stage: pin it
     plan = plan.__class__(plan.prompts, plan.targets,
                           ["\n".join(ex.steps[stage:]) if stage < 2 else "" for ex in examples], stage * 2, stage)
     backbone.model.eval()
@@ -113,7 +113,7 @@ def test_curriculum_schedule_mixin_and_optimizer_reset_points():
     assert stages[:10] == [0] * 10
     assert [s for s in range(40) if starts_new_stage(s, cfg)] == [10, 20]
     plan = plan_step(_curriculum_cfg(**{"curriculum.mixin": 0.0}), 25,
-                     [TrainExample(p, w) for p, w in zip(PROMPTS, WORKED)])
+                     [TrainExample(p, w) for p, w in zip(PROMPTS, WORKED)], DUO)
     assert plan.stage == 2 and plan.thinker_latent_steps == 4 and plan.thinker_texts == ["", ""]
     assert plan.targets == ["Answer: 12", "Answer: 6"]
 
@@ -132,7 +132,7 @@ def test_distillation_term_is_zero_when_states_agree_and_its_gradient_follows_th
     cfg = load_config(None, {"method": "distill", "data.target_style": "worked", "latent_steps": 2,
                              "distill.weight": 1.0, "distill.teacher_weight": 0.0})
     examples = [TrainExample(p, w) for p, w in zip(PROMPTS, WORKED)]
-    plan = plan_step(cfg, 0, examples)
+    plan = plan_step(cfg, 0, examples, DUO)
     assert plan.teacher_texts == ["3 + 4 = 7\n7 + 5 = 12", "12 - 5 = 7\n7 + 1 = 8\n8 - 2 = 6"]
     for mode in ("coupled", "detached"):
         backbone = make_backbone()
@@ -156,7 +156,7 @@ def test_distillation_trains_the_teacher_on_its_own_worked_text_and_answer():
     for alpha in (0.0, 1.0):
         cfg = load_config(None, {"method": "distill", "data.target_style": "worked", "latent_steps": 2,
                                  "distill.weight": 0.0, "distill.teacher_weight": alpha})
-        plan = plan_step(cfg, 0, examples)
+        plan = plan_step(cfg, 0, examples, DUO)
         backbone = make_backbone()
         roles = _trained(backbone, DUO, layout="per-agent")
         spec = RolloutSpec(DUO, "latent", latent_steps=2, adapters=roles)

@@ -18,10 +18,11 @@ from diffmas.systems import build_system, effective_settings, get_kind
 __all__ = ["BUDGET_SUFFIX", "SystemEntry", "check_resumable", "parse_systems", "settings_notice", "system_settings"]
 
 # Settings that change what a sample is: resuming into a folder written with other values would mix experiments.
+# (The trace scope is compared per system, resolved, in its settings: the run's --trace may be left to defaults.)
 _SAMPLE_SETTINGS = ("model", "dtype", "max_new_tokens", "writer_max_new_tokens", "topology", "latent_steps",
-                    "temperature", "top_p", "source", "shuffle_trace", "realign", "think", "trace")
+                    "temperature", "top_p", "source", "shuffle_trace", "realign", "think")
 # What a folder written before a setting existed was run with (``think``: see _legacy_think).
-_SETTING_DEFAULTS = {"realign": True, "trace": "keep", "top_p": 1.0}
+_SETTING_DEFAULTS = {"realign": True, "top_p": 1.0}
 
 
 @dataclass(frozen=True)

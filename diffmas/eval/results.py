@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import subprocess
-from collections import defaultdict
+from collections import Counter, defaultdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,14 @@ def _row(label: str, task: Task, records: list[dict], seeds: list[int], temperat
     return row
 
 
+def constant_floor(task: Task, examples: list[Example]) -> float | None:
+    """The accuracy of the best constant answer on ``examples`` (the most common gold answer's share): what a
+    system that ignores the question can reach. None for code tasks (no answer to repeat)."""
+    if task.kind == "code" or not examples:
+        return None
+    return max(Counter(ex.answer for ex in examples).values()) / len(examples)
+
+
 def compute_results(config: dict, samples: dict[tuple, dict], tasks: dict[str, tuple[Task, list[Example]]]) -> dict:
     """results.json contents from the resolved ``config`` and the finished ``samples`` (keyed by sample_key)."""
     seeds = list(config["seeds"])
@@ -101,6 +109,7 @@ def compute_results(config: dict, samples: dict[tuple, dict], tasks: dict[str, t
                        if (k := sample_key(entry["label"], name, seed, ex.id)) in samples]
             partial = task.partial if config["source"] is None else None
             rows.append(_row(entry["label"], task, records, seeds, config["temperature"], partial))
+            rows[-1]["floor"] = constant_floor(task, examples)
     notes = []
     if len(seeds) > 1 and config["temperature"] == 0:
         notes.append("greedy decoding (temperature 0): every seed gives the same samples; extra seeds are redundant")

@@ -33,7 +33,6 @@ from diffmas.eval.entries import check_resumable, parse_systems, settings_notice
 from diffmas.eval.results import compute_results
 from diffmas.eval.samples import RANK_SAMPLES_FILE, RESULTS_FILE, SAMPLES_FILE, SampleLog, merge_rank_logs, \
     sample_key, write_json
-from diffmas.rollout import TRACE_MODES
 from diffmas.systems import System, build_system, get_kind
 from diffmas.tasks import Example, Task, get_task
 
@@ -62,7 +61,7 @@ def run_eval(
     shuffle_trace: bool = False,
     realign: bool = True,
     think: bool = False,
-    trace: str = "keep",
+    trace: str | None = None,
     text_context_limit: int | None = None,
     budget_from: str | None = None,
 ) -> dict:
@@ -84,8 +83,6 @@ def run_eval(
         raise DiffMASError("--source names one task's data: give a single --task with it")
     if limit is not None and limit < 1:
         raise DiffMASError("--limit must be >= 1")
-    if trace not in TRACE_MODES:
-        raise DiffMASError(f"--trace must be one of {', '.join(TRACE_MODES)}, got '{trace}'")
     if batch_size < 1 or not seeds or len(set(seeds)) != len(seeds):
         raise DiffMASError("need batch size >= 1 and distinct seeds")
     try:
@@ -101,7 +98,8 @@ def run_eval(
         "text_context_limit": text_context_limit, "budget_from": budget_from,
     }
     build_args = dict(topology=topology, latent_steps=latent_steps, writer_max_new_tokens=writer_max_new_tokens,
-                      realign=realign, think=think, trace=trace, text_context_limit=text_context_limit)
+                      realign=realign, think=think, trace=trace, text_context_limit=text_context_limit,
+                      default_topology=task_topology(config["tasks"], topology))
     for item, settings in zip(config["systems"], system_settings(entries, build_args, max_new_tokens, budget_from)):
         item["settings"] = settings
     notice = settings_notice(config["systems"])
@@ -160,6 +158,16 @@ def run_eval(
     return results
 
 
+def task_topology(tasks: list[str], topology: str | None) -> str | None:
+    """The topology the tasks name for multi-agent systems that name none (relay and split tasks), or None;
+    tasks that name different ones need ``--topology`` (or separate evaluations)."""
+    named = {get_task(name).topology for name in tasks}
+    if len(named) > 1 and topology is None:
+        raise DiffMASError(f"tasks {', '.join(tasks)} run on different topologies "
+                           f"({', '.join(sorted(str(t) for t in named))}): evaluate them separately or give --topology")
+    return next(iter(named))
+
+
 def _shard(device: str) -> tuple[int, int, Callable[[], None], str]:
     """(rank, number of processes, barrier, this process's device): under ``accelerate launch`` each process
     evaluates every ``world``-th batch on its own accelerator; a plain run is rank 0 of 1."""
@@ -216,13 +224,13 @@ def _run_one(system: System, label: str, task: Task, seed: int, examples: list[E
     asks whether the trace carries question-specific information); each record names that question.
     Every record also gets the gold-target NLL (see :func:`gold_target`), from the same writers' trace.
     """
-    prompts = [task.prompt(ex) for ex in examples]
+    prompts = [task.views(ex) for ex in examples]
     targets = [gold_target(ex) for ex in examples]
     partners = trace_partners(len(examples), seed) if shuffle_trace else None
     # Batches are cut from the full example list (length-sorted), not from what is pending, and a batch that a
     # kill left half-written is rerun whole: a resumed run computes exactly what an uninterrupted one does (same
     # padding, so the same floating-point sums, and with sampling the same random streams).
-    order = sorted(range(len(examples)), key=lambda i: (len(prompts[i]), i))
+    order = sorted(range(len(examples)), key=lambda i: (len(prompts[i]["question"]), i))
     for number, lo in enumerate(range(0, len(order), batch_size)):
         if number % shard[1] != shard[0]:  # another process's batch (the batches are the same at any world size)
             continue

@@ -116,6 +116,15 @@ class _Arena:
         self.values[layer][:, :, at:end] = values
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def move(self, src: int, dst: int) -> None:
+        """Move the columns from ``src`` to the frontier down to ``dst`` (< ``src``), and the frontier with them:
+        the columns in between are gone (a trace dropping a writer's prompt after its latent steps)."""
+        n = self.frontier - src
+        for part in (self.keys, self.values):
+            for stored in part:
+                stored[:, :, dst:dst + n] = stored[:, :, src:src + n].clone()  # the ranges may overlap
+        self.frontier = dst + n
+
     def views(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         return (tuple(k[:, :, :self.frontier] for k in self.keys),
                 tuple(v[:, :, :self.frontier] for v in self.values))

@@ -7,8 +7,13 @@ independent hierarchical workers), safe to recompute under activation checkpoint
 autograd graph (``copy.deepcopy`` of a live Cache is not).
 
 Batch invariance comes from three rules applied here once: every segment is left-padded, one mask is carried
-over the whole trace, and position ids are derived from the cumulative mask, so a row's real tokens see the
-same positions and the same real keys whatever else shares the batch.
+over the whole trace, and a segment's position ids continue from each row's next position counting only its real
+tokens, so a row's real tokens see the same positions and the same real keys whatever else shares the batch.
+
+Visibility and position are separate things. ``mask`` says which columns later tokens may attend to; ``positions``
+holds the position id every column's key was rotated at, and ``next_positions`` where each row goes on. Hiding
+columns (:meth:`Trace.hide`) or dropping them (:meth:`Trace.drop`) changes what is seen, never where the next
+token sits: a reader that may see only some of the trace still continues after everything that was written.
 """
 
 from __future__ import annotations
@@ -35,15 +40,17 @@ class Trace:
 
     keys: tuple[Tensor, ...]
     values: tuple[Tensor, ...]
-    mask: Tensor  # [B, T], 1 = real position
-    start: Tensor  # [B], position id of each row's first token
+    mask: Tensor  # [B, T], 1 = a real position later tokens may attend to
+    positions: Tensor  # [B, T], the position id of every column (padding columns: any value, never seen)
+    next_positions: Tensor  # [B], the position id the next real token of each row gets
     arena: _Arena | None = field(default=None, compare=False, repr=False)
     """Inference: the storage ``keys``/``values`` are views of, which the trace grows into while it is the tip."""
 
     @classmethod
     def empty(cls, batch_size: int, device: torch.device | str, start: Tensor | None = None,
               capacity: int | None = None) -> "Trace":
-        """A trace with no tokens; ``start`` offsets positions (an independent branch continues a parent's).
+        """A trace with no tokens whose first token gets position ``start`` (default 0; an independent branch
+        continues a parent's ``next_positions``).
 
         ``capacity`` (inference): preallocate that many columns per layer, so that extending the trace and its
         extensions under no_grad writes in place instead of copying the past (one live copy of the trace).
@@ -51,7 +58,8 @@ class Trace:
         if start is None:
             start = torch.zeros(batch_size, dtype=torch.long, device=device)
         arena = _Arena(capacity) if capacity else None
-        return cls((), (), torch.zeros(batch_size, 0, dtype=torch.long, device=device), start, arena)
+        none = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        return cls((), (), none, none, start, arena)
 
     @property
     def batch_size(self) -> int:
@@ -64,13 +72,8 @@ class Trace:
 
     @property
     def real_lengths(self) -> Tensor:
-        """Number of real positions per row, [B]."""
+        """Number of visible real positions per row, [B]."""
         return self.mask.sum(1)
-
-    @property
-    def next_positions(self) -> Tensor:
-        """Position id the next real token of each row gets, [B]."""
-        return self.start + self.real_lengths
 
     def extend(
         self,
@@ -94,18 +97,36 @@ class Trace:
     def concat(self, other: "Trace") -> "Trace":
         """Append a trace that was built independently, starting at this trace's ``next_positions``."""
         mask = torch.cat([self.mask, other.mask], 1)
+        positions = torch.cat([self.positions, other.positions], 1)
         if self.arena is not None and self.arena.is_tip(self.length) and other.keys:
             for layer, (k, v) in enumerate(zip(other.keys, other.values)):
                 self.arena.write(layer, k, v, self.length)
             self.arena.frontier = mask.shape[1]
-            return Trace(*self.arena.views(), mask, self.start, self.arena)
-        if not self.keys:
-            return Trace(other.keys, other.values, torch.cat([self.mask, other.mask], 1), self.start)
-        if not other.keys:
-            return Trace(self.keys, self.values, torch.cat([self.mask, other.mask], 1), self.start)
+            return Trace(*self.arena.views(), mask, positions, other.next_positions, self.arena)
+        if not self.keys or not other.keys:
+            keys, values = (other.keys, other.values) if not self.keys else (self.keys, self.values)
+            return Trace(keys, values, mask, positions, other.next_positions)
         keys = tuple(torch.cat([a, b], dim=2) for a, b in zip(self.keys, other.keys))
         values = tuple(torch.cat([a, b], dim=2) for a, b in zip(self.values, other.values))
-        return Trace(keys, values, torch.cat([self.mask, other.mask], 1), self.start)
+        return Trace(keys, values, mask, positions, other.next_positions)
+
+    def hide(self, columns: Tensor) -> "Trace":
+        """The same trace with ``columns`` ([B, T] bool) invisible to every later token; positions unchanged."""
+        return Trace(self.keys, self.values, self.mask * (~columns).to(self.mask.dtype), self.positions,
+                     self.next_positions, self.arena)
+
+    def drop(self, lo: int, hi: int) -> "Trace":
+        """The trace without columns ``lo..hi-1``: what :meth:`hide` on them computes, without their memory or
+        attention cost. Later tokens still continue at ``next_positions``. The tip of an inference trace moves its
+        later columns down in place (traces extended from this one since become invalid); anything else copies."""
+        keep = lambda x: torch.cat([x[..., :lo], x[..., hi:]], -1)  # noqa: E731  (columns are the last dim here)
+        mask, positions = keep(self.mask), keep(self.positions)
+        if self.arena is not None and self.arena.is_tip(self.length):
+            self.arena.move(hi, lo)
+            return Trace(*self.arena.views(), mask, positions, self.next_positions, self.arena)
+        cut = lambda x: torch.cat([x[:, :, :lo], x[:, :, hi:]], 2)  # noqa: E731
+        return Trace(tuple(cut(k) for k in self.keys), tuple(cut(v) for v in self.values), mask, positions,
+                     self.next_positions)
 
     def reclaim(self) -> None:
         """Make this trace its arena's tip again, so that the columns written after it are reused. Every trace
@@ -116,24 +137,23 @@ class Trace:
 
     def detach(self) -> "Trace":
         """Same trace, cut from the autograd graph (Stage I in ``detached`` gradient mode)."""
-        return Trace(
-            tuple(k.detach() for k in self.keys), tuple(v.detach() for v in self.values), self.mask, self.start
-        )
+        return Trace(tuple(k.detach() for k in self.keys), tuple(v.detach() for v in self.values), self.mask,
+                     self.positions, self.next_positions)
 
     def flatten(self) -> list:
         """The trace as a flat list (inputs of a checkpointed function): its tensors, then its arena or None."""
-        return [*self.keys, *self.values, self.mask, self.start, self.arena]
+        return [*self.keys, *self.values, self.mask, self.positions, self.next_positions, self.arena]
 
     @classmethod
     def unflatten(cls, parts: list | tuple) -> "Trace":
         """Inverse of :meth:`flatten`."""
-        n = (len(parts) - 3) // 2
-        return cls(tuple(parts[:n]), tuple(parts[n : 2 * n]), parts[-3], parts[-2], parts[-1])
+        n = (len(parts) - 4) // 2
+        return cls(tuple(parts[:n]), tuple(parts[n : 2 * n]), *parts[2 * n:])
 
     def select(self, rows: Tensor) -> "Trace":
-        """The trace of some rows of the batch only (``rows``: indices, in the order wanted)."""
+        """The trace of some rows of the batch only (``rows``: indices, in the order wanted; repeats allowed)."""
         return Trace(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values), self.mask[rows],
-                     self.start[rows])
+                     self.positions[rows], self.next_positions[rows])
 
     @classmethod
     def assemble(cls, parts: list[tuple[Tensor, "Trace"]], batch_size: int) -> "Trace":
@@ -157,7 +177,8 @@ class Trace:
         n = max(len(t.keys) for _, t in parts)
         keys = tuple(gather([t.keys[i] for _, t in parts], 2) for i in range(n))
         values = tuple(gather([t.values[i] for _, t in parts], 2) for i in range(n))
-        return cls(keys, values, gather([t.mask for _, t in parts], 1), gather([t.start for _, t in parts], None))
+        return cls(keys, values, gather([t.mask for _, t in parts], 1), gather([t.positions for _, t in parts], 1),
+                   gather([t.next_positions for _, t in parts], None))
 
 
 class TraceBuilder:
@@ -174,7 +195,8 @@ class TraceBuilder:
         self._arena = trace.arena if trace.arena is not None and trace.arena.is_tip(trace.length) else None
         self._cache = _as_cache(trace.keys, trace.values) if self._arena is None else _arena_cache(self._arena)
         self._mask = trace.mask
-        self._start = trace.start
+        self._positions = trace.positions
+        self._next = trace.next_positions
         self._bound: int | None = None  # an upper bound on every row's next position (checked lazily, no sync)
 
     def _check_length(self, body: torch.nn.Module, seg_mask: Tensor) -> None:
@@ -182,9 +204,9 @@ class TraceBuilder:
         if not isinstance(limit, int):
             return
         if self._bound is None:
-            self._bound = int((self._start + self._mask.sum(1)).max())
+            self._bound = int(self._next.max())
         if self._bound + seg_mask.shape[1] > limit:  # only then compute the exact per-row need (a device sync)
-            before = self._start + self._mask.sum(1)
+            before = self._next
             need = before + seg_mask.sum(1)
             row = int(need.argmax())
             if int(need[row]) > limit:
@@ -211,23 +233,26 @@ class TraceBuilder:
             layers = self._cache.layers
             self._cache, self._arena = _as_cache(tuple(la.keys for la in layers), tuple(la.values for la in layers)), None
         mask = torch.cat([self._mask, seg_mask.to(self._mask.dtype)], dim=1)
+        seg_positions = segment_positions(self._next, seg_mask)
+        positions = torch.cat([self._positions, seg_positions], dim=1)
         dtype = inputs_embeds.dtype if inputs_embeds is not None else body.get_input_embeddings().weight.dtype
         # One token over a non-empty trace (latent steps, decoding) attends to the past without copying it.
         split = seg_mask.shape[1] == 1 and bool(self._cache.layers) and _splittable(body)
         grouped = not split and _grouped_wide(body, mask.device)  # wide segments: no repeat_kv copies of K/V
-        windowed = attention_masks(body.config, mask, self._start, seg_mask.shape[1], dtype, split=split or grouped)
+        windowed = attention_masks(body.config, mask, positions, seg_mask.shape[1], dtype, split=split or grouped)
         with _split_call(body.config, self._cache) if split else \
                 _attention_as(body.config, _GQA_SDPA) if grouped else nullcontext():
             out = body(
                 input_ids=input_ids,
                 inputs_embeds=inputs_embeds,
                 attention_mask=mask if windowed is None else windowed,
-                position_ids=segment_positions(self._start + self._mask.sum(1), seg_mask),
+                position_ids=seg_positions,
                 cache=self._cache,
                 use_cache=True,
                 output_hidden_states=all_layers,
             )
-        self._mask = mask
+        self._mask, self._positions = mask, positions
+        self._next = self._next + seg_mask.sum(1)
         if self._arena is not None:
             self._arena.frontier = mask.shape[1]
         return out.hidden_states if all_layers else out.last_hidden_state
@@ -235,9 +260,9 @@ class TraceBuilder:
     def freeze(self) -> Trace:
         """The trace as it stands now."""
         if self._arena is not None:
-            return Trace(*self._arena.views(), self._mask, self._start, self._arena)
+            return Trace(*self._arena.views(), self._mask, self._positions, self._next, self._arena)
         keys, values = _cache_tensors(self._cache)
-        return Trace(keys, values, self._mask, self._start)
+        return Trace(keys, values, self._mask, self._positions, self._next)
 
     def select(self, rows: Tensor) -> None:
         """Keep only ``rows`` of the batch from now on (decoding drops the rows that finished)."""
@@ -248,4 +273,4 @@ class TraceBuilder:
         else:
             trace = self.freeze().select(rows)
             self._cache = _as_cache(trace.keys, trace.values)
-        self._mask, self._start = self._mask[rows], self._start[rows]
+        self._mask, self._positions, self._next = self._mask[rows], self._positions[rows], self._next[rows]

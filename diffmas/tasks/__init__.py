@@ -1,7 +1,8 @@
 """Tasks shared by training and evaluation: examples, prompts, graders and the task registry.
 
 `diffmas.tasks.base` holds the `Task` interface and the registry; `diffmas.tasks.benchmarks` (the offline
-benchmarks) and `diffmas.tasks.rg` (the `rg:<generator>` family) register themselves into it when imported,
+benchmarks), `diffmas.tasks.rg` (the `rg:<generator>` family) and `diffmas.tasks.relay` (tasks whose final agent
+sees none of the problem: `relay:*`, `split:chain_sum`) register themselves into it when imported,
 which this package does right after importing base, so there is no import cycle. `diffmas.tasks.grading` holds
 the pure graders. Nothing here imports `diffmas.eval` except the code grader, lazily, for the sandbox.
 
@@ -27,6 +28,7 @@ from diffmas.tasks.base import (
 # Imported for their side effect: each registers its tasks into base's registry (after base is complete).
 from diffmas.tasks import benchmarks as _benchmarks  # noqa: E402,F401  isort: skip
 from diffmas.tasks import rg as _rg  # noqa: E402,F401  isort: skip
+from diffmas.tasks import relay as _relay  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "ANSWER_INSTRUCTION",

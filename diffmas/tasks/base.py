@@ -50,6 +50,8 @@ class Example:
     answer: str  # gold answer (for MC: the letter; for code: "" and tests in meta)
     target: str | None = None  # training target (gold solution ending in the task's answer format), if any
     meta: dict = field(default_factory=dict)  # choices, tests, entry_point, n_terms, ...
+    parts: dict[str, str] = field(default_factory=dict)
+    """Named parts of the problem that agents may see on their own (``sees: part:<name>``), e.g. split tasks."""
 
 
 class Task:
@@ -62,6 +64,9 @@ class Task:
     name: str = ""
     kind: str = ""
     partial: str | None = None
+    topology: str | None = None
+    """The topology a multi-agent system uses on this task when none is named (relay and split tasks name theirs:
+    the final agent sees none of the problem there); None: the system's own default."""
     KINDS: ClassVar[tuple[str, ...]] = ("math", "mc", "code", "rg")
 
     def load(self, limit: int | None = None, source: str | None = None) -> list[Example]:
@@ -78,6 +83,22 @@ class Task:
     def grade(self, ex: Example, response: str, truncated: bool = False) -> Grade:
         """Grade a model ``response`` to ``ex``; ``truncated``: it was cut off at the token limit."""
         raise NotImplementedError
+
+    def format_instruction(self, ex: Example) -> str:
+        """The answer-format line alone: all that an agent that sees none of the problem is told."""
+        return ANSWER_INSTRUCTION
+
+    def views(self, ex: Example) -> dict[str, str]:
+        """What an agent may see of ``ex`` (``Agent.sees``): ``question`` (the whole prompt), ``none`` (the
+        answer-format line) and ``part:<name>`` for each of the example's parts."""
+        return {"question": self.prompt(ex), "none": self.format_instruction(ex),
+                **{f"part:{name}": text for name, text in ex.parts.items()}}
+
+    def training_examples(self, n: int, seed: int, target_style: str, exclude: set[str]) -> list[Example]:
+        """``n`` training examples drawn deterministically from ``seed``, none whose question is in ``exclude``.
+        Tasks without an offline generator raise: train them from a jsonl (``data.source``)."""
+        raise TaskError(f"task '{self.name}' has no offline training generator: set data.source to a jsonl of "
+                        "{question, target} rows")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} kind={self.kind}>"

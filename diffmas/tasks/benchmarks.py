@@ -241,6 +241,9 @@ class Benchmark(Task):
             return f"{ex.question}\nYour code should pass this test:\n{ex.meta['shown_test']}\n\n{CODE_INSTRUCTION}"
         return f"{ex.question}\n\n{ANSWER_INSTRUCTION}"
 
+    def format_instruction(self, ex: Example) -> str:
+        return {"mc": MC_INSTRUCTION, "code": CODE_INSTRUCTION}.get(self.kind, ANSWER_INSTRUCTION)
+
     def grade(self, ex: Example, response: str, truncated: bool = False, *, timeout: float = 10.0) -> Grade:
         """Grade by kind: math-verify, choice letter, or the tests run in the sandbox (``timeout`` seconds).
 

@@ -177,6 +177,9 @@ class RGTask(Task):
         score = float(_scorer(self.generator, self._key).score_answer(answer, ex.meta["entry"]))
         return score == 1.0, f"score={score:g}"
 
+    def training_examples(self, n: int, seed: int, target_style: str, exclude: set[str]) -> list[Example]:
+        return training_examples(self.generator, n, seed, target_style, exclude, self.config)
+
 
 def training_examples(
     generator: str,

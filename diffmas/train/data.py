@@ -20,8 +20,9 @@ from diffmas.tasks import Example, get_task
 
 @dataclass(frozen=True)
 class TrainExample:
-    prompt: str
-    """The task's rendered question (with its answer-format instruction)."""
+    prompt: dict[str, str]
+    """What agents may see of the example (:meth:`diffmas.tasks.Task.views`): the task's rendered question (with
+    its answer-format instruction) under ``question``, the format line alone under ``none``, and any parts."""
     target: str
     """The whole target (a worked solution ending in its "Answer:" line, or the answer line alone)."""
 
@@ -92,12 +93,7 @@ def _draw(cfg: TrainConfig, n: int, seed: int, exclude: set[str], announce: bool
 
         rng = random.Random(seed)
         return [pool[rng.randrange(len(pool))] for _ in range(n)]
-    if not task_name.startswith("rg:"):
-        raise DiffMASError(f"task '{task_name}' has no offline training generator: set data.source to a jsonl of "
-                           "{question, target} rows")
-    from diffmas.tasks.rg import training_examples
-
-    return training_examples(task_name[3:], n, seed, cfg.data.target_style, exclude)
+    return get_task(task_name).training_examples(n, seed, cfg.data.target_style, exclude)
 
 
 def evaluation_questions(task) -> set[str]:
@@ -115,12 +111,12 @@ def build_datasets(cfg: TrainConfig, n_train: int) -> tuple[list[TrainExample], 
     """``n_train`` training examples and ``cfg.data.heldout_examples`` held-out ones, all disjoint from the
     task's evaluation questions (and from each other)."""
     task = get_task(cfg.data.task)
-    exclude = evaluation_questions(task) if cfg.data.task.startswith("rg:") or cfg.data.source else set()
+    exclude = evaluation_questions(task)
     train = _draw(cfg, n_train, cfg.seed, exclude, announce=True)
     heldout = _draw(cfg, cfg.data.heldout_examples, cfg.seed + 1_000_003, exclude | {ex.question for ex in train})
 
     def render(examples: list[Example]) -> list[TrainExample]:
-        return [TrainExample(task.prompt(ex), ex.target or "") for ex in examples]
+        return [TrainExample(task.views(ex), ex.target or "") for ex in examples]
 
     train_set, heldout_set = render(train), render(heldout)
     if cfg.method != "answer":

@@ -25,14 +25,15 @@ from tqdm.auto import tqdm
 
 from diffmas.adapters import attach_lora, save_adapters, trainable_parameters
 from diffmas.backbone import Backbone, load_backbone
-from diffmas.config import TrainConfig, save_config, to_dict
+from diffmas.config import ChannelConfig, StopConfig, TrainConfig, save_config, to_dict
 from diffmas.errors import DiffMASError
 from diffmas.latent import build_latent_map, get_realigner, save_latent_map
-from diffmas.prompts import SINGLE, TOPOLOGIES, load_topology
+from diffmas.prompts import SINGLE, TOPOLOGIES, Topology, load_topology, question_text
 from diffmas.rollout import RolloutSpec, rollout
 from diffmas.train.checkpoint import (_full, check_resume, full_state_dict, latest_checkpoint, load_checkpoint,
                                      save_checkpoint)
 from diffmas.train.data import TrainExample, build_datasets
+from diffmas.tasks import get_task
 from diffmas.train.link import pretrain_link
 from diffmas.train.objectives import (StepNorm, StepPlan, heldout_targets, plan_norm, plan_step, starts_new_stage,
                                       step_loss)
@@ -121,9 +122,25 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def resolve_topology(cfg: TrainConfig) -> Topology:
+    """The topology ``cfg`` trains: its own, else its task's (relay and split tasks name one), else ``sequential``;
+    a single agent for the single-agent systems. Channel training that the topology cannot support fails here."""
+    if cfg.system != "diffmas":
+        return SINGLE
+    topology = load_topology(cfg.topology or get_task(cfg.data.task).topology or "sequential")
+    scope = cfg.trace or topology.trace or "keep"
+    if cfg.channel.anneal and scope != "latents":
+        raise DiffMASError(f"channel.anneal narrows the trace to the writers' latent steps: it needs trace "
+                           f"'latents', not '{scope}'")
+    if cfg.channel.autoencode_steps and (topology.final.sees != "none" or not topology.writers):
+        raise DiffMASError(f"channel.autoencode_steps trains the final agent to repeat what the writers saw: topology "
+                           f"'{topology.name}' needs writers and a final agent with sees: none")
+    return topology
+
+
 def attach_trainable(backbone: Backbone, cfg: TrainConfig) -> RolloutSpec:
     """Attach fresh LoRA adapter(s) (and a trainable latent map) for the system; returns the spec that uses them."""
-    topology = load_topology(cfg.topology) if cfg.system == "diffmas" else SINGLE
+    topology = resolve_topology(cfg)
     roles = attach_lora(backbone, cfg.lora, [a.role for a in topology.agents])
     latent_map = build_latent_map(backbone, cfg.latent_map, cfg.realign) if cfg.latent_map != "ridge" else None
     if latent_map is not None:
@@ -131,7 +148,8 @@ def attach_trainable(backbone: Backbone, cfg: TrainConfig) -> RolloutSpec:
     writer_steps = cfg.latent_steps if cfg.system == "diffmas" else 0
     final_steps = cfg.latent_steps if cfg.system == "single_latent" else 0
     return RolloutSpec(topology, "latent", writer_steps, realign=cfg.realign, adapters=roles,
-                       final_latent_steps=final_steps, latent_map=latent_map, think=cfg.think)
+                       final_latent_steps=final_steps, latent_map=latent_map, think=cfg.think,
+                       trace=cfg.trace if cfg.system == "diffmas" else None)
 
 
 def heldout_loss(module: torch.nn.Module, examples: list[TrainExample], batch_size: int, cfg: TrainConfig) -> float:
@@ -176,6 +194,26 @@ def _prepare_out(out: Path, resume: bool, cfg: TrainConfig) -> Path | None:
     if ckpt is not None or (out / METRICS_FILE).exists():
         raise DiffMASError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     return None
+
+
+def heldout_history(path: Path) -> list[tuple[int, float]]:
+    """``(step, held-out loss)`` pairs logged so far (after a resume's truncation), in step order."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["heldout_loss"]) for r in records if "heldout_loss" in r]
+
+
+def flattened(history: list[tuple[int, float]], stop: StopConfig) -> bool:
+    """Whether training should stop: ``stop`` is enabled, at least ``stop.min_steps`` were taken, and the best
+    held-out loss of the last ``stop.window`` share of the steps is less than ``stop.tolerance`` (relative) below
+    the loss at the window's start (the last one logged at or before it)."""
+    if not stop.enabled or not history or history[-1][0] < stop.min_steps:
+        return False
+    since = history[-1][0] * (1 - stop.window)
+    before = [loss for step, loss in history if step <= since]
+    recent = [loss for step, loss in history if step > since]
+    return bool(before) and before[-1] - min(recent) < stop.tolerance * before[-1]
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -239,7 +277,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
             _truncate_metrics(out / METRICS_FILE, start_step)
     elif cfg.latent_map == "link" and cfg.link.pretrain_steps:
         # Fresh LoRA adapters start as the identity, so this is the frozen base model, as intended.
-        texts = [f"{ex.prompt}\n{ex.target}" for ex in train_set[: max(64, cfg.link.pretrain_steps * 8)]]
+        texts = [f"{question_text(ex.prompt)}\n{ex.target}" for ex in train_set[: max(64, cfg.link.pretrain_steps * 8)]]
         losses = pretrain_link(backbone, spec.latent_map, texts, cfg.link.pretrain_steps, cfg.link.pretrain_lr,
                                cfg.batch_size, cfg.seed, show_progress=accelerator.is_main_process)
         if accelerator.is_main_process:
@@ -260,14 +298,17 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
 
     if start_step == 0:
         log({"step": 0, "heldout_loss": heldout_loss(module, heldout, cfg.batch_size, cfg)})
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=f"train {cfg.system}",
+    history = heldout_history(out / METRICS_FILE)
+    # A run that stopped early and is resumed has nothing left to do: the decision is a function of its history.
+    end = start_step if start_step and flattened(history, cfg.stop) else cfg.steps
+    bar = tqdm(range(start_step, end), initial=start_step, total=cfg.steps, desc=f"train {cfg.system}",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     last_good = ckpt
     for step in bar:
         started = time.perf_counter()
         if starts_new_stage(step, cfg) and cfg.curriculum.reset_optimizer:
             optimizer.state.clear()  # fresh AdamW moments for the new stage, as Coconut does
-        plan = plan_step(cfg, step, train_set[step * global_batch: (step + 1) * global_batch])
+        plan = plan_step(cfg, step, train_set[step * global_batch: (step + 1) * global_batch], spec.topology)
         norm = plan_norm(backbone, spec, plan)
         local = torch.zeros(4, device=accelerator.device)
         for m in range(cfg.grad_accum):
@@ -300,12 +341,17 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         done = step + 1 == cfg.steps
         if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
             record["heldout_loss"] = heldout_loss(module, heldout, cfg.batch_size, cfg)
+            history.append((step + 1, record["heldout_loss"]))
+            if not done and flattened(history, cfg.stop):
+                record["stopped_early"] = done = True
         log(record)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
                         target_tok_s=f"{record['tokens_per_s']:.0f}")
         if done or (step + 1) % cfg.checkpoint_every == 0:
             last_good = save_checkpoint(out, step + 1, (step + 1) * global_batch, backbone, optimizer, scheduler,
                                         cfg, accelerator)
+        if done:
+            break
 
     # Every process gathers full tensors (FSDP2 holds shards; a no-op copy otherwise), the main one writes.
     lora_state = full_state_dict(backbone)
@@ -316,17 +362,19 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         topology = spec.topology.name if builtin else spec.topology.to_dict()
         save_adapters(backbone, out, spec.adapters, cfg.lora, state_dict=lora_state,
                       extra={"system": cfg.system, "topology": topology, "latent_steps": cfg.latent_steps,
-                             "grad_mode": cfg.grad_mode, "task": cfg.data.task, "steps": cfg.steps,
+                             "trace": spec.scope, "grad_mode": cfg.grad_mode, "task": cfg.data.task,
+                             "steps": history[-1][0] if history else cfg.steps,
                              "method": cfg.method, "realign": cfg.realign, "think": cfg.think, "seed": cfg.seed,
                              "latent_map": save_latent_map(spec.latent_map or get_realigner(backbone, cfg.realign), out,
                                                            map_state),
                              "curriculum": to_dict(cfg.curriculum) if cfg.method == "curriculum" else None,
+                             "channel": to_dict(cfg.channel) if cfg.channel != ChannelConfig() else None,
                              "distill": to_dict(cfg.distill) if cfg.method == "distill" else None})
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it also tears down the process group
         tracker.finish()
     metrics = [json.loads(l) for l in (out / METRICS_FILE).read_text().splitlines()] if (out / METRICS_FILE).exists() else []
     held = [m["heldout_loss"] for m in metrics if "heldout_loss" in m]
-    return {"out": str(out), "steps": cfg.steps, "heldout_loss_start": held[0] if held else None,
+    return {"out": str(out), "steps": history[-1][0] if history else cfg.steps, "heldout_loss_start": held[0] if held else None,
             "heldout_loss_end": held[-1] if held else None, "world_size": world,
             "is_main_process": accelerator.is_main_process}

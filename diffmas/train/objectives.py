@@ -6,6 +6,11 @@
   with loss; the final agent is trained on the answer line. Stages advance every ``stage_steps`` steps; with
   probability ``mixin`` a batch replays an earlier stage. At the last stage every step is latent and nothing
   is written, which is exactly the inference rollout.
+- ``channel`` options (relay tasks, trace scope ``latents``), composable with the grad modes: the bottleneck
+  curriculum (``channel.anneal``: each writer-prompt column stays visible downstream with a probability falling
+  from 1 to 0, then only the latent steps are), and autoencoding pre-training (``channel.autoencode_steps``, as
+  ICAE: the final agent, seeing the problem only through the trace, first learns to reproduce what the writers
+  saw, word for word; its prompt then asks for that instead of the answer).
 - ``distill`` (CODI, arXiv 2502.21074): a teacher pass whose thinker writes the whole worked solution as text,
   and the student pass with latent thinkers; loss = student answer CE + alpha x the teacher's own CE (worked
   text and answer) + lambda x smooth-L1 between the final agent's hidden states at the position that predicts
@@ -31,6 +36,7 @@ from torch import Tensor
 from diffmas.backbone import Backbone
 from diffmas.config import TrainConfig
 from diffmas.errors import DiffMASError
+from diffmas.prompts import Topology, view_text
 from diffmas.rollout import RolloutSpec, count_forced_tokens, rollout
 from diffmas.train.data import TrainExample
 
@@ -61,7 +67,8 @@ def starts_new_stage(step: int, cfg: TrainConfig) -> bool:
 class StepPlan:
     """What one step teacher-forces, for a list of examples."""
 
-    prompts: list[str]
+    prompts: list
+    """Per row, what the agents may see (views, see :class:`diffmas.train.data.TrainExample`) or a question."""
     targets: list[str]
     """The final agent's targets."""
     thinker_texts: list[str] | None = None
@@ -70,20 +77,48 @@ class StepPlan:
     stage: int | None = None
     teacher_texts: list[str] | None = None
     """Distillation: the worked steps the teacher pass's thinker writes as text."""
+    reveal: float = 0.0
+    """Bottleneck curriculum: the probability that a writer-prompt column stays visible downstream."""
+    reveal_seed: int = 0
 
     def rows(self, index: slice | list[int]) -> StepPlan:
         """The same plan for a subset of rows (a process's share of a micro-batch)."""
         pick = (lambda xs: xs[index]) if isinstance(index, slice) else (lambda xs: [xs[i] for i in index])
         opt = lambda xs: None if xs is None else pick(xs)  # noqa: E731
         return StepPlan(pick(self.prompts), pick(self.targets), opt(self.thinker_texts), self.thinker_latent_steps,
-                        self.stage, opt(self.teacher_texts))
+                        self.stage, opt(self.teacher_texts), self.reveal, self.reveal_seed)
 
 
-def plan_step(cfg: TrainConfig, step: int, examples: list[TrainExample]) -> StepPlan:
-    """The teacher-forcing plan of ``step`` for ``examples`` under ``cfg.method``."""
+AUTOENCODE_INSTRUCTION = "Repeat, word for word, what the team was given."
+"""What the final agent is asked in autoencoding steps, in place of the answer-format line it sees otherwise."""
+
+
+def reveal_at(step: int, cfg: TrainConfig) -> float:
+    """The bottleneck curriculum's visibility of writer-prompt columns at (0-based) ``step``: 1 falling linearly
+    to 0 over the first ``channel.anneal`` share of the steps, 0 afterwards (and when it is off)."""
+    span = cfg.channel.anneal * cfg.steps
+    return max(0.0, 1.0 - step / span) if span else 0.0
+
+
+def autoencode_plan(topology: Topology, examples: list[TrainExample], reveal: float, seed: int) -> StepPlan:
+    """An autoencoding step: the final agent (which must see none of the problem) is asked to repeat what the
+    writers saw, and teacher-forced on it."""
+    if topology.final.sees != "none" or not topology.writers:
+        raise DiffMASError(f"autoencoding trains the final agent to repeat what the writers saw: topology "
+                           f"'{topology.name}' needs writers and a final agent with sees: none")
+    prompts = [{**ex.prompt, "none": AUTOENCODE_INSTRUCTION} for ex in examples]
+    targets = ["\n\n".join(view_text(w, ex.prompt) for w in topology.writers) for ex in examples]
+    return StepPlan(prompts, targets, reveal=reveal, reveal_seed=seed)
+
+
+def plan_step(cfg: TrainConfig, step: int, examples: list[TrainExample], topology: Topology) -> StepPlan:
+    """The teacher-forcing plan of ``step`` for ``examples`` under ``cfg.method`` and ``cfg.channel``."""
     prompts = [ex.prompt for ex in examples]
+    reveal, seed = reveal_at(step, cfg), cfg.seed * 1_000_003 + step
+    if step < cfg.channel.autoencode_steps:
+        return autoencode_plan(topology, examples, reveal, seed)
     if cfg.method == "answer":
-        return StepPlan(prompts, [ex.target for ex in examples])
+        return StepPlan(prompts, [ex.target for ex in examples], reveal=reveal, reveal_seed=seed)
     answers = [ex.answer for ex in examples]
     if cfg.method == "distill":
         return StepPlan(prompts, answers, teacher_texts=["\n".join(ex.steps) for ex in examples])
@@ -142,7 +177,7 @@ def step_loss(backbone: Backbone, spec: RolloutSpec, cfg: TrainConfig, plan: Ste
     """
     result = rollout(backbone, spec, plan.prompts, targets=plan.targets, thinker_texts=plan.thinker_texts,
                      thinker_latent_steps=plan.thinker_latent_steps, capture=plan.teacher_texts is not None,
-                     grad_mode=cfg.grad_mode, checkpoint=checkpoint)
+                     grad_mode=cfg.grad_mode, checkpoint=checkpoint, reveal=plan.reveal, reveal_seed=plan.reveal_seed)
     ce_sum = result.loss * result.target_tokens
     loss = ce_sum / norm.tokens
     distill_sum = teacher_sum = torch.zeros((), device=ce_sum.device)

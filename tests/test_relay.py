@@ -1,0 +1,143 @@
+"""Relay, split and digits tasks, and the training options of a bottlenecked channel (anneal, autoencoding,
+a budget set by the validation split's held-out loss)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffmas.adapters import read_adapter_meta
+from diffmas.config import StopConfig, load_config
+from diffmas.errors import DiffMASError
+from diffmas.eval.results import constant_floor
+from diffmas.prompts import DUO, RELAY, SPLIT
+from diffmas.tasks import get_task
+from diffmas.train.data import TrainExample, build_datasets
+from diffmas.train.loop import flattened, train
+from diffmas.train.objectives import AUTOENCODE_INSTRUCTION, plan_step, reveal_at
+from diffmas.tasks.relay import split_expression
+
+
+@pytest.mark.parametrize("expression, parts", [
+    ("76 - 32 + 75 - 32", ("76 - 32", "+ 75 - 32")),
+    ("0 - 2", ("0", "- 2")),
+    ("4 + 5 - 6", ("4 + 5", "- 6")),
+])
+def test_split_expression_cuts_between_terms(expression, parts):
+    assert split_expression(expression) == parts
+
+
+def test_relay_and_split_tasks_keep_the_rg_items_and_name_their_topology():
+    rg, relay, split = (get_task(n) for n in ("rg:chain_sum", "relay:chain_sum", "split:chain_sum"))
+    items = rg.load(20)
+    assert [e.question for e in relay.load(20)] == [e.question for e in items]  # same evaluation set
+    assert (rg.topology, relay.topology, split.topology) == (None, "relay", "split")
+    for ex in split.load(20):
+        views = split.views(ex)
+        first, rest = views["part:a"].split(": ", 1)[1], views["part:b"].split(": ", 1)[1]
+        assert f"{first} {rest}" == ex.meta["expression"]  # the parts together are the whole expression
+        assert ex.meta["expression"] not in views["none"]
+    assert split.grade(items[3], f"Answer: {items[3].answer}").correct
+
+
+def test_digits_task_ladder_items_and_grading():
+    ladder = get_task("relay:digits")
+    items = ladder.load(60)
+    assert {e.meta["n_digits"] for e in items} == set(range(1, 7))
+    assert all(len(e.answer) == e.meta["n_digits"] for e in items)
+    assert all(e.id.startswith(f"digits{e.meta['n_digits']}-") for e in items)
+    three = get_task("relay:digits3").load(10)
+    assert all(len(e.answer) == 3 and e.answer[0] != "0" for e in three)
+    ex = three[0]
+    assert ladder.grade(ex, f"I think\nAnswer: {ex.answer}").correct
+    assert not ladder.grade(ex, f"Answer: {ex.answer}1").correct
+    assert not ladder.grade(ex, ex.answer).format_ok
+    train = get_task("relay:digits3").training_examples(5, 0, "answer", set())
+    assert train == get_task("relay:digits3").training_examples(5, 0, "answer", set())  # seeded
+    assert all(t.target == f"Answer: {t.answer}" for t in train)
+    with pytest.raises(DiffMASError):
+        get_task("relay:digits9")
+    with pytest.raises(DiffMASError, match="chain_sum only"):
+        get_task("split:leg_counting")
+
+
+def test_the_floor_is_the_best_constant_answer():
+    task = get_task("relay:digits1")
+    items = task.load(200)
+    best = max(sum(e.answer == str(d) for e in items) for d in range(10))
+    assert constant_floor(task, items) == best / 200
+    assert constant_floor(get_task("humaneval"), items) is None
+
+
+def test_training_data_carries_the_views():
+    cfg = load_config(None, {"data.task": "split:chain_sum", "data.heldout_examples": 3})
+    train_set, heldout = build_datasets(cfg, 4)
+    assert {"question", "none", "part:a", "part:b"} <= set(train_set[0].prompt)
+    evaluated = {e.question for e in get_task("split:chain_sum").load()}
+    assert not any(ex.prompt["question"].split("\n")[0] in evaluated for ex in train_set + heldout)
+
+
+def test_autoencoding_steps_ask_the_reader_to_repeat_what_the_writers_saw():
+    cfg = load_config(None, {"channel.autoencode_steps": 2, "steps": 10, "trace": "latents"})
+    views = {"question": "Q: 3 + 4 =", "none": "Answer with a number.", "part:a": "3", "part:b": "+ 4"}
+    examples = [TrainExample(views, "Answer: 7")]
+    first = plan_step(cfg, 0, examples, RELAY)
+    assert first.targets == ["Q: 3 + 4 ="] and first.prompts[0]["none"] == AUTOENCODE_INSTRUCTION
+    assert plan_step(cfg, 1, examples, SPLIT).targets == ["3\n\n+ 4"]
+    later = plan_step(cfg, 2, examples, RELAY)
+    assert later.targets == ["Answer: 7"] and later.prompts[0]["none"] == "Answer with a number."
+    with pytest.raises(DiffMASError, match="sees: none"):
+        plan_step(cfg, 0, examples, DUO)
+
+
+def test_the_bottleneck_anneals_visibility_from_one_to_zero():
+    cfg = load_config(None, {"channel.anneal": 0.5, "steps": 10, "trace": "latents"})
+    assert [reveal_at(s, cfg) for s in (0, 1, 4, 5, 9)] == pytest.approx([1.0, 0.8, 0.2, 0.0, 0.0])
+    assert reveal_at(0, load_config(None, {"steps": 10})) == 0.0
+    plan = plan_step(cfg, 1, [TrainExample("Q", "Answer: 1")], RELAY)
+    assert plan.reveal == pytest.approx(0.8) and plan.reveal_seed == 1  # seeded per step: a resume replays it
+
+
+def test_flattened_stops_when_the_window_improves_by_less_than_the_tolerance():
+    stop = StopConfig(enabled=True, min_steps=40, window=0.25, tolerance=0.01)
+    falling = [(s, 1.0 - s / 100) for s in range(0, 50, 10)]
+    assert not flattened(falling, stop)
+    flat = [(0, 2.0), (10, 1.0), (20, 0.9), (30, 0.899), (40, 0.898)]
+    assert flattened(flat, stop)  # window (30, 40]: 0.899 -> best 0.898, -0.1%
+    assert not flattened(flat[:-1], stop)  # fewer than min_steps
+    assert not flattened(flat, StopConfig(enabled=False, min_steps=40, window=0.25))
+    rising = [(0, 2.0), (10, 1.0), (20, 0.9), (30, 0.95), (40, 1.0)]
+    assert flattened(rising, stop)  # getting worse is not improving
+
+
+def test_channel_options_need_a_bottleneck_and_a_reader_that_sees_nothing(tmp_path):
+    with pytest.raises(DiffMASError, match="trace 'latents'"):
+        train(load_config(None, {"channel.anneal": 0.5, "topology": "relay", "steps": 2}), tmp_path / "a")
+    with pytest.raises(DiffMASError, match="sees: none"):
+        train(load_config(None, {"channel.autoencode_steps": 1, "topology": "duo", "steps": 2}), tmp_path / "b")
+    with pytest.raises(DiffMASError, match="eval_every"):
+        load_config(None, {"stop.enabled": True})
+    with pytest.raises(DiffMASError, match="system must be diffmas"):
+        load_config(None, {"system": "single_sft", "channel.anneal": 0.5})
+
+
+def test_relay_training_stops_when_flat_and_a_resume_does_not_continue(tmp_path, tiny_model_dir):
+    cfg = {"model": {"name": str(tiny_model_dir), "device": "cpu"}, "task": None, "latent_steps": 2,
+           "batch_size": 2, "steps": 40, "eval_every": 2, "checkpoint_every": 50, "lr": 5e-3, "trace": "latents",
+           "lora": {"rank": 4, "dropout": 0.0}, "channel": {"anneal": 0.2, "autoencode_steps": 2},
+           "stop": {"enabled": True, "min_steps": 4, "window": 0.5, "tolerance": 0.5},
+           "data": {"task": "relay:digits2", "heldout_examples": 4}}
+    del cfg["task"]
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    summary = train(load_config(path), tmp_path / "run")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] < 40 and metrics[-1].get("stopped_early") and metrics[-1]["step"] == summary["steps"]
+    meta = read_adapter_meta(tmp_path / "run")
+    assert (meta["topology"], meta["trace"], meta["steps"]) == ("relay", "latents", summary["steps"])
+    again = train(load_config(path), tmp_path / "run", resume=True)
+    assert again["steps"] == summary["steps"]
+    assert len(Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == len(metrics)
