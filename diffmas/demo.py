@@ -12,40 +12,14 @@ training). Every stage resumes: rerunning the command after an interruption cont
 from __future__ import annotations
 
 import json
-import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
-from diffmas.config import DataConfig, ModelConfig, TrainConfig, load_config, to_dict
-from diffmas.adapters import META_FILE, LoraSettings
-from diffmas.errors import DiffMASError
+from diffmas.adapters import LoraSettings
+from diffmas.config import DataConfig, ModelConfig, TrainConfig
 from diffmas.eval.report import self_perplexity
-from diffmas.train.checkpoint import latest_checkpoint
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+from diffmas.experiments.presets import machine_description, mixed_precision, train_once
 
 
 @dataclass
@@ -70,41 +44,10 @@ class DemoConfig:
         cfg = TrainConfig(
             system=system, topology=self.topology, latent_steps=self.latent_steps, steps=self.steps,
             batch_size=self.batch_size, lr=self.lr, seed=self.seed, checkpoint_every=max(1, self.steps // 4),
-            mixed_precision="bf16" if (torch.cuda.is_available() or _cpu_has_bf16()) else "no",
+            mixed_precision=mixed_precision(),
             model=ModelConfig(name=self.model, device=self.device), data=DataConfig(task=self.task),
         )
         return replace(cfg, **changes)
-
-
-def _finished_with(run: Path, cfg: TrainConfig) -> bool:
-    return (run / META_FILE).is_file() and (run / "config.yaml").is_file() and \
-        to_dict(load_config(run / "config.yaml")) == to_dict(cfg)
-
-
-def train_once(cfg: TrainConfig, out: Path, reuse: tuple[Path, ...] = ()) -> Path:
-    """Train into ``out`` unless it already holds finished adapters of exactly ``cfg`` (other finished adapters
-    are an error, never silently reused); resume a run that was interrupted.
-
-    A finished run in ``reuse`` with exactly the same config is used instead of training again.
-    """
-    from diffmas.train.loop import train
-
-    if (out / META_FILE).is_file():
-        if not _finished_with(out, cfg):
-            raise DiffMASError(f"{out} holds adapters trained with a different config than this demo asks for; "
-                               "delete that folder or choose another --out")
-        print(f"[demo] {out} already trained with this config; reusing it (delete the folder to retrain)")
-        return out
-    for candidate in reuse:
-        if _finished_with(candidate, cfg):
-            print(f"[demo] reusing {candidate}: same config as {out}")
-            return candidate
-    resume = latest_checkpoint(out) is not None
-    if not resume and out.exists():  # killed before its first checkpoint: nothing to resume, start over
-        print(f"[demo] {out} holds no checkpoint; training it from the start")
-        shutil.rmtree(out)
-    train(cfg, out, resume=resume)
-    return out
 
 
 def _markdown_table(results: dict) -> str:

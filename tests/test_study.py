@@ -7,8 +7,10 @@ import os
 import subprocess
 from pathlib import Path
 
-from diffmas.study import GROUNDED, Arm, StudyConfig, _claim, best_grounded, plan_arms, run_study, train_config
-from diffmas.study_report import write_report
+from diffmas.experiments.grounding import (GROUNDED, Arm, StudyConfig, best_grounded, plan_arms, run_study,
+                                           train_config)
+from diffmas.experiments.grounding_report import write_report
+from diffmas.experiments.workers import claim
 
 
 def _fake_arm(docs, name, seed, accuracy, correct):
@@ -60,9 +62,9 @@ def test_a_dead_workers_claim_is_taken_over(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     (tmp_path / f"{arm.id}.claim").write_text(str(dead.pid))
-    assert _claim(tmp_path, arm)
+    assert claim(tmp_path, arm.id)
     assert (tmp_path / f"{arm.id}.claim").read_text() == str(os.getpid())
-    assert not _claim(tmp_path, arm)  # now held by a live process (this one)
+    assert not claim(tmp_path, arm.id)  # now held by a live process (this one)
 
 
 def test_report_pairs_each_arm_with_both_baselines(tmp_path):
@@ -79,7 +81,7 @@ def test_report_pairs_each_arm_with_both_baselines(tmp_path):
 
 
 def test_one_arm_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
-    import diffmas.study as study
+    import diffmas.experiments.grounding as study
 
     monkeypatch.setattr(study, "plan_arms", lambda docs: [Arm("curriculum", "rg:chain_sum", 0, shuffled=True)])
     cfg = StudyConfig(steps=4, batch_size=2, stage_steps=1, n_eval=4, max_new_tokens=3, eval_batch_size=4,

@@ -346,7 +346,7 @@ def test_demo_reuses_only_adapters_with_the_same_config(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("must not train again"))
     assert demo.train_once(wanted, out) == out  # same config: reused
     other = demo.DemoConfig(steps=7).train_config("diffmas")
-    with pytest.raises(DiffMASError, match="different config.*delete that folder or choose another --out"):
+    with pytest.raises(DiffMASError, match="different config.*delete that folder or choose another output"):
         demo.train_once(other, out)
 
 

@@ -20,16 +20,14 @@ carries on where it stopped on a fresh machine.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from diffmas.config import CurriculumConfig, DataConfig, DistillConfig, LinkConfig, ModelConfig, TrainConfig, to_dict
-from diffmas.demo import _cpu_has_bf16, machine_description, train_once
+from diffmas.experiments.presets import machine_description, mixed_precision, train_once
+from diffmas.experiments.workers import code_version, work_through
 
 TASKS = ("rg:chain_sum", "rg:leg_counting")
 GROUNDED = ("curriculum", "distill", "link")
@@ -114,7 +112,7 @@ def train_config(arm: Arm, cfg: StudyConfig, device: str = "cpu") -> TrainConfig
     return TrainConfig(
         system=system, topology=cfg.topology, latent_steps=changes.get("latent_steps", cfg.latent_steps),
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=arm.seed, checkpoint_every=15,
-        eval_every=cfg.heldout_every, mixed_precision="bf16" if _cpu_has_bf16() else "no",
+        eval_every=cfg.heldout_every, mixed_precision=mixed_precision(),
         model=ModelConfig(name=cfg.model, device=device), data=data,
         method=changes.get("method", "answer"), latent_map=changes.get("latent_map", "ridge"),
         curriculum=CurriculumConfig(stages=3, thoughts_per_step=cfg.latent_steps // 3, stage_steps=cfg.stage_steps,
@@ -149,46 +147,12 @@ def best_grounded(docs: Path) -> tuple[str, ...]:
     return tuple(sorted(found, key=lambda n: -found[n])[:2])
 
 
-def _claim(root: Path, arm: Arm) -> bool:
-    """Claim an arm for this process; a claim whose process is gone is taken over."""
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{arm.id}.claim"
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            pid = int(path.read_text() or 0)
-            os.kill(pid, 0)
-            return False
-        except (ValueError, ProcessLookupError):
-            path.unlink(missing_ok=True)
-            return _claim(root, arm)
-        except PermissionError:
-            return False
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return True
-
-
 def _evaluate(arm: Arm, adapter: Path, out: Path, cfg: StudyConfig, device: str, shuffled: bool) -> dict:
     from diffmas.eval.runner import run_eval
 
     return run_eval([f"{arm.label}={arm.system}:{adapter}"], [arm.task], out, model=cfg.model, limit=cfg.n_eval,
                     batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, device=device,
                     shuffle_trace=shuffled, show_progress=True)
-
-
-def code_version() -> str:
-    """The commit of the code running the study (plus ``+dirty`` with uncommitted changes), or ``unknown``."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True,
-                               text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def run_arm(arm: Arm, cfg: StudyConfig, out: Path, docs: Path, device: str = "cpu") -> dict:
@@ -219,47 +183,18 @@ def run_arm(arm: Arm, cfg: StudyConfig, out: Path, docs: Path, device: str = "cp
     return record
 
 
-def _commit(docs: Path, message: str) -> None:
-    """Commit the study's results (only ``docs``), serialised between workers."""
-    lock = docs / ".git.lock"
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        for _ in range(10):  # another git command may hold the index for a moment
-            # Run in ``docs``: the results go to the repository that holds them, even when the study's code
-            # runs from another checkout (a frozen worktree, so that editing the code cannot disturb a run).
-            add = subprocess.run(["git", "add", "."], cwd=docs, capture_output=True, text=True)
-            done = subprocess.run(["git", "commit", "-q", "-m", message, "--", "."], cwd=docs, capture_output=True,
-                                  text=True)
-            if add.returncode == 0 and (done.returncode == 0 or "nothing" in done.stdout + done.stderr):
-                return
-            time.sleep(3)
-        print(f"[study] could not commit: {done.stderr.strip()}")
-
-
 def run_study(out: Path, docs: Path, cfg: StudyConfig | None = None, device: str = "cpu", commit: bool = False,
               max_arms: int | None = None) -> None:
     """Work through the arms until none is left to claim (resumable; several workers may run at once)."""
-    from diffmas.study_report import write_report
+    from diffmas.experiments.grounding_report import write_report
 
     cfg = cfg or StudyConfig()
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "study_config.json").write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
-    done_here = 0
-    while max_arms is None or done_here < max_arms:
-        pending = [a for a in plan_arms(docs) if not (docs / "arms" / f"{a.id}.json").is_file()]
-        arm = next((a for a in pending if _claim(out / "claims", a)), None)
-        if arm is None:
-            if not pending:
-                break
-            # Everything ready is claimed by another worker (whose results may unlock the next phase).
-            time.sleep(60)
-            continue
-        print(f"[study] {arm.id}: training and evaluating", flush=True)
-        record = run_arm(arm, cfg, out, docs, device)
-        write_report(docs)
-        done_here += 1
-        (out / "claims" / f"{arm.id}.claim").unlink(missing_ok=True)
-        if commit:
-            _commit(docs, f"study: {arm.id} finished: accuracy {record['accuracy']:.3f} ± {record['stderr']:.3f} "
-                          f"(n = {record['n']})")
 
+    def run(arm: Arm) -> str:
+        record = run_arm(arm, cfg, out, docs, device)
+        return (f"study: {arm.id} finished: accuracy {record['accuracy']:.3f} ± {record['stderr']:.3f} "
+                f"(n = {record['n']})")
+
+    work_through(lambda: plan_arms(docs), run, lambda: write_report(docs), out, docs, commit, max_arms)

@@ -1,0 +1,77 @@
+"""What every experiment driver shares: the machine's description, the one mixed-precision decision, and
+training a run once (reused when finished with the same config, resumed when interrupted)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+from diffmas.adapters import META_FILE
+from diffmas.config import TrainConfig, load_config, to_dict
+from diffmas.errors import DiffMASError
+from diffmas.train.checkpoint import latest_checkpoint
+
+__all__ = ["cpu_has_bf16", "machine_description", "mixed_precision", "train_once"]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or amx_bf16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def mixed_precision() -> str:
+    """The experiments' training precision: bf16 autocast where the hardware has it (a GPU, or a CPU with
+    native bf16), else ``no``."""
+    return "bf16" if (torch.cuda.is_available() or cpu_has_bf16()) else "no"
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+
+
+def finished_with(run: Path, cfg: TrainConfig) -> bool:
+    """Whether ``run`` holds finished adapters trained with exactly ``cfg``."""
+    return (run / META_FILE).is_file() and (run / "config.yaml").is_file() and \
+        to_dict(load_config(run / "config.yaml")) == to_dict(cfg)
+
+
+def train_once(cfg: TrainConfig, out: Path, reuse: tuple[Path, ...] = ()) -> Path:
+    """Train into ``out`` unless it already holds finished adapters of exactly ``cfg`` (other finished adapters
+    are an error, never silently reused); resume a run that was interrupted.
+
+    A finished run in ``reuse`` with exactly the same config is used instead of training again.
+    """
+    from diffmas.train.loop import train
+
+    if (out / META_FILE).is_file():
+        if not finished_with(out, cfg):
+            raise DiffMASError(f"{out} holds adapters trained with a different config than asked for; "
+                               "delete that folder or choose another output folder")
+        print(f"[train] {out} already trained with this config; reusing it (delete the folder to retrain)")
+        return out
+    for candidate in reuse:
+        if finished_with(candidate, cfg):
+            print(f"[train] reusing {candidate}: same config as {out}")
+            return candidate
+    resume = latest_checkpoint(out) is not None
+    if not resume and out.exists():  # killed before its first checkpoint: nothing to resume, start over
+        print(f"[train] {out} holds no checkpoint; training it from the start")
+        shutil.rmtree(out)
+    train(cfg, out, resume=resume)
+    return out

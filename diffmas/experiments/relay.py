@@ -1,0 +1,210 @@
+"""The relay study: can a trained channel carry a problem the final agent never sees?
+
+    make study-relay     # two one-thread workers side by side; resumable; hours on 2 CPU cores
+    diffmas study-relay --out runs/study-relay --docs docs/study-relay [--commit]
+
+On relay tasks the writer sees the question and the final agent sees only the answer-format line; under the trace
+scope ``latents`` the final agent attends to nothing but the writer's m latent positions. Arms (same data, batch,
+stopping rule and evaluation items within a task; the budget of each run is set by the held-out loss of its own
+validation split, see :class:`RelayConfig`):
+
+- ``open``: the final agent attends to the writer's whole segment (KV sharing, as KVComm);
+- ``coupled``: latents only, gradient through the channel into the writer (the recipe of :class:`RelayConfig`);
+- ``detached``: the same with no gradient into the writer; ``pause``: the same positions fed one learned embedding
+  (gist tokens: the positions still attend to the prompt, but no thought content is fed back);
+- ``blind``: no channel (m = 0): the floor a trained reader reaches on the prior;
+- ``skyline``: single_sft given the whole question;
+- ``text_m`` / ``text_4m``: an untrained text writer whose message (m or 4m tokens) is all the final agent sees;
+- on ``split:chain_sum``: ``coupled`` and each writer alone (``half_a``, ``half_b``);
+- on ``relay:digits``: ``coupled`` and ``pause`` for m in 1, 2, 4, 8, 16 (the capacity ladder, per k).
+
+Arms are listed in phases, cheapest decisive first (open, coupled, blind, the ladder at m = 6), then the controls,
+then training seeds 1 and 2 where the claims are, then the m sweep. Every finished arm writes
+``docs/arms/<id>.json``, its per-item outcomes and its held-out loss curve; the report is rebuilt after each.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from diffmas.config import load_config, to_dict
+from diffmas.experiments.presets import machine_description, mixed_precision, train_once
+from diffmas.experiments.workers import code_version, work_through
+
+CHAIN, SPLIT, DIGITS = "relay:chain_sum", "split:chain_sum", "relay:digits"
+TOPOLOGIES = Path(__file__).resolve().parents[2] / "configs" / "topologies"
+"""Where the one-writer topologies of the split task's controls live (the study runs from a checkout)."""
+SWEEP = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """The budget every trained arm shares. A run stops once its held-out loss (``heldout`` validation items,
+    disjoint from evaluation) has improved by less than 1% over the last 20% of its steps, after at least
+    ``min_steps``; ``max_steps`` caps it (and sets the cosine schedule's length)."""
+
+    min_steps: int = 300
+    max_steps: int = 600
+    batch_size: int = 8
+    lr: float = 1e-3
+    latent_steps: int = 6
+    heldout: int = 200
+    eval_every: int = 25
+    n_eval: int = 500
+    max_new_tokens: int = 24
+    eval_batch_size: int = 16
+    model: str = "smollm2-135m-instruct"
+    autoencode_steps: int = 60
+    anneal: float = 0.0
+    """The recipe of the bottlenecked arms (coupled, detached, pause, half_*), chosen by the probes in
+    docs/study-relay/PLAN.md: autoencoding pre-training steps and the bottleneck curriculum's share of the steps."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One run: a system trained (or, for text arms, only evaluated) on a task."""
+
+    name: str
+    task: str
+    seed: int = 0
+    phase: int = 1
+    latent_steps: int | None = None
+    """m for this arm (the sweep); None: the config's."""
+    changes: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def id(self) -> str:
+        m = "" if self.latent_steps is None else f"-m{self.latent_steps}"
+        return f"{self.task.replace(':', '_')}--{self.name}{m}--s{self.seed}"
+
+    @property
+    def label(self) -> str:
+        m = "" if self.latent_steps is None else f"-m{self.latent_steps}"
+        return f"{self.name}{m}/s{self.seed}"
+
+
+def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
+    """(system, TrainConfig overrides) of an arm by name; text arms are ``text_mas`` with no training."""
+    latents = {"trace": "latents"}
+    recipe = {"channel.autoencode_steps": cfg.autoencode_steps, "channel.anneal": cfg.anneal}
+    return {
+        "open": ("diffmas", {"trace": "keep"}),
+        "coupled": ("diffmas", {**latents, **recipe}),
+        "detached": ("diffmas", {**latents, **recipe, "grad_mode": "detached"}),
+        "pause": ("diffmas", {**latents, **recipe, "latent_map": "pause"}),
+        "blind": ("diffmas", {**latents, "latent_steps": 0}),
+        "skyline": ("single_sft", {}),
+        "text_m": ("text_mas", {}),
+        "text_4m": ("text_mas", {}),
+        "half_a": ("diffmas", {**latents, **recipe, "topology": str(TOPOLOGIES / "split-first-half.yaml")}),
+        "half_b": ("diffmas", {**latents, **recipe, "topology": str(TOPOLOGIES / "split-second-half.yaml")}),
+    }[name]
+
+
+def plan_arms() -> list[Arm]:
+    """Every arm in priority order (see the module docstring)."""
+    arms = [Arm("open", CHAIN), Arm("coupled", CHAIN), Arm("blind", CHAIN), Arm("coupled", DIGITS)]
+    arms += [Arm(n, CHAIN, phase=2) for n in ("detached", "pause", "skyline", "text_m", "text_4m")]
+    arms += [Arm(n, SPLIT, phase=2) for n in ("coupled", "half_a", "half_b")]
+    arms += [Arm(n, CHAIN, s, phase=3) for s in (1, 2) for n in ("coupled", "detached", "pause", "open")]
+    arms += [Arm(n, DIGITS, phase=4, latent_steps=m) for m in SWEEP for n in ("coupled", "pause")]
+    return arms
+
+
+def train_config(arm: Arm, cfg: RelayConfig, device: str = "cpu"):
+    system, changes = arm_settings(arm.name, cfg)
+    steps = changes.pop("latent_steps", arm.latent_steps or cfg.latent_steps)
+    overrides = {
+        "system": system, "latent_steps": steps, "steps": cfg.max_steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "seed": arm.seed, "checkpoint_every": cfg.eval_every, "eval_every": cfg.eval_every,
+        "mixed_precision": mixed_precision(), "model.name": cfg.model, "model.device": device,
+        "data.task": arm.task, "data.heldout_examples": cfg.heldout, "stop.enabled": True,
+        "stop.min_steps": cfg.min_steps, "lora.rank": 16, "lora.alpha": 32, **changes,
+    }
+    if system != "diffmas":
+        overrides = {k: v for k, v in overrides.items() if k not in ("trace", "latent_steps")}
+    return load_config(None, overrides)
+
+
+def _evaluate(arm: Arm, adapter: Path | None, out: Path, cfg: RelayConfig, device: str) -> dict:
+    from diffmas.eval.runner import run_eval
+
+    system, _ = arm_settings(arm.name, cfg)
+    m = arm.latent_steps or cfg.latent_steps
+    extra = {}
+    if system == "text_mas":  # the final agent sees only the writer's message of m (or 4m) tokens
+        extra = dict(trace="latents", writer_max_new_tokens=m * (4 if arm.name == "text_4m" else 1))
+    entry = f"{arm.label}={system}" + (f":{adapter}" if adapter else "")
+    return run_eval([entry], [arm.task], out, model=cfg.model, limit=cfg.n_eval, batch_size=cfg.eval_batch_size,
+                    max_new_tokens=cfg.max_new_tokens, device=device, show_progress=True, **extra)
+
+
+def kv_bytes_per_position(model: str) -> int:
+    """Bytes of K and V that one trace position holds over all layers, in float32 (what the reader attends to)."""
+    from transformers import AutoConfig
+
+    from diffmas.assets import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(model))
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * 4
+
+
+def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cpu") -> dict:
+    """Train (unless a text arm) and evaluate one arm; writes docs/arms/<id>.json, its samples and its curve."""
+    system, _ = arm_settings(arm.name, cfg)
+    started = time.time()
+    tcfg = run = None
+    if system != "text_mas":
+        tcfg = train_config(arm, cfg, device)
+        run = train_once(tcfg, out / "runs" / arm.id)
+    train_s = time.time() - started
+    started = time.time()
+    results = _evaluate(arm, run, out / "eval" / arm.id, cfg, device)
+    result = results["results"][0]
+    samples = [json.loads(line) for line in (out / "eval" / arm.id / "samples.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if run else []
+    held = [m for m in metrics if "heldout_loss" in m]
+    positions = sum(s["trace_tokens"] for s in samples) / len(samples)
+    record = {
+        "arm": arm.name, "task": arm.task, "seed": arm.seed, "phase": arm.phase, "system": system,
+        "label": arm.label, "latent_steps": arm.latent_steps or cfg.latent_steps, "n": result["n"],
+        "accuracy": result["accuracy"], "stderr": result["stderr"], "floor": result.get("floor"),
+        "format_failures": result.get("format_failures"), "tokens_mean": result.get("tokens_mean"),
+        "positions_passed": positions, "kv_bytes_passed": positions * kv_bytes_per_position(cfg.model),
+        "steps_trained": held[-1]["step"] if held else 0,
+        "stopped_early": bool(metrics and metrics[-1].get("stopped_early")),
+        "heldout_loss_end": held[-1]["heldout_loss"] if held else None,
+        "train_seconds": round(train_s), "eval_seconds": round(time.time() - started),
+        "config": to_dict(tcfg) if tcfg else results["config"]["systems"][0]["settings"],
+        "machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "code": code_version(),
+    }
+    for sub in ("arms", "curves", "samples"):
+        (docs / sub).mkdir(parents=True, exist_ok=True)
+    if run:
+        (docs / "curves" / f"{arm.id}.jsonl").write_text((run / "metrics.jsonl").read_text())
+    (docs / "samples" / f"{arm.id}.jsonl").write_text("".join(
+        json.dumps({k: s[k] for k in ("id", "correct", "extracted", "trace_tokens")}) + "\n" for s in samples))
+    (docs / "arms" / f"{arm.id}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def run_study(out: Path, docs: Path, cfg: RelayConfig | None = None, device: str = "cpu", commit: bool = False,
+              max_arms: int | None = None) -> None:
+    """Work through the arms until none is left to claim (resumable; several workers may run at once)."""
+    from diffmas.experiments.relay_report import write_report
+
+    cfg = cfg or RelayConfig()
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "study_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    def run(arm: Arm) -> str:
+        record = run_arm(arm, cfg, out, docs, device)
+        return (f"study-relay: {arm.id} finished: accuracy {record['accuracy']:.3f} ± {record['stderr']:.3f} "
+                f"(n = {record['n']}, floor {record['floor']}, {record['steps_trained']} steps)")
+
+    work_through(plan_arms, run, lambda: write_report(docs), out, docs, commit, max_arms)

@@ -1,0 +1,204 @@
+"""The relay study's report, rebuilt from its committed files after every finished arm.
+
+Reads ``docs/arms/*.json`` and ``docs/samples/*.jsonl`` and writes ``results.json``, ``README.md`` (per task: every
+arm with its floor, the positions and K/V bytes it passed to the final agent and its training budget; the paired
+comparisons the study's claims rest on; the goals, each met or not with its interval), the capacity plot (the
+digits ladder: accuracy per number of digits k, one line per m) and the held-out loss curves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from diffmas.eval.compare import Comparison, compare, markdown_table
+
+# (arm, baseline) pairs whose paired difference the study reports, per task.
+PAIRS = {
+    "relay:chain_sum": [("coupled", "detached"), ("coupled", "pause"), ("coupled", "blind"), ("coupled", "text_m"),
+                        ("coupled", "text_4m"), ("coupled", "open"), ("open", "skyline"), ("open", "blind")],
+    "split:chain_sum": [("coupled", "half_a"), ("coupled", "half_b")],
+}
+
+
+def arm_key(rec: dict) -> str:
+    """An arm's name across training seeds (the m of a sweep arm included)."""
+    return rec["label"].split("/")[0]
+
+
+def _load(docs: Path) -> tuple[list[dict], dict[str, dict[str, dict[int, dict[str, bool]]]], dict[str, dict]]:
+    arms = [json.loads(p.read_text()) for p in sorted((docs / "arms").glob("*.json"))]
+    outcomes: dict = defaultdict(lambda: defaultdict(dict))
+    extracted: dict = defaultdict(dict)
+    for rec in arms:
+        stem = f"{rec['task'].replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
+        lines = [json.loads(line) for line in (docs / "samples" / f"{stem}.jsonl").read_text().splitlines()]
+        outcomes[rec["task"]][arm_key(rec)][rec["seed"]] = {s["id"]: bool(s["correct"]) for s in lines}
+        extracted[stem] = {s["id"]: s.get("extracted") for s in lines}
+    return arms, outcomes, extracted
+
+
+def _summary(c: Comparison) -> dict:
+    return {"arm": c.arm, "baseline": c.baseline, "acc_arm": c.acc_arm, "acc_base": c.acc_base, "diff": c.diff,
+            "ci_low": c.ci_low, "ci_high": c.ci_high, "paired_p": c.paired_p, "n_items": c.n_items,
+            "seeds_arm": c.n_seeds_arm, "seeds_base": c.n_seeds_base, "verdict": c.verdict}
+
+
+def ladder(outcomes: dict[int, dict[str, bool]]) -> dict[int, float]:
+    """Accuracy per number of digits k (from item ids ``digits<k>-<seed>``), pooled over training seeds."""
+    by_k: dict[int, list[bool]] = defaultdict(list)
+    for items in outcomes.values():
+        for item, correct in items.items():
+            by_k[int(item.split("-")[0].removeprefix("digits"))].append(correct)
+    return {k: sum(v) / len(v) for k, v in sorted(by_k.items())}
+
+
+def _capacity_plot(arms: dict[str, dict], docs: Path) -> Path | None:
+    rows = {key: ladder(seeds) for key, seeds in arms.items()}
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, acc in sorted(rows.items()):
+        style = "--" if key.startswith("pause") else "-"
+        ax.plot(list(acc), list(acc.values()), style, marker="o", label=key)
+    ks = sorted({k for acc in rows.values() for k in acc})
+    ax.plot(ks, [10.0 ** -k for k in ks], ":", color="gray", label="chance (1 / 10^k)")
+    ax.set_xlabel("digits k the writer sees")
+    ax.set_ylabel("accuracy of the final agent (exact number)")
+    ax.set_title("relay:digits: what m latent positions carry")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = docs / "capacity.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _curves(records: list[dict], docs: Path) -> Path | None:
+    trained = [r for r in records if (docs / "curves" / f"{r['task'].replace(':', '_')}--{arm_key(r)}--s{r['seed']}.jsonl")
+               .is_file()]
+    if not trained:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in trained})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for rec in (r for r in trained if r["task"] == task):
+            stem = f"{task.replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
+            metrics = [json.loads(l) for l in (docs / "curves" / f"{stem}.jsonl").read_text().splitlines()]
+            held = [(m["step"], m["heldout_loss"]) for m in metrics if "heldout_loss" in m]
+            ax.plot(*zip(*held), marker=".", label=rec["label"])
+        ax.set_title(f"{task}: held-out loss (validation split)")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("cross-entropy per target token")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = docs / "heldout_loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> list[str]:
+    """The issue's goals, each stated as met, not met, or not measured yet, with the numbers behind it."""
+    lines = []
+    digits = outcomes.get("relay:digits", {})
+    if "coupled" in digits:
+        k1 = ladder(digits["coupled"]).get(1)
+        lines.append(f"- relay:digits, coupled, k = 1: accuracy {k1:.3f} (goal >= 0.9, chance 0.1): "
+                     + ("met" if k1 is not None and k1 >= 0.9 else "not met"))
+    chain = by_arm.get("relay:chain_sum", {})
+    if "coupled" in chain and "open" in chain:
+        c, o = chain["coupled"], chain["open"]
+        ratio = c["accuracy"] / o["accuracy"] if o["accuracy"] else float("nan")
+        share = c["positions"] / o["positions"] if o["positions"] else float("nan")
+        lines.append(f"- relay:chain_sum, coupled / open accuracy {ratio:.2f} (goal >= 0.9) while passing "
+                     f"{share:.3f} of its positions (goal <= 0.1): "
+                     + ("met" if ratio >= 0.9 and share <= 0.1 else "not met"))
+    for task, pairs in comps.items():
+        for c in pairs:
+            wanted = {("coupled", "detached"), ("coupled", "pause"), ("coupled", "text_m"), ("coupled", "half_a"),
+                      ("coupled", "half_b")}
+            if (c.arm, c.baseline) in wanted:
+                verdict = "above 0: met" if c.ci_low > 0 else "not above 0: no difference detected" \
+                    if c.ci_high >= 0 else "below 0"
+                lines.append(f"- {task}: {c.arm} - {c.baseline} = {100 * c.diff:+.1f} points "
+                             f"[{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}] (n = {c.n_items}, seeds "
+                             f"{c.n_seeds_arm}/{c.n_seeds_base}): interval {verdict}")
+    return lines or ["- no goal can be judged yet"]
+
+
+def write_report(docs: Path, n_boot: int = 10_000) -> dict:
+    """Rebuild results.json, README.md and the plots under ``docs`` from the finished arms."""
+    records, outcomes, _ = _load(docs)
+    by_arm: dict[str, dict[str, dict]] = defaultdict(dict)
+    for task in outcomes:
+        for key in outcomes[task]:
+            runs = [r for r in records if r["task"] == task and arm_key(r) == key]
+            by_arm[task][key] = {
+                "seeds": sorted(r["seed"] for r in runs), "accuracy": sum(r["accuracy"] for r in runs) / len(runs),
+                "per_seed": [round(r["accuracy"], 4) for r in sorted(runs, key=lambda r: r["seed"])],
+                "stderr": [r["stderr"] for r in runs], "floor": runs[0].get("floor"),
+                "positions": sum(r["positions_passed"] for r in runs) / len(runs),
+                "kv_bytes": sum(r["kv_bytes_passed"] for r in runs) / len(runs),
+                "steps": [r["steps_trained"] for r in runs], "stopped_early": [r["stopped_early"] for r in runs],
+                "train_hours": sum(r["train_seconds"] + r.get("eval_seconds", 0) for r in runs) / 3600,
+            }
+    comps: dict[str, list[Comparison]] = {}
+    for task, pairs in PAIRS.items():
+        found = outcomes.get(task, {})
+        comps[task] = [compare({a: found[a], b: found[b]}, b, n_boot=n_boot)[0]
+                       for a, b in pairs if a in found and b in found]
+    hours = sum(a["train_hours"] for task in by_arm.values() for a in task.values())
+    text = ["# Relay study: results so far", "",
+            "Built by `make study-relay` (`diffmas study-relay`) from the finished arms in `arms/`; the plan and "
+            "what it cost are in [PLAN.md](PLAN.md). Every number is a greedy evaluation on held-out problems the "
+            "final agent never sees (it sees only the answer-format line); floor = the best constant answer's "
+            "accuracy on the same items. Intervals are 95% paired bootstrap intervals of the accuracy difference "
+            "(items, and training seeds where both sides have 3); an interval that contains 0 is reported as no "
+            "difference detected at this n.", "", f"Core-hours so far (training + evaluation): {hours:.1f}.", "",
+            "## Goals", "", *_goals(outcomes, by_arm, comps), ""]
+    for task in sorted(by_arm):
+        text += [f"## {task}", "", "| arm | seeds | accuracy per seed | mean | floor | positions passed | K/V passed "
+                 "| steps (early stop) |", "|---|---|---|---|---|---|---|---|"]
+        for key, row in sorted(by_arm[task].items()):
+            stops = ", ".join(f"{s}{'*' if e else ''}" for s, e in zip(row["steps"], row["stopped_early"]))
+            floor = "–" if row["floor"] is None else f"{row['floor']:.3f}"
+            text.append(f"| {key} | {len(row['seeds'])} | {' / '.join(f'{a:.3f}' for a in row['per_seed'])} | "
+                        f"{row['accuracy']:.3f} | {floor} | {row['positions']:.1f} | {row['kv_bytes'] / 1024:.0f} KiB "
+                        f"| {stops} |")
+        text.append("")
+        if comps.get(task):
+            text += ["Paired differences (arm minus baseline):", "", markdown_table(comps[task]), ""]
+        if task == "relay:digits":
+            plot = _capacity_plot(dict(outcomes[task]), docs)
+            ladders = {key: ladder(seeds) for key, seeds in sorted(outcomes[task].items())}
+            ks = sorted({k for acc in ladders.values() for k in acc})
+            text += ["Accuracy per number of digits k:", "", "| arm | " + " | ".join(f"k={k}" for k in ks) + " |",
+                     "|---|" + "---|" * len(ks)]
+            text += [f"| {key} | " + " | ".join(f"{acc.get(k, float('nan')):.2f}" for k in ks) + " |"
+                     for key, acc in ladders.items()]
+            text += ["", f"![capacity]({plot.name})", ""] if plot else [""]
+    curves = _curves(records, docs)
+    if curves:
+        text += ["## Held-out loss during training", "", "Steps marked * stopped early (flat validation loss).", "",
+                 f"![held-out loss]({curves.name})", ""]
+    if records:
+        text += [f"Machine: {records[-1]['machine']}. Config of each run: `arms/<id>.json`.", ""]
+    results = {"arms": records and [{k: v for k, v in r.items() if k != "config"} for r in records],
+               "by_arm": by_arm, "comparisons": {t: [_summary(c) for c in cs] for t, cs in comps.items()},
+               "core_hours": hours}
+    (docs / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (docs / "README.md").write_text("\n".join(text))
+    return results

@@ -1,0 +1,95 @@
+"""Several one-thread worker processes working through a study's arms: each claims the next arm that is ready
+(an exclusive claim file; a dead worker's claim is taken over), runs it, rebuilds the report, and with
+``commit`` commits the results folder, so a study carries on where it stopped, on a fresh machine too."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["claim", "code_version", "commit_docs", "work_through"]
+
+
+class ArmLike(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+def claim(root: Path, arm_id: str) -> bool:
+    """Claim an arm for this process; a claim whose process is gone is taken over."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{arm_id}.claim"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(path.read_text() or 0)
+            os.kill(pid, 0)
+            return False
+        except (ValueError, ProcessLookupError):
+            path.unlink(missing_ok=True)
+            return claim(root, arm_id)
+        except PermissionError:
+            return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def code_version() -> str:
+    """The commit of the code running the study (plus ``+dirty`` with uncommitted changes), or ``unknown``."""
+    here = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True,
+                               text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def commit_docs(docs: Path, message: str) -> None:
+    """Commit the study's results (only ``docs``), serialised between workers."""
+    lock = docs / ".git.lock"
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        for _ in range(10):  # another git command may hold the index for a moment
+            # Run in ``docs``: the results go to the repository that holds them, even when the study's code
+            # runs from another checkout (a frozen worktree, so that editing the code cannot disturb a run).
+            add = subprocess.run(["git", "add", "."], cwd=docs, capture_output=True, text=True)
+            done = subprocess.run(["git", "commit", "-q", "-m", message, "--", "."], cwd=docs, capture_output=True,
+                                  text=True)
+            if add.returncode == 0 and (done.returncode == 0 or "nothing" in done.stdout + done.stderr):
+                return
+            time.sleep(3)
+        print(f"[study] could not commit: {done.stderr.strip()}")
+
+
+def work_through(plan: Callable[[], Sequence[ArmLike]], run: Callable[[ArmLike], str], report: Callable[[], object],
+                 out: Path, docs: Path, commit: bool = False, max_arms: int | None = None) -> None:
+    """Run arms until none is left to claim. ``plan()`` lists every arm in priority order (it may grow as results
+    come in); an arm is done when ``docs/arms/<id>.json`` exists. ``run(arm)`` returns the commit message."""
+    docs.mkdir(parents=True, exist_ok=True)
+    done_here = 0
+    while max_arms is None or done_here < max_arms:
+        pending = [a for a in plan() if not (docs / "arms" / f"{a.id}.json").is_file()]
+        arm = next((a for a in pending if claim(out / "claims", a.id)), None)
+        if arm is None:
+            if not pending:
+                break
+            # Everything ready is claimed by another worker (whose results may unlock the next phase).
+            time.sleep(60)
+            continue
+        print(f"[study] {arm.id}: training and evaluating", flush=True)
+        message = run(arm)
+        report()
+        done_here += 1
+        (out / "claims" / f"{arm.id}.claim").unlink(missing_ok=True)
+        if commit:
+            commit_docs(docs, message)

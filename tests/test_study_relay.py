@@ -1,0 +1,59 @@
+"""The relay study's machinery: its arms share one budget, each arm is what its name says, and one trained arm, one
+text arm and the report run end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from diffmas.experiments import relay
+from diffmas.experiments.relay import Arm, RelayConfig, arm_settings, plan_arms, run_study, train_config
+from diffmas.experiments.relay_report import ladder, write_report
+from diffmas.prompts import load_topology
+
+
+def test_arms_share_one_budget_and_differ_only_where_named():
+    cfg = RelayConfig()
+    arms = plan_arms()
+    assert len({a.id for a in arms}) == len(arms)
+    assert [a.name for a in arms[:4]] == ["open", "coupled", "blind", "coupled"]  # the decisive ones first
+    trained = {a.id: train_config(a, cfg) for a in arms if arm_settings(a.name, cfg)[0] != "text_mas"}
+    assert len({(c.batch_size, c.lr, c.steps, c.stop.min_steps, c.data.heldout_examples)
+                for c in trained.values()}) == 1
+    assert all(c.stop.enabled and c.eval_every for c in trained.values())
+    chain = {a.name: trained[a.id] for a in arms if a.task == relay.CHAIN and a.seed == 0 and a.id in trained}
+    assert chain["open"].trace == "keep" and chain["coupled"].trace == "latents"
+    assert chain["detached"].grad_mode == "detached" and chain["pause"].latent_map == "pause"
+    for name in ("detached", "pause"):  # the controls change one thing against coupled
+        assert chain[name].channel == chain["coupled"].channel and chain[name].trace == "latents"
+    assert chain["blind"].latent_steps == 0 and chain["skyline"].system == "single_sft"
+    sweep = [trained[a.id] for a in arms if a.phase == 4]
+    assert sorted({c.latent_steps for c in sweep}) == list(relay.SWEEP)
+    for half in ("half_a", "half_b"):
+        topology = load_topology(trained[Arm(half, relay.SPLIT, phase=2).id].topology)
+        assert len(topology.writers) == 1 and topology.final.sees == "none"
+
+
+def test_ladder_reads_the_number_of_digits_from_item_ids():
+    outcomes = {0: {"digits1-5": True, "digits1-6": False, "digits3-7": True}, 1: {"digits1-5": True}}
+    assert ladder(outcomes) == {1: 2 / 3, 3: 1.0}
+
+
+def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
+    arms = [Arm("coupled", "relay:digits"), Arm("text_m", relay.CHAIN)]
+    monkeypatch.setattr(relay, "plan_arms", lambda: arms)
+    cfg = RelayConfig(latent_steps=2, min_steps=2, max_steps=4, batch_size=2, heldout=4, eval_every=2, n_eval=6, max_new_tokens=3,
+                      eval_batch_size=6, model=str(tiny_model_dir), autoencode_steps=1)
+    docs = tmp_path / "docs"
+    run_study(tmp_path / "out", docs, cfg)
+    coupled = json.loads((docs / "arms" / f"{arms[0].id}.json").read_text())
+    assert coupled["n"] == 6 and coupled["positions_passed"] == 2 and 0 < coupled["steps_trained"] <= 4
+    assert coupled["config"]["trace"] == "latents" and coupled["config"]["stop"]["enabled"]
+    assert coupled["kv_bytes_passed"] == 2 * (2 * 2 * 2 * 16 * 4)  # positions x (K+V x layers x heads x dim x fp32)
+    text = json.loads((docs / "arms" / f"{arms[1].id}.json").read_text())
+    assert text["steps_trained"] == 0 and text["positions_passed"] <= 2  # the message alone, at most m tokens
+    results = json.loads((docs / "results.json").read_text())
+    assert set(results["by_arm"]) == {"relay:digits", relay.CHAIN}
+    readme = (docs / "README.md").read_text()
+    assert "## Goals" in readme and "k = 1" in readme and (docs / "capacity.png").is_file()
+    again = write_report(docs, n_boot=200)
+    assert again["by_arm"] == results["by_arm"]
