@@ -15,8 +15,9 @@ import torch
 from _common import compare, interleaved, load, machine, write_json
 from bench_train_step import step_args, training_batch
 from diffmas.adapters import LoraSettings, attach_lora
-from diffmas.kv import Trace, left_pad
-from diffmas.latent import get_realigner, latent_steps
+from diffmas.kv import Trace
+from diffmas.positions import left_pad
+from diffmas.latent import get_realigner, take_latent_steps
 from diffmas.prompts import load_topology, render_agent
 
 
@@ -38,7 +39,7 @@ def main() -> None:
         for layer, mlp in zip(layers, mlps):
             layer.mlp = mlp
         trace, hidden = Trace.empty(len(prompts), backbone.device).extend(backbone.body, mask, input_ids=ids)
-        _, last, _ = latent_steps(backbone, trace, hidden[:, -1], args.latent_steps, realigner)
+        _, last, _ = take_latent_steps(backbone, trace, hidden[:, -1], args.latent_steps, realigner)
         last.sum().backward()
 
     start = time.perf_counter()

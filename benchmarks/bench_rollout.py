@@ -23,7 +23,7 @@ from _common import (chain_sum_prompts, compare, fixed_length, interleaved, load
                      timed, write_json)
 from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig
-from diffmas.kv import left_pad
+from diffmas.positions import left_pad
 from diffmas.prompts import Topology, load_topology, render_agent
 from diffmas.rollout import RolloutSpec, rollout
 from diffmas.systems import build_system

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from _common import compare, interleaved, load, machine, parser, setup, table, write_json
 from diffmas.adapters import LoraSettings, attach_lora, trainable_parameters
 from diffmas.backbone import Backbone
-from diffmas.kv import joined_attention, left_pad
+from diffmas.kv import joined_attention
+from diffmas.positions import left_pad
 from diffmas.prompts import Topology, load_topology, render_agent, render_target
 from diffmas.rollout import RolloutSpec, rollout
 from diffmas.tasks import get_task

@@ -13,8 +13,9 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from diffmas.adapters import activate
 from diffmas.backbone import Backbone
 from diffmas.errors import DiffMASError
-from diffmas.kv import Trace, left_pad
-from diffmas.latent import latent_steps
+from diffmas.kv import Trace
+from diffmas.positions import left_pad
+from diffmas.latent import take_latent_steps
 from diffmas.prompts import ANSWER_KEY, render_target
 
 __all__ = ["agent_fn", "answer_predictor_index", "final_inputs", "labelled", "maybe_checkpoint"]
@@ -71,7 +72,7 @@ def agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *,
         hidden = hidden[-1] if capture_here else hidden
         loss = _forced_ce(backbone, hidden[:, :-1], labels[:, 1:], per_row) if labels is not None else \
             hidden.new_zeros((ids.shape[0],) if per_row else (), dtype=torch.float64 if per_row else None)
-        trace, last, lens = latent_steps(backbone, trace, hidden[:, -1], steps, latent_map, lens_top_k)
+        trace, last, lens = take_latent_steps(backbone, trace, hidden[:, -1], steps, latent_map, lens_top_k)
         if lens_out is not None:
             lens_out.append(lens)
         if forced_ids is not None:

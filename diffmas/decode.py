@@ -111,7 +111,7 @@ def decode(
                 done[i] = True
         last_step = step == cfg.max_new_tokens - 1 or all(done)
         if keep_in_trace:  # every chosen token is real in the trace, EOS included
-            hidden = builder.extend(backbone.body, torch.ones_like(chosen)[:, None], input_ids=chosen[:, None])
+            hidden = builder.append(backbone.body, torch.ones_like(chosen)[:, None], input_ids=chosen[:, None])
         if last_step:
             break
         if any(done):  # finished rows leave the batch
@@ -124,7 +124,7 @@ def decode(
             rows = [rows[i] for i in keep.tolist()]
             rows_t, chosen = rows_t[keep], chosen[keep]
         if not keep_in_trace:
-            hidden = builder.extend(backbone.body, torch.ones_like(chosen)[:, None], input_ids=chosen[:, None])
+            hidden = builder.append(backbone.body, torch.ones_like(chosen)[:, None], input_ids=chosen[:, None])
         logits = backbone.logits(hidden[:, -1])
     texts = [_cut_at_stop(backbone.tokenizer.decode(t, skip_special_tokens=True), cfg.stop)[0] for t in tokens]
     out = None

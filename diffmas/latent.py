@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -28,6 +29,10 @@ def solve_realignment(w_out: Tensor, w_in: Tensor, ridge: float = 1e-5) -> Tenso
     gram = w_out64.T @ w_out64
     gram.diagonal().add_(ridge)
     return torch.linalg.solve(gram, w_out64.T @ w_in64)
+
+
+RIDGE = 1e-5
+"""The ridge term of the realignment every rollout uses."""
 
 
 def _fingerprint(backbone: Backbone, ridge: float) -> str:
@@ -73,7 +78,18 @@ def embedding_norm(backbone: Backbone, chunk: int = 8192) -> float:
     return total / n
 
 
-def get_realigner(backbone: Backbone, enabled: bool = True, ridge: float = 1e-5) -> Realigner:
+def realignment_path(backbone: Backbone, ridge: float = RIDGE) -> Path:
+    """Where the backbone's realignment matrix is cached on disk (keyed by a fingerprint of its embeddings), so that
+    every process of a launch can load the one the main process solved."""
+    return diffmas_home() / "realign" / f"{_fingerprint(backbone, ridge)}.pt"
+
+
+def install_realigner(backbone: Backbone, realigner: Realigner, enabled: bool, ridge: float = RIDGE) -> None:
+    """Make ``realigner`` what :func:`get_realigner` returns for this backbone (a process that did not solve it)."""
+    backbone.cache[("realigner", enabled, ridge)] = realigner
+
+
+def get_realigner(backbone: Backbone, enabled: bool = True, ridge: float = RIDGE) -> Realigner:
     """The backbone's realigner, computed once (in memory and under ``$DIFFMAS_HOME/realign``)."""
     key = ("realigner", enabled, ridge)
     if key in backbone.cache:
@@ -82,7 +98,7 @@ def get_realigner(backbone: Backbone, enabled: bool = True, ridge: float = 1e-5)
     target_norm = embedding_norm(backbone)
     matrix = None
     if enabled:
-        path = diffmas_home() / "realign" / f"{_fingerprint(backbone, ridge)}.pt"
+        path = realignment_path(backbone, ridge)
         if path.is_file():
             matrix = torch.load(path, map_location="cpu", weights_only=True)
         else:
@@ -95,11 +111,11 @@ def get_realigner(backbone: Backbone, enabled: bool = True, ridge: float = 1e-5)
             tmp.replace(path)  # atomic: a concurrent reader never sees half a file
         matrix = matrix.to(backbone.device)
     realigner = Realigner(matrix, target_norm)
-    backbone.cache[key] = realigner
+    install_realigner(backbone, realigner, enabled, ridge)
     return realigner
 
 
-def latent_steps(
+def take_latent_steps(
     backbone: Backbone,
     trace: Trace,
     last_hidden: Tensor,
@@ -125,7 +141,7 @@ def latent_steps(
             for row, ids in enumerate(top):
                 lens[row].append([backbone.tokenizer.decode([i]) for i in ids])
         embeds = latent_map(last_hidden)[:, None, :]
-        last_hidden = builder.extend(backbone.body, step_mask, inputs_embeds=embeds)[:, -1]
+        last_hidden = builder.append(backbone.body, step_mask, inputs_embeds=embeds)[:, -1]
     return builder.freeze(), last_hidden, lens
 
 
@@ -194,8 +210,6 @@ def save_latent_map(latent_map, folder, state_dict: dict | None = None) -> str:
     """Save a trainable map beside the adapters; returns its kind (``ridge`` maps have nothing to save).
 
     ``state_dict``: the map's tensors to write instead of its own (full tensors gathered from FSDP2 shards)."""
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
     if isinstance(latent_map, Realigner):
@@ -207,8 +221,6 @@ def save_latent_map(latent_map, folder, state_dict: dict | None = None) -> str:
 
 def load_latent_map(backbone: Backbone, kind: str, folder, realign: bool = True):
     """Inverse of :func:`save_latent_map` (a ``ridge`` map is rebuilt from the model)."""
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     latent_map = build_latent_map(backbone, kind, realign)

@@ -44,8 +44,9 @@ from diffmas.assets import DEFAULT_MODEL
 from diffmas.backbone import load_backbone
 from diffmas.decode import DecodeConfig, decode
 from diffmas.errors import DiffMASError
-from diffmas.kv import Trace, left_pad
-from diffmas.latent import get_realigner, latent_steps
+from diffmas.kv import Trace
+from diffmas.positions import left_pad
+from diffmas.latent import get_realigner, take_latent_steps
 from diffmas.prompts import render_agent
 from diffmas.rollout import rollout
 from diffmas.systems import System, build_system
@@ -81,7 +82,7 @@ def _final_prefix(system: System, trace: Trace, prompts: list[list[int]]) -> tup
     last = hidden[:, -1]
     if spec.final_latent_steps:
         latent_map = spec.latent_map or get_realigner(backbone, spec.realign)
-        trace, last, _ = latent_steps(backbone, trace, last, spec.final_latent_steps, latent_map)
+        trace, last, _ = take_latent_steps(backbone, trace, last, spec.final_latent_steps, latent_map)
     return trace, last
 
 

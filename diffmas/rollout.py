@@ -29,8 +29,9 @@ from diffmas.agent_call import agent_fn, answer_predictor_index, final_inputs, l
 from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig, decode
 from diffmas.errors import DiffMASError
-from diffmas.kv import Trace, TraceBuilder, TraceTooLong, left_pad
-from diffmas.latent import get_realigner, latent_steps
+from diffmas.kv import Trace, TraceBuilder, TraceTooLong
+from diffmas.positions import left_pad
+from diffmas.latent import get_realigner, take_latent_steps
 from diffmas.prompts import Agent, Topology, check_trace_scope, render_agent, render_target, view_text
 
 WRITER_MODES = ("latent", "text")
@@ -423,7 +424,7 @@ def rollout(
         activate(backbone, adapters.get(final.role))
         ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
         final_trace, hidden = _as_agent(final.role, trace.extend, backbone.body, mask, input_ids=ids)
-        final_trace, last, _ = _as_agent(final.role, latent_steps, backbone, final_trace, hidden[:, -1], final_steps,
+        final_trace, last, _ = _as_agent(final.role, take_latent_steps, backbone, final_trace, hidden[:, -1], final_steps,
                                          latent_map)
         if final.max_new_tokens is not None:
             decode_cfg = replace(decode_cfg, max_new_tokens=final.max_new_tokens)

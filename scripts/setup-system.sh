@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages diffmas can use but does not strictly need:
 #
-# bubblewrap (`bwrap`), which diffmas.eval.sandbox uses to isolate
+# bubblewrap (`bwrap`), which diffmas.sandbox uses to isolate
 # model-written code (read-only root, private /tmp, no network, own PID
 # namespace). Without it the sandbox falls back to rlimits + an unprivileged
 # uid, so this script only warns when it cannot install anything: it must never

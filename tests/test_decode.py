@@ -10,7 +10,8 @@ from conftest import MoreEos, make_backbone
 
 from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig, decode
-from diffmas.kv import Trace, left_pad
+from diffmas.kv import Trace
+from diffmas.positions import left_pad
 from diffmas.prompts import SINGLE, render_agent
 
 QUESTIONS = [

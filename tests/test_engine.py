@@ -10,7 +10,8 @@ from conftest import make_backbone
 
 from diffmas.adapters import LoraSettings, attach_lora
 from diffmas.decode import DecodeConfig, decode
-from diffmas.kv import Trace, left_pad
+from diffmas.kv import Trace
+from diffmas.positions import left_pad
 from diffmas.latent import get_realigner, solve_realignment
 from diffmas.prompts import SINGLE, Agent, Topology, load_topology, render_agent
 from diffmas.rollout import RolloutSpec, rollout

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
-from diffmas.eval import sandbox
+from diffmas import sandbox
 from diffmas.tasks import Example, get_task
 from diffmas.tasks.benchmarks import BENCHMARKS
 from diffmas.tasks.grading import (
@@ -20,8 +19,6 @@ from diffmas.tasks.grading import (
     grade_math,
 )
 
-HAS_SANDBOX = importlib.util.find_spec("diffmas.eval.sandbox") is not None
-needs_sandbox = pytest.mark.skipif(not HAS_SANDBOX, reason="diffmas.eval.sandbox is not written yet")
 
 
 @pytest.mark.parametrize(
@@ -190,7 +187,6 @@ def test_extract_code() -> None:
     assert not fenced and code == "def g(): return 2"
 
 
-@needs_sandbox
 def test_grade_code_passes_and_fails() -> None:
     tests = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
     good = "Sure:\n```python\ndef add(a, b):\n    return a + b\n```"
@@ -201,7 +197,6 @@ def test_grade_code_passes_and_fails() -> None:
     assert not g.correct and g.detail.startswith("failed")
 
 
-@needs_sandbox
 def test_grade_code_mbpp_style_and_timeout() -> None:
     asserts = "assert square(3) == 9\nassert square(0) == 0"
     assert grade_code("```python\ndef square(x):\n    return x * x\n```", asserts, None, timeout=10).correct
@@ -224,7 +219,6 @@ FAKES = {
 }
 
 
-@needs_sandbox
 @pytest.mark.parametrize("style", ["humaneval", "mbpp"])
 @pytest.mark.parametrize("fake", list(FAKES))
 def test_grade_code_cannot_be_faked_by_exiting(style: str, fake: str) -> None:
@@ -233,7 +227,6 @@ def test_grade_code_cannot_be_faked_by_exiting(style: str, fake: str) -> None:
     assert not g.correct and not g.flexible, g
 
 
-@needs_sandbox
 def test_grade_code_token_cannot_be_found(monkeypatch: pytest.MonkeyPatch) -> None:
     """A candidate that prints all it can reach (its source, files, environment, stdin, open files) and exits 0."""
     runs = []
@@ -268,7 +261,6 @@ sys.exit(0)
     assert token not in result.stdout + result.stderr  # ...but found the token nowhere
 
 
-@needs_sandbox
 def test_grade_code_right_answers_through_the_benchmarks() -> None:
     humaneval = Example("HumanEval/x", "from typing import List\n\n\ndef total(xs: List[int]) -> int:\n", "",
                         meta={"tests": "def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n",

@@ -20,7 +20,7 @@ from diffmas.decode import DecodeConfig
 from diffmas.errors import DiffMASError
 from diffmas.eval.runner import run_eval, trace_partners
 from diffmas.kv import Trace
-from diffmas.latent import LearnedLink, build_latent_map, get_realigner, latent_steps
+from diffmas.latent import LearnedLink, build_latent_map, get_realigner, take_latent_steps
 from diffmas.prompts import DUO, SINGLE, render_agent, render_target
 from diffmas.agent_call import answer_predictor_index
 from diffmas.rollout import RolloutSpec, rollout
@@ -58,7 +58,7 @@ def _reference_segment_loss(backbone, spec, prompt: str, steps: int, text: str, 
     writer, final = spec.topology.agents
     ids = torch.tensor([render_agent(tok, writer, prompt)])
     trace, hidden = Trace.empty(1, "cpu").extend(backbone.body, torch.ones_like(ids), input_ids=ids)
-    trace, last, _ = latent_steps(backbone, trace, hidden[:, -1], steps, get_realigner(backbone))
+    trace, last, _ = take_latent_steps(backbone, trace, hidden[:, -1], steps, get_realigner(backbone))
     total = 0.0
     if text:
         forced = torch.tensor([render_target(tok, text)])

@@ -7,7 +7,8 @@ import torch
 
 from diffmas.backbone import load_backbone
 from diffmas.decode import DecodeConfig
-from diffmas.kv import Trace, left_pad
+from diffmas.kv import Trace
+from diffmas.positions import left_pad
 from diffmas.prompts import SINGLE, render_agent
 from diffmas.systems import build_system
 from test_engine import generated

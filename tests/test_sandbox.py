@@ -1,4 +1,4 @@
-"""Tests for diffmas.eval.sandbox: each attack must be contained, in every isolation mode available here."""
+"""Tests for diffmas.sandbox: each attack must be contained, in every isolation mode available here."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from diffmas.eval import sandbox
-from diffmas.eval.sandbox import SandboxResult, isolation_level, run_code
+from diffmas import sandbox
+from diffmas.sandbox import SandboxResult, isolation_level, run_code
 
 Runner = Callable[..., SandboxResult]
 

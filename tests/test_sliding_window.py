@@ -16,7 +16,8 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, Mis
 
 from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig
-from diffmas.kv import Trace, left_pad
+from diffmas.kv import Trace
+from diffmas.positions import left_pad
 from diffmas.prompts import SINGLE, Agent, Topology, load_topology, render_agent
 from diffmas.rollout import RolloutSpec, rollout
 

@@ -8,8 +8,9 @@ import torch
 from conftest import make_backbone
 
 from diffmas.adapters import LoraSettings, attach_lora
-from diffmas.kv import Trace, joined_attention, left_pad
-from diffmas.latent import get_realigner, latent_steps
+from diffmas.kv import Trace, joined_attention
+from diffmas.positions import left_pad
+from diffmas.latent import get_realigner, take_latent_steps
 from diffmas.prompts import DUO
 from diffmas.rollout import RolloutSpec, rollout
 
@@ -61,7 +62,7 @@ def _saved_bytes(bb, steps: int) -> int:
 
     trace, hidden = Trace.empty(2, bb.device).extend(bb.body, mask, input_ids=ids)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        latent_steps(bb, trace, hidden[:, -1], steps, get_realigner(bb))
+        take_latent_steps(bb, trace, hidden[:, -1], steps, get_realigner(bb))
     return sum(storages.values())
 
 
@@ -112,7 +113,7 @@ def _per_head_kv_saved(bb, trace, ids, mask) -> int:
 def test_a_wide_segment_over_a_trace_saves_no_per_head_copies_of_it():
     bb = make_backbone("llama")
     if bb.device.type != "cpu":
-        pytest.skip("grouped SDPA with a mask is the CPU path; CUDA keeps transformers' (kv.attention._grouped_wide)")
+        pytest.skip("grouped SDPA with a mask is the CPU path; CUDA keeps transformers' (kv.attention.grouped_wide)")
     bb.model.train()
     assert bb.model.config.num_key_value_heads < bb.model.config.num_attention_heads  # grouped heads: the case
     first = left_pad([[5 + j % 200 for j in range(60 + 20 * i)] for i in range(2)], bb.pad_id, bb.device)

@@ -162,7 +162,6 @@ def test_task_modules_import_first_without_a_cycle(module: str) -> None:
     assert out.split() == ["gsm8k", "rg:chain_sum"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("diffmas.eval.sandbox") is None, reason="sandbox not written yet")
 def test_code_benchmarks_grade_in_the_sandbox() -> None:
     humaneval, mbpp = get_task("humaneval"), get_task("mbpp")
     for ex in humaneval.load(limit=3) + mbpp.load(limit=3):

@@ -11,7 +11,8 @@ from conftest import MoreEos, make_backbone
 
 import diffmas.rollout as rollout_module
 from diffmas.decode import DecodeConfig
-from diffmas.kv import Trace, left_pad
+from diffmas.kv import Trace
+from diffmas.positions import left_pad
 from diffmas.prompts import HIERARCHICAL, SEQUENTIAL, SINGLE, render_agent
 from diffmas.rollout import RolloutSpec, rollout
 
@@ -97,7 +98,7 @@ def test_rollouts_with_preallocated_traces_answer_exactly_as_copying_ones(arch, 
 
 def test_an_evaluation_rollout_with_gold_targets_never_copies_its_trace(monkeypatch):
     """Writers, latent steps, the gold-target pass, the final agent and its decode all write into the one
-    preallocated trace: the copying cache path (kv.cache._as_cache) is never taken, and answers and gold NLLs are
+    preallocated trace: the copying cache path (kv.cache.as_cache) is never taken, and answers and gold NLLs are
     those of separate passes."""
     import diffmas.kv.trace as kv_trace
     from diffmas.rollout import gold_nll
@@ -108,8 +109,8 @@ def test_an_evaluation_rollout_with_gold_targets_never_copies_its_trace(monkeypa
     plain = rollout(bb, spec, QUESTIONS, decode_cfg=cfg, keep_trace=True)
     separate = gold_nll(bb, spec, plain.trace, QUESTIONS, gold)
     copies = []
-    original = kv_trace._as_cache
-    monkeypatch.setattr(kv_trace, "_as_cache", lambda *args: copies.append(1) or original(*args))
+    original = kv_trace.as_cache
+    monkeypatch.setattr(kv_trace, "as_cache", lambda *args: copies.append(1) or original(*args))
     ours = rollout(bb, spec, QUESTIONS, decode_cfg=cfg, gold_targets=gold)
     assert copies == []
     assert ours.tokens == plain.tokens and ours.texts == plain.texts

@@ -122,7 +122,7 @@ def compute_results(config: dict, samples: dict[tuple, dict], tasks: dict[str, t
                      "verdict counts as both")
     isolation = None
     if any(task.kind == "code" for task, _ in tasks.values()):
-        from diffmas.eval.sandbox import isolation_level  # only code tasks need the sandbox (and its probe)
+        from diffmas.sandbox import isolation_level  # only code tasks need the sandbox (and its probe)
 
         isolation = isolation_level()
     commit, dirty = _git_state()

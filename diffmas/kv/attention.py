@@ -81,7 +81,7 @@ AttentionInterface.register(_SPLIT_ATTENTION, _split_attention)
 _SHARED_CONFIG: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def _splittable(body: torch.nn.Module) -> bool:
+def splittable(body: torch.nn.Module) -> bool:
     """Whether single-token segments may take the split path: attention that takes a prepared boolean mask
     (eager, sdpa) over full or sliding layers; other kernels join the cache as transformers does.
 
@@ -99,7 +99,7 @@ def _splittable(body: torch.nn.Module) -> bool:
     return _SHARED_CONFIG[body]
 
 
-_GQA_SDPA = "diffmas_gqa_sdpa"
+GQA_SDPA = "diffmas_gqa_sdpa"
 
 
 def _gqa_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor,
@@ -115,21 +115,21 @@ def _gqa_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, val
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(_GQA_SDPA, _gqa_sdpa_attention)
+AttentionInterface.register(GQA_SDPA, _gqa_sdpa_attention)
 
 
-def _grouped_wide(body: torch.nn.Module, device: torch.device) -> bool:
+def grouped_wide(body: torch.nn.Module, device: torch.device) -> bool:
     """Whether a multi-token segment may take :func:`_gqa_sdpa_attention`: an sdpa model with grouped key/value
     heads, on CPU, whose fused kernel takes a mask with GQA (CUDA's would fall back to the math kernel, which
     keeps the whole attention matrix: worse than the copies)."""
     config = body.config
     heads, kv_heads = getattr(config, "num_attention_heads", 0), getattr(config, "num_key_value_heads", None)
     return (device.type == "cpu" and getattr(config, "_attn_implementation", None) == "sdpa"
-            and kv_heads is not None and kv_heads < heads and _splittable(body))
+            and kv_heads is not None and kv_heads < heads and splittable(body))
 
 
 @contextmanager
-def _attention_as(config, implementation: str):
+def attention_as(config, implementation: str):
     original = config._attn_implementation_internal
     config._attn_implementation_internal = implementation
     try:
@@ -139,13 +139,13 @@ def _attention_as(config, implementation: str):
 
 
 @contextmanager
-def _split_call(config, cache: DynamicCache):
+def split_call(config, cache: DynamicCache):
     """Route this forward's attention through :func:`_split_attention` and its cache updates to ``recent``."""
     token = _SPLIT_CACHE.set(cache)
     for layer in cache.layers:
         layer.split = True
     try:
-        with _attention_as(config, _SPLIT_ATTENTION):
+        with attention_as(config, _SPLIT_ATTENTION):
             yield
     finally:
         for layer in cache.layers:

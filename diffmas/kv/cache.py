@@ -62,7 +62,7 @@ class _SplitLayer(DynamicLayer):
         return self.keys.shape[-2] + recent
 
 
-def _as_cache(keys: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> DynamicCache:
+def as_cache(keys: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> DynamicCache:
     # Plain full-attention layers for every model: the trace must keep every position it was given.
     # The layers adopt the tensors as they are; DynamicCache(ddp_cache_data=...) would copy the whole
     # trace once more on every call (a cat onto an empty tensor), which shows up in per-token decoding.
@@ -75,12 +75,12 @@ def _as_cache(keys: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> DynamicCa
     return cache
 
 
-def _cache_tensors(cache: DynamicCache) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+def cache_tensors(cache: DynamicCache) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     joined = [layer.materialize() for layer in cache.layers]
     return tuple(k for k, _ in joined), tuple(v for _, v in joined)
 
 
-class _Arena:
+class Arena:
     """Preallocated per-layer K/V storage that an inference trace grows into without copying its past.
 
     Columns below ``frontier`` are never written again, so every Trace holding views of them stays valid while
@@ -129,10 +129,10 @@ class _Arena:
         return (tuple(k[:, :, :self.frontier] for k in self.keys),
                 tuple(v[:, :, :self.frontier] for v in self.values))
 
-    def select(self, rows: Tensor) -> "_Arena":
+    def select(self, rows: Tensor) -> "Arena":
         """A new arena holding only ``rows``. This one is retired (nothing grows in it again) and lets go of its
         storage layer by layer, so unless a Trace still holds views of it, one layer's rows are copied at a time."""
-        new = _Arena(self.capacity)
+        new = Arena(self.capacity)
         for part, into in ((self.keys, new.keys), (self.values, new.values)):
             for layer, stored in enumerate(part):
                 kept = stored.new_empty((len(rows), *stored.shape[1:]))
@@ -144,12 +144,12 @@ class _Arena:
 
 
 class _ArenaLayer(DynamicLayer):
-    """A cache layer whose K/V live in an :class:`_Arena` (written in place). A split call (single tokens over a
+    """A cache layer whose K/V live in an :class:`Arena` (written in place). A split call (single tokens over a
     non-empty past, see :class:`_SplitLayer`) gets back only the new token and attends to :attr:`contiguous_kv`."""
 
     split = False
 
-    def __init__(self, arena: _Arena, index: int) -> None:
+    def __init__(self, arena: Arena, index: int) -> None:
         super().__init__()
         self.arena, self.index, self.length = arena, index, 0
         if index < len(arena.keys):
@@ -174,7 +174,7 @@ class _ArenaLayer(DynamicLayer):
         return self.length
 
 
-def _arena_cache(arena: _Arena) -> DynamicCache:
+def arena_cache(arena: Arena) -> DynamicCache:
     cache = DynamicCache()
     cache.layer_class_to_replicate = lambda: _ArenaLayer(arena, len(cache.layers))
     cache.layers.extend(_ArenaLayer(arena, i) for i in range(len(arena.keys)))

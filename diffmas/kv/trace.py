@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from diffmas.errors import DiffMASError
-from diffmas.kv.attention import _GQA_SDPA, _attention_as, _grouped_wide, _split_call, _splittable
-from diffmas.kv.cache import _Arena, _arena_cache, _as_cache, _cache_tensors
+from diffmas.kv.attention import GQA_SDPA, attention_as, grouped_wide, split_call, splittable
+from diffmas.kv.cache import Arena, arena_cache, as_cache, cache_tensors
 from diffmas.positions import attention_masks, segment_positions
 
 
@@ -43,7 +43,7 @@ class Trace:
     mask: Tensor  # [B, T], 1 = a real position later tokens may attend to
     positions: Tensor  # [B, T], the position id of every column (padding columns: any value, never seen)
     next_positions: Tensor  # [B], the position id the next real token of each row gets
-    arena: _Arena | None = field(default=None, compare=False, repr=False)
+    arena: Arena | None = field(default=None, compare=False, repr=False)
     """Inference: the storage ``keys``/``values`` are views of, which the trace grows into while it is the tip."""
 
     @classmethod
@@ -57,7 +57,7 @@ class Trace:
         """
         if start is None:
             start = torch.zeros(batch_size, dtype=torch.long, device=device)
-        arena = _Arena(capacity) if capacity else None
+        arena = Arena(capacity) if capacity else None
         none = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         return cls((), (), none, none, start, arena)
 
@@ -90,7 +90,7 @@ class Trace:
         ``all_layers``: a tuple, the embeddings' output, then every layer's, the last one final-normed).
         """
         builder = TraceBuilder(self)
-        hidden = builder.extend(body, seg_mask, input_ids=input_ids, inputs_embeds=inputs_embeds,
+        hidden = builder.append(body, seg_mask, input_ids=input_ids, inputs_embeds=inputs_embeds,
                                 all_layers=all_layers)
         return builder.freeze(), hidden
 
@@ -191,9 +191,9 @@ class TraceBuilder:
     """
 
     def __init__(self, trace: Trace) -> None:
-        # The tip of an inference trace grows in place in its arena; anything else copies (see _Arena).
+        # The tip of an inference trace grows in place in its arena; anything else copies (see Arena).
         self._arena = trace.arena if trace.arena is not None and trace.arena.is_tip(trace.length) else None
-        self._cache = _as_cache(trace.keys, trace.values) if self._arena is None else _arena_cache(self._arena)
+        self._cache = as_cache(trace.keys, trace.values) if self._arena is None else arena_cache(self._arena)
         self._mask = trace.mask
         self._positions = trace.positions
         self._next = trace.next_positions
@@ -217,7 +217,7 @@ class TraceBuilder:
             return
         self._bound += seg_mask.shape[1]
 
-    def extend(
+    def append(
         self,
         body: torch.nn.Module,
         seg_mask: Tensor,
@@ -226,22 +226,22 @@ class TraceBuilder:
         inputs_embeds: Tensor | None = None,
         all_layers: bool = False,
     ) -> Tensor:
-        """Append one segment; returns its last-layer hidden states ``[B, S, D]`` (every layer's with
+        """Append one segment in place (unlike :meth:`Trace.extend`, which returns a new trace); returns its last-layer hidden states ``[B, S, D]`` (every layer's with
         ``all_layers``). Raises :class:`TraceTooLong` when a row would pass ``max_position_embeddings``."""
         self._check_length(body, seg_mask)
         if self._arena is not None and not self._arena.is_tip(self._mask.shape[1]):  # grown from elsewhere meanwhile
             layers = self._cache.layers
-            self._cache, self._arena = _as_cache(tuple(la.keys for la in layers), tuple(la.values for la in layers)), None
+            self._cache, self._arena = as_cache(tuple(la.keys for la in layers), tuple(la.values for la in layers)), None
         mask = torch.cat([self._mask, seg_mask.to(self._mask.dtype)], dim=1)
         seg_positions = segment_positions(self._next, seg_mask)
         positions = torch.cat([self._positions, seg_positions], dim=1)
         dtype = inputs_embeds.dtype if inputs_embeds is not None else body.get_input_embeddings().weight.dtype
         # One token over a non-empty trace (latent steps, decoding) attends to the past without copying it.
-        split = seg_mask.shape[1] == 1 and bool(self._cache.layers) and _splittable(body)
-        grouped = not split and _grouped_wide(body, mask.device)  # wide segments: no repeat_kv copies of K/V
+        split = seg_mask.shape[1] == 1 and bool(self._cache.layers) and splittable(body)
+        grouped = not split and grouped_wide(body, mask.device)  # wide segments: no repeat_kv copies of K/V
         windowed = attention_masks(body.config, mask, positions, seg_mask.shape[1], dtype, split=split or grouped)
-        with _split_call(body.config, self._cache) if split else \
-                _attention_as(body.config, _GQA_SDPA) if grouped else nullcontext():
+        with split_call(body.config, self._cache) if split else \
+                attention_as(body.config, GQA_SDPA) if grouped else nullcontext():
             out = body(
                 input_ids=input_ids,
                 inputs_embeds=inputs_embeds,
@@ -261,7 +261,7 @@ class TraceBuilder:
         """The trace as it stands now."""
         if self._arena is not None:
             return Trace(*self._arena.views(), self._mask, self._positions, self._next, self._arena)
-        keys, values = _cache_tensors(self._cache)
+        keys, values = cache_tensors(self._cache)
         return Trace(keys, values, self._mask, self._positions, self._next)
 
     def select(self, rows: Tensor) -> None:
@@ -269,8 +269,8 @@ class TraceBuilder:
         if self._arena is not None:
             self._cache = None  # its views would keep every layer's old storage alive during the copy
             self._arena = self._arena.select(rows)
-            self._cache = _arena_cache(self._arena)
+            self._cache = arena_cache(self._arena)
         else:
             trace = self.freeze().select(rows)
-            self._cache = _as_cache(trace.keys, trace.values)
+            self._cache = as_cache(trace.keys, trace.values)
         self._mask, self._positions, self._next = self._mask[rows], self._positions[rows], self._next[rows]

@@ -4,7 +4,7 @@
 benchmarks), `diffmas.tasks.rg` (the `rg:<generator>` family) and `diffmas.tasks.relay` (tasks whose final agent
 sees none of the problem: `relay:*`, `split:chain_sum`) register themselves into it when imported,
 which this package does right after importing base, so there is no import cycle. `diffmas.tasks.grading` holds
-the pure graders. Nothing here imports `diffmas.eval` except the code grader, lazily, for the sandbox.
+the graders; the code grader runs code in `diffmas.sandbox` (a bottom-layer module), lazily.
 
     from diffmas.tasks import get_task
     task = get_task("gsm8k")

@@ -1,4 +1,5 @@
-"""Pure grading functions: final-answer extraction, math equivalence, multiple-choice letters, code tests.
+"""Grading: final-answer extraction, math equivalence and multiple-choice letters (pure functions), and code
+tests, which run the response's code in the sandbox (:mod:`diffmas.sandbox`, a subprocess).
 
 Every grader returns a :class:`Grade` with two verdicts, as lm-evaluation-harness reports strict-match beside
 flexible-extract: ``correct`` (strict) counts only an answer given in the requested format, an "Answer:" line or
@@ -265,8 +266,8 @@ def grade_code(program: str, tests: str, entry_point: str | None, timeout: float
     called as well. Correct only when the sandbox reports "passed" and the run got past the last test: the
     harness then prints a random token the code cannot know (see ``_HARNESS``). Strict and flexible agree.
     """
-    # Lazy, and the only tie from diffmas.tasks to diffmas.eval: the sandbox is needed by code tasks alone.
-    from diffmas.eval.sandbox import run_code
+    # Lazy: only code tasks need the sandbox (and its isolation probe).
+    from diffmas.sandbox import run_code
 
     code, fenced = extract_code(program)
     source = f"{code.rstrip()}\n\n{tests.rstrip()}\n"

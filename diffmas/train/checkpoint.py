@@ -41,7 +41,7 @@ def _trainable(backbone: Backbone) -> dict[str, torch.Tensor]:
     return params
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor: FSDP2 keeps parameters (and their optimizer states) as DTensor shards, gathered here
     (a collective: every process must call it, in the same order)."""
     from torch.distributed.tensor import DTensor
@@ -60,18 +60,18 @@ def _to_param_layout(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def _lora_tensors(backbone: Backbone) -> dict[str, torch.Tensor]:
     """Full copies on CPU of every trained tensor (all processes must call this: shards are gathered)."""
-    return {n: _full(p.detach()).cpu().contiguous() for n, p in _trainable(backbone).items()}
+    return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in _trainable(backbone).items()}
 
 
 def full_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
     """The model's LoRA tensors by their full name, gathered (for saving adapters; all processes call it)."""
-    return {n: _full(p.detach()).cpu() for n, p in backbone.model.named_parameters() if "lora_" in n}
+    return {n: full_tensor(p.detach()).cpu() for n, p in backbone.model.named_parameters() if "lora_" in n}
 
 
 def _optimizer_state(optimizer) -> dict:
     """The optimizer's state dict with sharded states gathered (all processes call it)."""
     sd = optimizer.state_dict()
-    sd["state"] = {k: {n: _full(v).cpu() if isinstance(v, torch.Tensor) else v for n, v in st.items()}
+    sd["state"] = {k: {n: full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for n, v in st.items()}
                    for k, st in sd["state"].items()}
     return sd
 

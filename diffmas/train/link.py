@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffmas.backbone import Backbone
-from diffmas.kv import left_pad, segment_positions
+from diffmas.positions import left_pad, segment_positions
 from diffmas.latent import LearnedLink
 
 

@@ -27,11 +27,12 @@ from diffmas.adapters import attach_lora, save_adapters, trainable_parameters
 from diffmas.backbone import Backbone, load_backbone
 from diffmas.config import ChannelConfig, StopConfig, TrainConfig, save_config, to_dict
 from diffmas.errors import DiffMASError
-from diffmas.latent import build_latent_map, get_realigner, save_latent_map
+from diffmas.latent import (Realigner, build_latent_map, get_realigner, install_realigner, realignment_path,
+                            save_latent_map)
 from diffmas.prompts import SINGLE, TOPOLOGIES, Topology, load_topology, question_text
 from diffmas.rollout import RolloutSpec, rollout
-from diffmas.train.checkpoint import (_full, check_resume, full_state_dict, latest_checkpoint, load_checkpoint,
-                                     save_checkpoint)
+from diffmas.train.checkpoint import (check_resume, full_state_dict, full_tensor, latest_checkpoint,
+                                     load_checkpoint, save_checkpoint)
 from diffmas.train.data import TrainExample, build_datasets
 from diffmas.tasks import get_task
 from diffmas.train.link import pretrain_link
@@ -80,26 +81,18 @@ def share_realigner(backbone: Backbone, realign: bool, accelerator: Accelerator)
     """
     from accelerate.utils import broadcast_object_list
 
-    import inspect
-
-    from diffmas.assets import diffmas_home
-    from diffmas.latent import Realigner, _fingerprint
-
-    ridge = inspect.signature(get_realigner).parameters["ridge"].default  # what the rollout asks for
-
     if accelerator.num_processes == 1:
         get_realigner(backbone, realign)
         return
     shared: list = [None, None]
     if accelerator.is_main_process:
         realigner = get_realigner(backbone, realign)
-        path = diffmas_home() / "realign" / f"{_fingerprint(backbone, ridge)}.pt" if realign else None
-        shared = [str(path) if path else None, realigner.target_norm]
+        shared = [str(realignment_path(backbone)) if realign else None, realigner.target_norm]
     accelerator.wait_for_everyone()  # the cache file is complete before anyone reads it
     path, target_norm = broadcast_object_list(shared, from_process=0)
     if not accelerator.is_main_process:
         matrix = torch.load(path, map_location="cpu", weights_only=True).to(backbone.device) if path else None
-        backbone.cache[("realigner", realign, ridge)] = Realigner(matrix, target_norm)
+        install_realigner(backbone, Realigner(matrix, target_norm), realign)
 
 
 def wrapped_trainable(backbone: Backbone, spec: RolloutSpec) -> list[torch.nn.Parameter]:
@@ -355,7 +348,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
 
     # Every process gathers full tensors (FSDP2 holds shards; a no-op copy otherwise), the main one writes.
     lora_state = full_state_dict(backbone)
-    map_state = ({k: _full(v).cpu() for k, v in spec.latent_map.state_dict().items()}
+    map_state = ({k: full_tensor(v).cpu() for k, v in spec.latent_map.state_dict().items()}
                  if isinstance(spec.latent_map, torch.nn.Module) else None)
     if accelerator.is_main_process:
         builtin = TOPOLOGIES.get(spec.topology.name) == spec.topology
