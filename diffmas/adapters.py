@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from diffmas.backbone import Backbone
+from diffmas.config import LoraSettings
 from diffmas.errors import DiffMASError
 
 # peft 0.21 still calls a transformers method that 5.x deprecates; the warning is not actionable for users.
@@ -24,24 +25,6 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 META_FILE = "diffmas_adapters.json"
 SHARED = "default"  # peft's name for the first adapter; keeps a shared adapter loadable by plain peft
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA hyper-parameters and layout."""
-
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    layout: str = "shared"
-    """``shared``: one adapter for all agents; ``per-agent``: one adapter per role."""
-
-    def __post_init__(self) -> None:
-        if self.layout not in ("shared", "per-agent"):
-            raise DiffMASError(f"config field 'layout' must be 'shared' or 'per-agent', got '{self.layout}'")
-        if self.rank < 1:
-            raise DiffMASError("config field 'rank' must be >= 1")
 
 
 def _model_signature(backbone: Backbone) -> dict:

@@ -15,10 +15,27 @@ from typing import Any
 
 import yaml
 
-from diffmas.adapters import LoraSettings
 from diffmas.assets import DEFAULT_MODEL
 from diffmas.errors import DiffMASError
 from diffmas.prompts import TRACE_SCOPES
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters and layout."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    layout: str = "shared"
+    """``shared``: one adapter for all agents; ``per-agent``: one adapter per role."""
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("shared", "per-agent"):
+            raise DiffMASError(f"config field 'layout' must be 'shared' or 'per-agent', got '{self.layout}'")
+        if self.rank < 1:
+            raise DiffMASError("config field 'rank' must be >= 1")
 
 
 @dataclass

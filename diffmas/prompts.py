@@ -17,10 +17,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import yaml
-from transformers import PreTrainedTokenizerBase
 
 from diffmas.errors import DiffMASError
+
+if TYPE_CHECKING:  # annotations only: the config layer reads this module without loading transformers
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)

@@ -82,3 +82,12 @@ def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
                         if self == fake else Path.read_bytes(self).decode())
     found = [v for v in violations() if v.startswith("diffmas.positions")]
     assert any("higher layer" in v for v in found) and any("private name" in v for v in found)
+
+
+def test_configs_load_without_model_code():
+    import subprocess
+    import sys
+
+    code = "import sys, diffmas.config; print(sorted({'torch', 'peft', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
