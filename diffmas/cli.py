@@ -25,7 +25,8 @@ from diffmas.errors import DiffMASError
 
 # Plain click help (rich_markup_mode=None): rich's option table cuts long option names ("--curriculum-stag…")
 # at 80 columns and in pipes, and at any width when a boolean flag has a long negative form.
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Multi-agent LLMs that talk through a trained KV channel.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Multi-agent LLMs that talk through a trained KV channel.")
 console = Console(stderr=True)
 
 

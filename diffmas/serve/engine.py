@@ -10,6 +10,7 @@ every answer equals the one the request would get alone, as ``System.run`` on th
 
 from __future__ import annotations
 
+import copy
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -69,6 +70,9 @@ class ServedModel:
     def __init__(self, model_id: str, system: System, topologies: Mapping[str, Topology]) -> None:
         self.id, self.system, self.topologies = model_id, system, dict(topologies)
         self._variants: dict[tuple[str, int | None], System] = {self.own_settings: system}
+        # Questions are measured on the event loop while the worker thread tokenizes: a fast tokenizer used from two
+        # threads at once can fail ("Already borrowed"), so the measuring gets a copy of its own.
+        self._counter = copy.deepcopy(system.backbone.tokenizer)
 
     @property
     def own_settings(self) -> tuple[str, int | None]:
@@ -111,7 +115,7 @@ class ServedModel:
         return self._variants[key]
 
     def check_question(self, question: str, limit: int) -> None:
-        n = len(self.system.backbone.tokenizer(question, add_special_tokens=False).input_ids)
+        n = len(self._counter(question, add_special_tokens=False).input_ids)
         if n > limit:
             raise APIError(400, f"the question is {n} tokens; this server's limit is {limit} (--max-question-tokens)",
                            code="limit_exceeded")
