@@ -115,6 +115,7 @@ class ServedModel:
         return self._variants[key]
 
     def check_question(self, question: str, limit: int) -> None:
+        """A 400 when ``question`` has more than ``limit`` tokens (every agent's prompt holds it)."""
         n = len(self._counter(question, add_special_tokens=False).input_ids)
         if n > limit:
             raise APIError(400, f"the question is {n} tokens; this server's limit is {limit} (--max-question-tokens)",
