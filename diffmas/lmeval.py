@@ -3,8 +3,11 @@
     pip install 'diffmas[lmeval]'
     python -m diffmas.lmeval --model diffmas \\
         --model_args system=latent_mas,topology=sequential,latent_steps=10,model=smollm2-135m-instruct \\
-        --tasks arc_easy --limit 100
-    python -m diffmas.lmeval --model diffmas --model_args system=diffmas,adapter=runs/dm --tasks gsm8k
+        --tasks diffmas_arc_easy --limit 100
+    python -m diffmas.lmeval --model diffmas --model_args system=diffmas,adapter=runs/dm --tasks diffmas_gsm8k
+
+The ``diffmas_*`` tasks are lm-eval's own over the benchmark files installed with the project (offline; see
+:mod:`diffmas.lmeval_tasks`); ``python -m diffmas.lmeval`` makes lm-eval's task index include them.
 
 lm-eval (0.4.x) finds models only in its own registry and has no plugin entry point for models, so the model is
 registered when this module is imported: ``python -m diffmas.lmeval ARGS`` is ``lm_eval ARGS`` with the model
@@ -24,12 +27,14 @@ Model arguments: ``system`` (default ``latent_mas``), ``model`` (alias, folder o
 ``latent_steps``, ``adapter`` (trained systems), ``chat`` (default true: the final agent's segment is its chat
 turn with the context as the question; ``chat=false`` feeds the raw context, tokenized as lm-eval's ``hf`` model
 does, which makes ``system=single`` score exactly like ``--model hf``), ``realign``, ``writer_max_new_tokens``,
-``max_gen_toks`` (default 256), ``batch_size``, ``device``, ``dtype``.
+``max_gen_toks`` (default 256), ``batch_size``, ``device`` (a CUDA device on a machine without CUDA: the CPU, with
+a warning, as lm-eval's ``hf`` model does), ``dtype``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import torch
@@ -52,6 +57,8 @@ from diffmas.rollout import rollout
 from diffmas.systems import System, build_system
 
 __all__ = ["DiffMASLM", "writers_trace", "score_continuations", "main"]
+
+logger = logging.getLogger(__name__)
 
 
 def _flag(value) -> bool:
@@ -133,7 +140,12 @@ class DiffMASLM(TemplateLM):
         super().__init__()
         if unused:
             raise DiffMASError(f"unknown diffmas model argument(s): {', '.join(sorted(unused))}")
-        self.backbone = load_backbone(str(model), device or "auto", dtype)
+        device = device or "auto"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval passes cuda:0 unless told otherwise; its own hf model then falls back to the CPU too.
+            logger.warning("device '%s' requested but CUDA is not available: running on the CPU", device)
+            device = "cpu"
+        self.backbone = load_backbone(str(model), device, dtype)
         self.tokenizer = self.backbone.tokenizer
         self.system = build_system(system, self.backbone, topology=topology,
                                    latent_steps=None if latent_steps is None else int(latent_steps),
@@ -255,12 +267,27 @@ class DiffMASLM(TemplateLM):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``lm_eval`` with the ``diffmas`` model registered: ``python -m diffmas.lmeval --model diffmas ...``."""
+    """``lm_eval`` with the ``diffmas`` model registered and the offline tasks (``diffmas_arc_easy``, ...: see
+    :mod:`diffmas.lmeval_tasks`) known: ``python -m diffmas.lmeval --model diffmas ...``."""
+    import lm_eval.tasks
     from lm_eval.__main__ import cli_evaluate
+
+    from diffmas.lmeval_tasks import with_offline_tasks
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    # lm-eval's --include_path takes one folder, which may be the user's own: the offline tasks' folder is added to
+    # every task manager the command line builds instead (it imports TaskManager from lm_eval.tasks when it runs).
+    manager = lm_eval.tasks.TaskManager
+
+    def with_offline(*args, include_path=None, **kwargs):
+        return manager(*args, include_path=with_offline_tasks(include_path), **kwargs)
+
+    lm_eval.tasks.TaskManager = with_offline
+    try:
+        cli_evaluate()
+    finally:
+        lm_eval.tasks.TaskManager = manager
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -77,3 +77,17 @@ def test_train_rejects_invalid_config(tmp_path, bad):
     config.write_text(yaml.safe_dump(bad))
     _assert_one_line_error(_diffmas("train", "--config", str(config), "--out", str(tmp_path / "o")), "config field")
     assert not (tmp_path / "o").exists()
+
+
+def test_help_keeps_long_option_names_whole_in_80_columns():
+    """Piped or in a narrow terminal, `--help` lists every option name whole (rich's table cut them with '…')."""
+    from typer.testing import CliRunner
+
+    from diffmas.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    for name in ("--curriculum-stages", "--thoughts-per-step", "--distill-teacher-weight", "--link-pretrain-steps",
+                 "--activation-checkpointing", "--no-activation-checkpointing"):
+        assert name in result.output, result.output
+    assert "…" not in result.output

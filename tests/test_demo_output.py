@@ -17,3 +17,18 @@ def test_demo_prints_unwrapped_markdown(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert len(row) > 80
     assert row in result.stdout.splitlines()  # one line, verbatim (no wrapping, no rich markup eaten)
+
+
+def test_demo_writes_the_html_report_of_its_evaluation_and_names_it(tmp_path, tiny_model_dir, one_thread):
+    """`make demo` end to end on the tiny model (one training step each): the evaluation gets its report.html, as
+    `diffmas eval` writes it, and the summary names the page."""
+    from diffmas.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(model=str(tiny_model_dir), device="cpu", steps=1, batch_size=2, n_eval=2, eval_batch_size=2,
+                     max_new_tokens=3, writer_max_new_tokens=3, latent_steps=1)
+    summary = run_demo(tmp_path / "demo", cfg)
+    page = tmp_path / "demo" / "eval" / "report.html"
+    assert page.is_file() and "`eval/report.html`" in summary.read_text()
+    html = page.read_text()
+    for system in ("single", "text_mas", "latent_mas", "diffmas", "single_sft"):
+        assert f"<option value='{system}'>" in html

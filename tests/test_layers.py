@@ -16,7 +16,7 @@ LAYERS = [
     ("agent_call", "rollout"),
     ("systems", "train"),
     ("eval",),
-    ("experiments", "demo", "lmeval"),
+    ("experiments", "demo", "lmeval", "lmeval_tasks", "serve"),
     ("cli",),
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

