@@ -30,14 +30,18 @@ def maybe_checkpoint(enabled: bool, fn, trace: Trace, *tensors: Tensor | None) -
 
 def _forced_ce(backbone: Backbone, predictors: Tensor, labels: Tensor, per_row: bool = False) -> Tensor:
     """Summed cross-entropy of ``labels`` (-100 = no loss) predicted from ``predictors`` [B, S, D]; with
-    ``per_row`` one sum per row [B] (float64) instead of one over the batch."""
+    ``per_row`` one row per example [B, 2] (float64): the summed cross-entropy and how many labels are not the
+    argmax (0: greedy decoding would have produced them), instead of one sum over the batch."""
     # Logits only where a target token is predicted: the LM head is a large share of a small model's cost.
     keep = labels != -100
+    logits = backbone.logits(predictors[keep])
     if not per_row:
-        return F.cross_entropy(backbone.logits(predictors[keep]), labels[keep], reduction="sum")
-    ce = F.cross_entropy(backbone.logits(predictors[keep]), labels[keep], reduction="none")
+        return F.cross_entropy(logits, labels[keep], reduction="sum")
+    ce = F.cross_entropy(logits, labels[keep], reduction="none")
+    missed = logits.argmax(-1) != labels[keep]
     rows = torch.nonzero(keep)[:, 0]
-    return torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device).index_add_(0, rows, ce.double())
+    out = torch.zeros(labels.shape[0], 2, dtype=torch.float64, device=labels.device)
+    return out.index_add_(0, rows, torch.stack([ce.double(), missed.double()], -1))
 
 
 def _at_columns(layers: tuple[Tensor, ...], columns: Tensor) -> tuple[Tensor, ...]:
@@ -57,8 +61,8 @@ def agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *,
     Returns the summed loss, the last hidden state, the captured states (every layer's, with ``capture``),
     then the trace's tensors.
     With ``lens_top_k`` the logit lens of every step is appended to ``lens_out`` (strings cannot be outputs
-    of a checkpointed function, so they leave through this list). With ``per_row`` the loss is one float64 sum
-    per row [B] (evaluation's gold-target NLL) instead of a scalar.
+    of a checkpointed function, so they leave through this list). With ``per_row`` the loss is per row [B, 2]
+    (float64: summed NLL, labels that are not the argmax) instead of a scalar (evaluation's scoring).
     """
 
     def run(ids: Tensor, mask: Tensor, labels: Tensor | None, forced_ids: Tensor | None,
@@ -71,7 +75,7 @@ def agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *,
         captured: tuple[Tensor, ...] = _at_columns(hidden, capture_col) if capture_here else ()
         hidden = hidden[-1] if capture_here else hidden
         loss = _forced_ce(backbone, hidden[:, :-1], labels[:, 1:], per_row) if labels is not None else \
-            hidden.new_zeros((ids.shape[0],) if per_row else (), dtype=torch.float64 if per_row else None)
+            hidden.new_zeros((ids.shape[0], 2) if per_row else (), dtype=torch.float64 if per_row else None)
         trace, last, lens = take_latent_steps(backbone, trace, hidden[:, -1], steps, latent_map, lens_top_k)
         if lens_out is not None:
             lens_out.append(lens)
@@ -125,5 +129,5 @@ def final_inputs(backbone: Backbone, prompt_seqs: list[list[int]], forced: list[
         ids, mask, labels = labelled(prompt_seqs, forced, backbone.pad_id, device)
         return ids, mask, labels, None, None, None
     ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
-    f_ids, f_mask, f_labels = labelled([[] for _ in forced], forced, backbone.pad_id, device)
+    f_ids, f_mask, f_labels = labelled([[] for _ in forced], forced, backbone.pad_id, device, allow_empty=True)
     return ids, mask, None, f_ids, f_mask, f_labels

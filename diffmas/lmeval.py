@@ -53,7 +53,7 @@ from diffmas.kv import Trace
 from diffmas.positions import left_pad
 from diffmas.latent import get_realigner, take_latent_steps
 from diffmas.prompts import render_agent
-from diffmas.rollout import rollout
+from diffmas.rollout import rollout, score_forced
 from diffmas.systems import System, build_system
 
 __all__ = ["DiffMASLM", "writers_trace", "score_continuations", "main"]
@@ -97,35 +97,14 @@ def _final_prefix(system: System, trace: Trace, prompts: list[list[int]]) -> tup
 def score_continuations(system: System, questions: list[str], prompts: list[list[int]],
                         continuations: list[list[int]]) -> list[tuple[float, bool]]:
     """Per row: the writers work on ``questions[i]``, the final agent reads their trace, then its segment
-    ``prompts[i]`` followed by ``continuations[i]`` (teacher-forced). Returns (summed log-probability of the
-    continuation, whether every continuation token is the argmax)."""
+    ``prompts[i]`` followed by ``continuations[i]`` (teacher-forced, through the rollout's own final-agent path,
+    :func:`diffmas.rollout.score_forced`). Returns (summed log-probability of the continuation, whether every
+    continuation token is the argmax)."""
     backbone = system.backbone
     unique = list(dict.fromkeys(questions))  # the writers' trace is computed once per distinct question
     rows = torch.tensor([unique.index(q) for q in questions], device=backbone.device)
     trace = writers_trace(system, unique).select(rows)
-    if system.spec.final_latent_steps:  # the continuation follows latent steps: its own segment
-        trace, last = _final_prefix(system, trace, prompts)
-        ids, mask = left_pad(continuations, backbone.pad_id, backbone.device, allow_empty=True)
-        _, hidden = trace.extend(backbone.body, mask, input_ids=ids)
-        width = ids.shape[1]
-        predictors = [torch.cat([last[r: r + 1], hidden[r, width - len(c): width - 1]]) for r, c in
-                      enumerate(continuations)]
-    else:
-        activate(backbone, (system.spec.adapters or {}).get(system.spec.topology.final.role))
-        ids, mask = left_pad([p + c for p, c in zip(prompts, continuations)], backbone.pad_id, backbone.device)
-        _, hidden = trace.extend(backbone.body, mask, input_ids=ids)
-        width = ids.shape[1]
-        predictors = [hidden[r, width - len(c) - 1: width - 1] for r, c in enumerate(continuations)]
-    out = []
-    for pred, cont in zip(predictors, continuations):
-        if not cont:
-            out.append((0.0, True))
-            continue
-        logprobs = torch.log_softmax(backbone.logits(pred), dim=-1)
-        target = torch.tensor(cont, device=logprobs.device)
-        chosen = logprobs.gather(-1, target[:, None]).squeeze(-1)
-        out.append((float(chosen.sum()), bool((logprobs.argmax(-1) == target).all())))
-    return out
+    return [(-nll, missed == 0) for nll, missed in score_forced(backbone, system.spec, trace, prompts, continuations)]
 
 
 @register_model("diffmas")

@@ -235,24 +235,36 @@ def _final_steps(spec: RolloutSpec) -> int:
     return spec.final_latent_steps
 
 
-def gold_nll(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompts: list[Prompt], targets: list[str]
-             ) -> list[tuple[float, int]]:
-    """Per row, (summed NLL, token count) of ``render_target(target)`` when the final agent (its adapter, prompt
-    rendering and latent steps) is teacher-forced on it after the writers' ``trace`` (``rollout(...,
-    keep_trace=True).trace``), without grad: the quantity training's loss averages, so the writers need not run
-    twice. ``exp(sum NLL / sum tokens)`` is the gold-target perplexity."""
-    if len(prompts) != len(targets) or len(prompts) != trace.batch_size:
-        raise DiffMASError(f"{len(targets)} targets and a trace of {trace.batch_size} rows for {len(prompts)} prompts")
-    tok, final = backbone.tokenizer, spec.topology.final
+def score_forced(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompt_seqs: list[list[int]],
+                 forced: list[list[int]]) -> list[tuple[float, int]]:
+    """Per row, (summed NLL of ``forced``, how many of its tokens are not the argmax) when the final agent (its
+    adapter and latent steps) reads the writers' ``trace`` (``rollout(..., keep_trace=True).trace``), then its
+    segment ``prompt_seqs``, and is teacher-forced on ``forced`` (token ids), without grad: the computation training
+    runs on its targets. Gold-target scoring and lm-eval's log-likelihoods both come through here."""
+    if len(prompt_seqs) != len(forced) or len(forced) != trace.batch_size:
+        raise DiffMASError(f"{len(forced)} targets and a trace of {trace.batch_size} rows for {len(prompt_seqs)} prompts")
+    final = spec.topology.final
     steps = _final_steps(spec)
     latent_map = (spec.latent_map or get_realigner(backbone, spec.realign)) if steps else None
-    prompt_seqs = [render_agent(tok, final, view_text(final, p), spec.think) for p in prompts]
-    forced = [render_target(tok, t) for t in targets]
     with torch.no_grad():
         inputs = final_inputs(backbone, prompt_seqs, forced, steps)
         fn = agent_fn(backbone, (spec.adapters or {}).get(final.role), steps, latent_map, per_row=True)
         out = _as_agent(final.role, maybe_checkpoint, False, fn, trace, *inputs, None)
-    return [(float(nll), len(f)) for nll, f in zip(out[0].tolist(), forced)]
+    return [(float(nll), int(missed)) for nll, missed in out[0].tolist()]
+
+
+def gold_nll(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompts: list[Prompt], targets: list[str]
+             ) -> list[tuple[float, int]]:
+    """Per row, (summed NLL, token count) of ``render_target(target)`` when the final agent (its adapter, prompt
+    rendering and latent steps) is teacher-forced on it after the writers' ``trace`` (:func:`score_forced`): the
+    quantity training's loss averages, so the writers need not run twice. ``exp(sum NLL / sum tokens)`` is the
+    gold-target perplexity."""
+    if len(prompts) != len(targets):
+        raise DiffMASError(f"{len(targets)} targets for {len(prompts)} prompts")
+    tok, final = backbone.tokenizer, spec.topology.final
+    forced = [render_target(tok, t) for t in targets]
+    prompt_seqs = [render_agent(tok, final, view_text(final, p), spec.think) for p in prompts]
+    return [(nll, len(f)) for (nll, _), f in zip(score_forced(backbone, spec, trace, prompt_seqs, forced), forced)]
 
 
 def rollout(

@@ -108,6 +108,28 @@ def test_generate_until_is_the_system_rollout(tiny_model_dir):
     assert got == want
 
 
+def test_loglikelihood_is_the_rollouts_gold_target_score(tiny_model_dir):
+    """One computation scores a final agent: lm-eval's log-likelihood of a request equals the gold-target NLL the
+    evaluation harness gets from the rollout (diffmas.rollout.gold_nll) for the same context and target."""
+    from lm_eval.api.instance import Instance
+
+    from diffmas.decode import DecodeConfig
+    from diffmas.lmeval import DiffMASLM
+    from diffmas.rollout import gold_nll, rollout
+
+    lm = DiffMASLM(system="latent_mas", topology="duo", latent_steps=2, model=str(tiny_model_dir), device="cpu",
+                   batch_size=2)
+    questions, targets = ["What is 2 + 3?", "Name a colour."], ["Answer: 5", "Answer: blue"]
+    eos = lm.tokenizer.eos_token  # render_target ends a target with the end of the turn
+    reqs = [Instance("loglikelihood", {}, (q, t + eos), i) for i, (q, t) in enumerate(zip(questions, targets))]
+    got = [ll for ll, _ in lm.loglikelihood(reqs)]
+    trace = rollout(lm.backbone, lm.system.spec, questions, decode_cfg=DecodeConfig(max_new_tokens=1),
+                    keep_trace=True).trace
+    want = gold_nll(lm.backbone, lm.system.spec, trace, questions, targets)
+    for ll, (nll, _) in zip(got, want):
+        assert math.isclose(-ll, nll, rel_tol=1e-5, abs_tol=1e-5)
+
+
 def test_lm_eval_cli_finds_the_model(task_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
     """``python -m diffmas.lmeval ARGS`` is lm-eval's own command line with the model registered (run in-process,
     with lm-eval's built-in task index left out: building it takes a minute on a small machine)."""
