@@ -22,7 +22,7 @@ What is measured on CPU (torch has no CPU allocator statistics):
 On CUDA (``--device cuda``) the peak is the caching allocator's exact one (``max_memory_allocated``, reset just
 before the step) minus what was allocated then (the weights); ``--no-demo`` skips the demo-settings comparison.
 
-Then, at the demo's settings (``diffmas.demo.DemoConfig``: duo, m = 5, batch 8, no checkpointing), the same peak
+Then, at the demo's settings (configs/train/demo.yaml: duo, m = 5, batch 8, no checkpointing), the same peak
 for a diffmas step and for a single_sft step (the final agent alone on the same prompts and targets), also each
 in a fresh process.
 
@@ -51,7 +51,7 @@ from _common import (load, machine, parser, peak_rss_mib, release_memory, reset_
 from bench_train_step import make_floor, training_batch
 from diffmas.adapters import LoraSettings, attach_lora, trainable_parameters
 from diffmas.backbone import Backbone
-from diffmas.demo import DemoConfig
+from diffmas.experiments.demo import DemoConfig
 from diffmas.kv import joined_attention
 from diffmas.latent import get_realigner
 from diffmas.memory import configure_allocator
@@ -90,7 +90,7 @@ class SavedBytes:
 
 def setting(args: Any, path: str) -> tuple[str, int, int]:
     """(topology, latent steps, batch) of a setting: the demo's own for the demo settings."""
-    demo = DemoConfig()
+    demo = DemoConfig().train_config("diffmas")
     if path == "demo_diffmas":
         return demo.topology, demo.latent_steps, demo.batch_size
     if path == "demo_single_sft":
@@ -290,7 +290,7 @@ def main() -> None:
                  "saved activations MiB", "of which per-head K/V MiB", "fwd+bwd s (single run)"], rows))
     for name, ratio in summary["peak_over_floor"].items():
         print(f"{name}: peak {ratio:.2f}x the floor's")
-    cfg = DemoConfig()
+    cfg = DemoConfig().train_config("diffmas")
     for name, r in summary["demo_over_single_sft"].items():
         print(f"demo settings (duo, m={cfg.latent_steps}, batch {cfg.batch_size}), diffmas {name} vs single_sft: "
               f"step peak {r['step_peak']:.2f}x, process peak RSS {r['process_peak']:.2f}x")

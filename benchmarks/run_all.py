@@ -49,13 +49,16 @@ def goal(met: bool) -> str:
     return "**met**" if met else "**not met**"
 
 
+def ratio_row(r: dict[str, Any], first: list[Any]) -> list[Any]:
+    """A ratio table's row: ``first`` cells, then ours and floor seconds, the ratio (wall), its range, the CPU-time
+    ratio and the repetitions."""
+    w, c = r["ratio"]["wall"], r["ratio"]["cpu"]
+    return [*first, f(w["median_a"]), f(w["median_b"]), f"**{f(w['median_of_ratios'])}**",
+            f"{f(w['min_ratio'])}-{f(w['max_ratio'])}", f(c["median_of_ratios"]), w["reps"]]
+
+
 def section_p1(d: dict[str, Any], out: Path) -> str:
-    rows = []
-    for r in d["overhead"]:
-        w, c = r["ratio"]["wall"], r["ratio"]["cpu"]
-        rows.append([r["batch"], r["latent_steps"], r["new_tokens"], f(w["median_a"]), f(w["median_b"]),
-                     f"**{f(w['median_of_ratios'])}**", f"{f(w['min_ratio'])}-{f(w['max_ratio'])}",
-                     f(c["median_of_ratios"]), w["reps"]])
+    rows = [ratio_row(r, [r["batch"], r["latent_steps"], r["new_tokens"]]) for r in d["overhead"]]
     b1 = d["overhead"][0]["ratio"]["wall"]["median_of_ratios"]
     overhead = md_table(["batch", "m", "decoded tokens", "ours s", "floor s", "ours/floor (wall)", "range",
                          "ours/floor (CPU)", "reps"], rows)
@@ -111,12 +114,7 @@ latent_mas decodes **{f(fewer, 1)}% fewer tokens** (goal >= 70%: {goal(fewer >= 
 
 
 def section_p3(d: dict[str, Any], out: Path) -> str:
-    rows = []
-    for r in d["results"]:
-        w, c = r["ratio"]["wall"], r["ratio"]["cpu"]
-        rows.append([r["latent_steps"], r["batch"], r["positions_per_row"], f(w["median_a"]), f(w["median_b"]),
-                     f"**{f(w['median_of_ratios'])}**", f"{f(w['min_ratio'])}-{f(w['max_ratio'])}",
-                     f(c["median_of_ratios"]), w["reps"]])
+    rows = [ratio_row(r, [r["latent_steps"], r["batch"], r["positions_per_row"]]) for r in d["results"]]
     r0, rm = d["results"][0], d["results"][-1]
     m, batch = rm["latent_steps"], rm["batch"]
     ratio_m = rm["ratio"]["wall"]["median_of_ratios"]
@@ -208,7 +206,7 @@ def demo_settings(d: dict[str, Any]) -> str:
                  f(single["saved_activations_mib"], 0), f(single["step_s"], 1)])
     plain, ckpt = d["demo_over_single_sft"]["plain"], d["demo_over_single_sft"]["checkpointed"]
     return f"""
-At the demo's settings (`diffmas.demo.DemoConfig`: duo, m = 5, batch 8, answer-only chain_sum targets), each in
+At the demo's settings (`configs/train/demo.yaml`: duo, m = 5, batch 8, answer-only chain_sum targets), each in
 a fresh process; "process peak" = the RSS before the step plus its peak (weights and runtime included, what
 `top` shows):
 

@@ -30,6 +30,27 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: any CUDA GPU, or a CPU with avx512_bf16 / amx_bf16. Elsewhere
+    bf16 autocast is emulated: a training step at the demo's settings took 13x longer than in fp32 on an avx2-only
+    AMD EPYC (docs/benchmarks.md, P9), while with native support it is 1.4x faster (shared/CALIBRATION.md)."""
+    if device.type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the device computes it natively (:func:`native_bf16`), else ``no``."""
+    if mixed_precision == "auto":
+        return "bf16" if native_bf16(device) else "no"
+    return mixed_precision
+
+
 def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise DiffMASError(f"unknown dtype '{dtype}'; choose one of {sorted(set(DTYPES))}")

@@ -305,16 +305,17 @@ def eval_(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where runs, results, plots and summary.md go."),
     ablation: bool = typer.Option(False, help="Gradient mode, adapter layout and latent-steps ablation instead."),
-    steps: int = typer.Option(80, help="Training steps for each trained system."),
+    steps: Optional[int] = typer.Option(None, help="Training steps for each trained system (default: "
+                                                   "configs/train/demo.yaml's)."),
     n_eval: int = typer.Option(100, help="Held-out problems per system (>= 100 for the published table)."),
-    latent_steps: int = typer.Option(5),
-    task: str = typer.Option("rg:chain_sum"),
-    topology: str = typer.Option("duo"),
-    model: str = typer.Option(DEFAULT_MODEL),
-    device: str = typer.Option("auto"),
+    latent_steps: Optional[int] = typer.Option(None, help="Default: configs/train/demo.yaml's."),
+    task: Optional[str] = typer.Option(None, help="Default: configs/train/demo.yaml's."),
+    topology: Optional[str] = typer.Option(None, help="Default: configs/train/demo.yaml's."),
+    model: Optional[str] = typer.Option(None, help="Default: configs/train/demo.yaml's (the embedded model)."),
+    device: Optional[str] = typer.Option(None, help="Default: configs/train/demo.yaml's (auto)."),
 ) -> None:
     """The main job: train diffmas and single_sft, evaluate all five systems, print the comparison."""
-    from diffmas.demo import DemoConfig, run_ablation, run_demo
+    from diffmas.experiments.demo import DemoConfig, run_ablation, run_demo
 
     cfg = DemoConfig(task=task, topology=topology, latent_steps=latent_steps, steps=steps, n_eval=n_eval,
                      model=model, device=device)

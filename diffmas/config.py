@@ -170,7 +170,8 @@ class TrainConfig:
     """Held-out loss every N steps (0: only at the start and the end)."""
     activation_checkpointing: bool = False
     mixed_precision: str = "no"
-    """``no`` or ``bf16`` (autocast; CPUs with avx512_bf16 benefit too)."""
+    """``no``, ``bf16`` (autocast) or ``auto`` (bf16 where the device computes it natively: a GPU, or a CPU with
+    avx512_bf16 / amx_bf16; elsewhere bf16 is emulated and many times slower)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
@@ -218,7 +219,7 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]"),
             (self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1"),
-            (self.mixed_precision in ("no", "bf16"), "mixed_precision", "must be 'no' or 'bf16'"),
+            (self.mixed_precision in ("no", "bf16", "auto"), "mixed_precision", "must be 'no', 'bf16' or 'auto'"),
             (self.data.target_style in ("answer", "worked"), "data.target_style", "must be 'answer' or 'worked'"),
             (self.trace in (None, *TRACE_SCOPES), "trace", f"must be one of {', '.join(TRACE_SCOPES)}"),
             (0 <= self.channel.anneal < 1, "channel.anneal", "must be in [0, 1)"),

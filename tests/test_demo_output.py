@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-import diffmas.demo
+import diffmas.experiments.demo
 from diffmas.cli import app
 
 
@@ -12,7 +12,7 @@ def test_demo_prints_unwrapped_markdown(tmp_path, monkeypatch):
     row = "| diffmas coupled / per-agent / m=5 | 0.180 ± 0.039 | 100 | 0.00 | 5.8 | 0.34 | 1.58 | [bold]x[/bold] |"
     summary = tmp_path / "summary.md"
     summary.write_text(f"# DiffMAS demo\n\n| system | a | b | c | d | e | f | g |\n|---|---|---|---|---|---|---|---|\n{row}\n")
-    monkeypatch.setattr(diffmas.demo, "run_demo", lambda out, cfg: summary)
+    monkeypatch.setattr(diffmas.experiments.demo, "run_demo", lambda out, cfg: summary)
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert len(row) > 80
@@ -22,7 +22,7 @@ def test_demo_prints_unwrapped_markdown(tmp_path, monkeypatch):
 def test_demo_writes_the_html_report_of_its_evaluation_and_names_it(tmp_path, tiny_model_dir, one_thread):
     """`make demo` end to end on the tiny model (one training step each): the evaluation gets its report.html, as
     `diffmas eval` writes it, and the summary names the page."""
-    from diffmas.demo import DemoConfig, run_demo
+    from diffmas.experiments.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(model=str(tiny_model_dir), device="cpu", steps=1, batch_size=2, n_eval=2, eval_batch_size=2,
                      max_new_tokens=3, writer_max_new_tokens=3, latent_steps=1)

@@ -162,7 +162,7 @@ def test_results_and_table_report_strict_and_flexible() -> None:
 
 
 def test_tables_show_gold_and_own_output_perplexity() -> None:
-    from diffmas.demo import _markdown_table, _rows
+    from diffmas.experiments.demo import _markdown_table, _rows
 
     base = {"task": "t", "accuracy": 0.5, "stderr": 0.1, "accuracy_flexible": 0.5, "stderr_flexible": 0.1, "n": 2,
             "tokens_mean": 3.0, "seconds_mean": 0.1, "format_failures": 0.0}

@@ -334,7 +334,7 @@ def test_jsonl_rows_that_are_evaluation_questions_are_dropped(tmp_path, capsys):
 
 
 def test_demo_reuses_only_adapters_with_the_same_config(tmp_path, monkeypatch):
-    from diffmas import demo
+    from diffmas.experiments import demo
     from diffmas.adapters import META_FILE
     from diffmas.config import save_config
 
@@ -352,8 +352,9 @@ def test_demo_reuses_only_adapters_with_the_same_config(tmp_path, monkeypatch):
 
 def test_demo_train_config_file_is_the_demo(tmp_path):
     from diffmas.config import to_dict
-    from diffmas.demo import DemoConfig
+    from diffmas.experiments.demo import DemoConfig
 
     shipped = load_config(ROOT / "configs" / "train" / "demo.yaml")
-    # The demo switches to bf16 where the hardware has it; the file keeps "no" (it runs everywhere).
-    assert to_dict(shipped) == to_dict(DemoConfig().train_config("diffmas", mixed_precision="no"))
+    assert to_dict(shipped) == to_dict(DemoConfig().train_config("diffmas"))  # the file is the demo's one source
+    assert shipped.mixed_precision == "auto"
+    assert DemoConfig(steps=7).train_config("single_sft").steps == 7

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffmas.config import CurriculumConfig, DataConfig, DistillConfig, LinkConfig, ModelConfig, TrainConfig, to_dict
-from diffmas.experiments.presets import machine_description, mixed_precision, train_once
+from diffmas.experiments.presets import machine_description, train_once
 from diffmas.experiments.workers import code_version, work_through
 
 TASKS = ("rg:chain_sum", "rg:leg_counting")
@@ -112,7 +112,7 @@ def train_config(arm: Arm, cfg: StudyConfig, device: str = "cpu") -> TrainConfig
     return TrainConfig(
         system=system, topology=cfg.topology, latent_steps=changes.get("latent_steps", cfg.latent_steps),
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=arm.seed, checkpoint_every=15,
-        eval_every=cfg.heldout_every, mixed_precision=mixed_precision(),
+        eval_every=cfg.heldout_every, mixed_precision="auto",
         model=ModelConfig(name=cfg.model, device=device), data=data,
         method=changes.get("method", "answer"), latent_map=changes.get("latent_map", "ridge"),
         curriculum=CurriculumConfig(stages=3, thoughts_per_step=cfg.latent_steps // 3, stage_steps=cfg.stage_steps,

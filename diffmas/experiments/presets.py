@@ -1,5 +1,5 @@
-"""What every experiment driver shares: the machine's description, the one mixed-precision decision, and
-training a run once (reused when finished with the same config, resumed when interrupted)."""
+"""What every experiment driver shares: the machine's description and training a run once (reused when finished
+with the same config, resumed when interrupted). Their precision is the library's ``mixed_precision: auto``."""
 
 from __future__ import annotations
 
@@ -14,22 +14,7 @@ from diffmas.config import TrainConfig, load_config, to_dict
 from diffmas.errors import DiffMASError
 from diffmas.train.checkpoint import latest_checkpoint
 
-__all__ = ["cpu_has_bf16", "machine_description", "mixed_precision", "train_once"]
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (avx512_bf16 or amx_bf16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def mixed_precision() -> str:
-    """The experiments' training precision: bf16 autocast where the hardware has it (a GPU, or a CPU with
-    native bf16), else ``no``."""
-    return "bf16" if (torch.cuda.is_available() or cpu_has_bf16()) else "no"
+__all__ = ["finished_with", "machine_description", "train_once"]
 
 
 def machine_description() -> str:

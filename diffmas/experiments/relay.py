@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from diffmas.config import load_config, to_dict
-from diffmas.experiments.presets import machine_description, mixed_precision, train_once
+from diffmas.experiments.presets import machine_description, train_once
 from diffmas.experiments.workers import code_version, work_through
 
 CHAIN, SPLIT, DIGITS = "relay:chain_sum", "split:chain_sum", "relay:digits"
@@ -120,7 +120,7 @@ def train_config(arm: Arm, cfg: RelayConfig, device: str = "cpu"):
     overrides = {
         "system": system, "latent_steps": steps, "steps": cfg.max_steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
         "seed": arm.seed, "checkpoint_every": cfg.eval_every, "eval_every": cfg.eval_every,
-        "mixed_precision": mixed_precision(), "model.name": cfg.model, "model.device": device,
+        "mixed_precision": "auto", "model.name": cfg.model, "model.device": device,
         "data.task": arm.task, "data.heldout_examples": cfg.heldout, "stop.enabled": True,
         "stop.min_steps": cfg.min_steps, "lora.rank": 16, "lora.alpha": 32, **changes,
     }

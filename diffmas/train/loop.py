@@ -24,9 +24,10 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from diffmas.adapters import attach_lora, save_adapters, trainable_parameters
-from diffmas.backbone import Backbone, load_backbone
+from diffmas.backbone import Backbone, load_backbone, resolve_device, resolve_precision
 from diffmas.config import ChannelConfig, StopConfig, TrainConfig, save_config, to_dict
 from diffmas.errors import DiffMASError
+from diffmas.memory import configure_allocator
 from diffmas.latent import (Realigner, build_latent_map, get_realigner, install_realigner, realignment_path,
                             save_latent_map)
 from diffmas.prompts import SINGLE, TOPOLOGIES, Topology, load_topology, question_text
@@ -226,15 +227,13 @@ def _trackers() -> list[str]:
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     """Train ``cfg.system``'s LoRA adapter(s); writes adapters, checkpoints, metrics and config under ``out``."""
-    from diffmas.memory import configure_allocator
-
     configure_allocator()  # long latent chains would otherwise leave freed K/V resident (diffmas.memory)
     out = Path(out)
     # One process may train several runs (the demo, the study): the accelerator's settings (mixed precision)
     # are per run, so forget the last run's; the distributed state (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=resolve_precision(cfg.mixed_precision, resolve_device(cfg.model.device)),
         cpu=cfg.model.device == "cpu",
         # Detached mode and per-agent adapters leave some adapters without gradient in a step.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -356,6 +355,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         save_adapters(backbone, out, spec.adapters, cfg.lora, state_dict=lora_state,
                       extra={"system": cfg.system, "topology": topology, "latent_steps": cfg.latent_steps,
                              "trace": spec.scope, "grad_mode": cfg.grad_mode, "task": cfg.data.task,
+                             "mixed_precision": accelerator.mixed_precision,
                              "steps": history[-1][0] if history else cfg.steps,
                              "method": cfg.method, "realign": cfg.realign, "think": cfg.think, "seed": cfg.seed,
                              "latent_map": save_latent_map(spec.latent_map or get_realigner(backbone, cfg.realign), out,

@@ -12,42 +12,45 @@ training). Every stage resumes: rerunning the command after an interruption cont
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from diffmas.config import DataConfig, ModelConfig, LoraSettings, TrainConfig
+from diffmas.config import LoraSettings, TrainConfig, load_config
 from diffmas.eval.html_report import HTML_FILE, write_html_report
 from diffmas.eval.report import self_perplexity
-from diffmas.experiments.presets import machine_description, mixed_precision, train_once
+from diffmas.experiments.presets import machine_description, train_once
+from diffmas.experiments.workers import code_version
+
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
+"""The demo's training settings: configs/train/demo.yaml (linked here, so an installed package carries it too)."""
 
 
 @dataclass
 class DemoConfig:
-    """The demo's budget; defaults fit about 30 minutes on 2 CPU cores."""
+    """The demo's evaluation settings, and what a run may override of its training settings (None: the value in
+    configs/train/demo.yaml, the one source of them); defaults fit about 20 minutes on 2 CPU cores."""
 
-    task: str = "rg:chain_sum"
-    topology: str = "duo"
-    latent_steps: int = 5
-    steps: int = 80
-    batch_size: int = 8
-    lr: float = 1e-3
     n_eval: int = 100
     eval_batch_size: int = 16
     max_new_tokens: int = 64
     writer_max_new_tokens: int = 64
-    model: str = "smollm2-135m-instruct"
-    device: str = "auto"
-    seed: int = 0
+    steps: int | None = None
+    latent_steps: int | None = None
+    batch_size: int | None = None
+    task: str | None = None
+    topology: str | None = None
+    model: str | None = None
+    device: str | None = None
 
     def train_config(self, system: str, **changes) -> TrainConfig:
-        cfg = TrainConfig(
-            system=system, topology=self.topology, latent_steps=self.latent_steps, steps=self.steps,
-            batch_size=self.batch_size, lr=self.lr, seed=self.seed, checkpoint_every=max(1, self.steps // 4),
-            mixed_precision=mixed_precision(),
-            model=ModelConfig(name=self.model, device=self.device), data=DataConfig(task=self.task),
-        )
-        return replace(cfg, **changes)
+        """The training config of ``system``: the demo file, this run's overrides, then ``changes``."""
+        overrides = {"system": system, "steps": self.steps, "latent_steps": self.latent_steps,
+                     "batch_size": self.batch_size, "data.task": self.task, "topology": self.topology,
+                     "model.name": self.model, "model.device": self.device}
+        return replace(load_config(DEMO_CONFIG, overrides), **changes)
 
 
 def _markdown_table(results: dict) -> str:
@@ -86,14 +89,20 @@ def _plot_training(runs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def _write_summary(out: Path, title: str, cfg: DemoConfig, results: dict, notes: list[str]) -> Path:
+def _write_summary(out: Path, title: str, cfg: DemoConfig, results: dict, notes: list[str],
+                   clock: dict[str, float] | None = None) -> Path:
+    train = cfg.train_config("diffmas")
     text = [f"# {title}", "",
             f"Produced by `diffmas demo{' --ablation' if 'ablation' in title.lower() else ''} --out {out}` on "
-            f"{time.strftime('%Y-%m-%d')}, {machine_description()}.", "",
-            f"Task {cfg.task} (held-out seeds, n = {cfg.n_eval} per system), topology `{cfg.topology}`, "
-            f"m = {cfg.latent_steps} latent steps, {cfg.steps} training steps x batch {cfg.batch_size}, "
+            f"{time.strftime('%Y-%m-%d')}, {machine_description()}, commit {code_version()}.", "",
+            f"Task {train.data.task} (held-out seeds, n = {cfg.n_eval} per system), topology `{train.topology}`, "
+            f"m = {train.latent_steps} latent steps, {train.steps} training steps x batch {train.batch_size} "
+            f"(configs/train/demo.yaml; mixed precision {train.mixed_precision}: bf16 only where the hardware has it), "
             "answer-only targets, greedy decoding, max "
             f"{cfg.max_new_tokens} new tokens.", "", _markdown_table(results), "", *notes]
+    if clock:
+        text += ["", "| stage | wall time |", "|---|---|",
+                 *(f"| {stage} | {seconds / 60:.1f} min |" for stage, seconds in clock.items())]
     path = out / "summary.md"
     path.write_text("\n".join(text) + "\n")
     return path
@@ -104,10 +113,12 @@ def _evaluate(systems: list[str], out: Path, cfg: DemoConfig, latent_steps: int 
     from diffmas.eval.report import plot
     from diffmas.eval.runner import run_eval
 
-    results = run_eval(systems, [cfg.task], out, model=cfg.model, limit=cfg.n_eval, batch_size=cfg.eval_batch_size,
-                       max_new_tokens=cfg.max_new_tokens, writer_max_new_tokens=cfg.writer_max_new_tokens,
-                       topology=cfg.topology, latent_steps=cfg.latent_steps if latent_steps is None else latent_steps,
-                       device=cfg.device)
+    train = cfg.train_config("diffmas")
+    results = run_eval(systems, [train.data.task], out, model=train.model.name, limit=cfg.n_eval,
+                       batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                       writer_max_new_tokens=cfg.writer_max_new_tokens, topology=train.topology,
+                       latent_steps=train.latent_steps if latent_steps is None else latent_steps,
+                       device=train.model.device)
     plot(results, out)
     write_html_report(out, results)
     return results
@@ -129,14 +140,36 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    runs = {system: train_once(cfg.train_config(system), out / system) for system in ("diffmas", "single_sft")}
+    clock = setup_clock()
+    runs = {}
+    for system in ("diffmas", "single_sft"):
+        started = time.time()
+        runs[system] = train_once(cfg.train_config(system), out / system)
+        clock[f"train {system}"] = time.time() - started
     _plot_training(runs, out / "training.png")
     systems = ["single", "text_mas", "latent_mas", f"diffmas:{runs['diffmas']}", f"single_sft:{runs['single_sft']}"]
+    started = time.time()
     results = _evaluate(systems, out / "eval", cfg)
+    clock[f"evaluate {len(systems)} systems x {cfg.n_eval} problems"] = time.time() - started
+    (out / "clock.json").write_text(json.dumps(clock, indent=2) + "\n")
     return _write_summary(out, "DiffMAS demo", cfg, _rows(results), [
         "Plots: `eval/accuracy_vs_tokens.png`, `eval/accuracy_vs_time.png`, `training.png`. "
         "Per-sample outputs: `eval/samples.jsonl`; full metrics and config: `eval/results.json`. "
-        f"Every sample, with each agent's segment, on one page: `eval/{HTML_FILE}`."])
+        f"Every sample, with each agent's segment, on one page: `eval/{HTML_FILE}`. Wall time per stage of this run "
+        "(a stage that found its result already there, e.g. on a rerun, took only the time to check it):"], clock)
+
+
+SETUP_SECONDS = ".setup-seconds"
+"""Written into the virtual environment by ``make setup``: how long installing everything took."""
+
+
+def setup_clock() -> dict[str, float]:
+    """``{"set-up (make setup)": seconds}`` when this environment was made by ``make`` (its timing file), else {}."""
+    path = Path(sys.prefix) / SETUP_SECONDS
+    try:
+        return {"set-up (make setup, downloads included)": float(path.read_text().strip())}
+    except (OSError, ValueError):
+        return {}
 
 
 ABLATION = {
