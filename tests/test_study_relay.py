@@ -15,7 +15,7 @@ def test_arms_share_one_budget_and_differ_only_where_named():
     cfg = RelayConfig()
     arms = plan_arms()
     assert len({a.id for a in arms}) == len(arms)
-    assert [a.name for a in arms[:4]] == ["open", "coupled", "blind", "coupled"]  # the decisive ones first
+    assert [a.name for a in arms[:4]] == ["coupled", "open", "coupled", "blind"]  # the decisive ones first
     trained = {a.id: train_config(a, cfg) for a in arms if arm_settings(a.name, cfg)[0] != "text_mas"}
     assert len({(c.batch_size, c.lr, c.steps, c.stop.min_steps, c.data.heldout_examples)
                 for c in trained.values()}) == 1
@@ -25,6 +25,7 @@ def test_arms_share_one_budget_and_differ_only_where_named():
     assert chain["detached"].grad_mode == "detached" and chain["pause"].latent_map == "pause"
     for name in ("detached", "pause"):  # the controls change one thing against coupled
         assert chain[name].channel == chain["coupled"].channel and chain[name].trace == "latents"
+    assert chain["coupled_ae"].channel.autoencode_steps > 0 and chain["coupled_anneal"].channel.anneal > 0
     assert chain["blind"].latent_steps == 0 and chain["skyline"].system == "single_sft"
     sweep = [trained[a.id] for a in arms if a.phase == 4]
     assert sorted({c.latent_steps for c in sweep}) == list(relay.SWEEP)

@@ -10,6 +10,7 @@ validation split, see :class:`RelayConfig`):
 
 - ``open``: the final agent attends to the writer's whole segment (KV sharing, as KVComm);
 - ``coupled``: latents only, gradient through the channel into the writer (the recipe of :class:`RelayConfig`);
+  ``coupled_ae`` / ``coupled_anneal`` add autoencoding pre-training / the bottleneck curriculum;
 - ``detached``: the same with no gradient into the writer; ``pause``: the same positions fed one learned embedding
   (gist tokens: the positions still attend to the prompt, but no thought content is fed back);
 - ``blind``: no channel (m = 0): the floor a trained reader reaches on the prior;
@@ -18,7 +19,7 @@ validation split, see :class:`RelayConfig`):
 - on ``split:chain_sum``: ``coupled`` and each writer alone (``half_a``, ``half_b``);
 - on ``relay:digits``: ``coupled`` and ``pause`` for m in 1, 2, 4, 8, 16 (the capacity ladder, per k).
 
-Arms are listed in phases, cheapest decisive first (open, coupled, blind, the ladder at m = 6), then the controls,
+Arms are listed in phases, the decisive ones first (coupled, open, the ladder at m = 6, blind), then the controls,
 then training seeds 1 and 2 where the claims are, then the m sweep. Every finished arm writes
 ``docs/arms/<id>.json``, its per-item outcomes and its held-out loss curve; the report is rebuilt after each.
 """
@@ -47,7 +48,7 @@ class RelayConfig:
     ``min_steps``; ``max_steps`` caps it (and sets the cosine schedule's length)."""
 
     min_steps: int = 300
-    max_steps: int = 600
+    max_steps: int = 500
     batch_size: int = 8
     lr: float = 1e-3
     latent_steps: int = 6
@@ -57,10 +58,11 @@ class RelayConfig:
     max_new_tokens: int = 24
     eval_batch_size: int = 16
     model: str = "smollm2-135m-instruct"
-    autoencode_steps: int = 60
+    autoencode_steps: int = 0
     anneal: float = 0.0
-    """The recipe of the bottlenecked arms (coupled, detached, pause, half_*), chosen by the probes in
-    docs/study-relay/PLAN.md: autoencoding pre-training steps and the bottleneck curriculum's share of the steps."""
+    """The recipe of the bottlenecked arms (coupled, detached, pause, half_*): autoencoding pre-training steps and
+    the bottleneck curriculum's share of the steps. Plain answer-only training (both 0) passed a digit through the
+    channel in the probes (docs/study-relay/PLAN.md); the arms coupled_ae and coupled_anneal measure the other two."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
     return {
         "open": ("diffmas", {"trace": "keep"}),
         "coupled": ("diffmas", {**latents, **recipe}),
+        "coupled_ae": ("diffmas", {**latents, **recipe, "channel.autoencode_steps": 60}),
+        "coupled_anneal": ("diffmas", {**latents, **recipe, "channel.anneal": 0.3}),
         "detached": ("diffmas", {**latents, **recipe, "grad_mode": "detached"}),
         "pause": ("diffmas", {**latents, **recipe, "latent_map": "pause"}),
         "blind": ("diffmas", {**latents, "latent_steps": 0}),
@@ -106,8 +110,9 @@ def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
 
 def plan_arms() -> list[Arm]:
     """Every arm in priority order (see the module docstring)."""
-    arms = [Arm("open", CHAIN), Arm("coupled", CHAIN), Arm("blind", CHAIN), Arm("coupled", DIGITS)]
-    arms += [Arm(n, CHAIN, phase=2) for n in ("detached", "pause", "skyline", "text_m", "text_4m")]
+    arms = [Arm("coupled", CHAIN), Arm("open", CHAIN), Arm("coupled", DIGITS), Arm("blind", CHAIN)]
+    arms += [Arm(n, CHAIN, phase=2) for n in ("detached", "pause", "skyline", "text_m", "text_4m", "coupled_ae",
+                                              "coupled_anneal")]
     arms += [Arm(n, SPLIT, phase=2) for n in ("coupled", "half_a", "half_b")]
     arms += [Arm(n, CHAIN, s, phase=3) for s in (1, 2) for n in ("coupled", "detached", "pause", "open")]
     arms += [Arm(n, DIGITS, phase=4, latent_steps=m) for m in SWEEP for n in ("coupled", "pause")]

@@ -17,7 +17,8 @@ from diffmas.eval.compare import Comparison, compare, markdown_table
 # (arm, baseline) pairs whose paired difference the study reports, per task.
 PAIRS = {
     "relay:chain_sum": [("coupled", "detached"), ("coupled", "pause"), ("coupled", "blind"), ("coupled", "text_m"),
-                        ("coupled", "text_4m"), ("coupled", "open"), ("open", "skyline"), ("open", "blind")],
+                        ("coupled", "text_4m"), ("coupled", "open"), ("open", "skyline"), ("open", "blind"),
+                        ("coupled_ae", "coupled"), ("coupled_anneal", "coupled")],
     "split:chain_sum": [("coupled", "half_a"), ("coupled", "half_b")],
 }
 
