@@ -1,4 +1,4 @@
-"""The allocator setting: freed tensor memory goes back to the OS (each check in a fresh process: mallopt is global)."""
+"""The allocator policy: freed tensor memory goes back to the OS (each check in a fresh process: mallopt is global)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 # mid-sized tensors are allocated and all but the newest freed (the newest pins the top of the heap).
 CHILD = """
 import json, sys, torch
-from diffmas.memory import configure_allocator, rss_mib
+from diffmas.memory import configure_allocator, rss_mib, step_done
 applied = configure_allocator() if sys.argv[1] == "library" else None
 if sys.argv[1] == "cli":
     from diffmas import memory
@@ -30,7 +30,10 @@ tensors = [torch.ones(1 << 18) for _ in range(200)]  # 200 x 1 MiB
 held = rss_mib() - before
 keep = tensors[-1]
 del tensors
-print(json.dumps({"applied": applied, "held": held, "after_free": rss_mib() - before}))
+after_free = rss_mib() - before
+if sys.argv[1] != "none":
+    step_done()  # the end of a training step
+print(json.dumps({"applied": applied, "held": held, "after_free": after_free, "after_step": rss_mib() - before}))
 """
 
 
@@ -43,17 +46,24 @@ def _child(mode: str, **env: str) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc only")
-def test_freed_tensors_leave_the_process_once_configured():
+def test_freed_tensors_leave_the_process_by_the_end_of_a_step():
+    from diffmas.memory import DEFAULT_POLICY, POLICIES
+
     default = _child("none")
-    ours = _child("library")
-    cli = _child("cli")
-    assert ours["applied"] == cli["applied"] == 64 * 1024
-    assert default["held"] > 150 and ours["held"] > 150  # the tensors were resident while alive
-    assert default["after_free"] > 150  # glibc's default keeps the freed heap...
-    assert ours["after_free"] < 20 and cli["after_free"] < 20  # ...the setting gives it back
+    trim = _child("library", DIFFMAS_MALLOC="trim")
+    mapped = _child("library", DIFFMAS_MALLOC="mmap64k")
+    cli = _child("cli")  # the CLI applies the default policy
+    assert trim["applied"] is None and mapped["applied"] == 64 * 1024
+    assert cli["applied"] == (POLICIES[DEFAULT_POLICY] or None)
+    assert all(r["held"] > 150 for r in (default, trim, mapped))  # the tensors were resident while alive
+    assert default["after_free"] > 150 and default["after_step"] > 150  # glibc's default keeps the freed heap...
+    assert trim["after_free"] > 150 and trim["after_step"] < 20  # ...trim returns it at the end of the step...
+    assert mapped["after_free"] < 20  # ...a 64 KiB threshold returns every block at once
+    assert cli["after_step"] < 20
 
 
 def test_the_user_can_opt_out_or_choose():
-    assert _child("library", DIFFMAS_MMAP_THRESHOLD="0")["applied"] is None
-    assert _child("library", MALLOC_MMAP_THRESHOLD_="131072")["applied"] is None  # glibc applied the user's own
+    assert _child("library", DIFFMAS_MMAP_THRESHOLD="0", DIFFMAS_MALLOC="mmap4m")["applied"] is None
+    assert _child("library", MALLOC_MMAP_THRESHOLD_="131072", DIFFMAS_MALLOC="mmap64k")["applied"] is None
     assert _child("library", DIFFMAS_MMAP_THRESHOLD="262144")["applied"] == 262144
+    assert _child("library", DIFFMAS_MALLOC="glibc")["after_step"] > 150  # glibc's defaults: nothing trimmed

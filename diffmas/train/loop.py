@@ -27,7 +27,7 @@ from diffmas.adapters import attach_lora, save_adapters, trainable_parameters
 from diffmas.backbone import Backbone, load_backbone, resolve_device, resolve_precision
 from diffmas.config import ChannelConfig, StopConfig, TrainConfig, save_config, to_dict
 from diffmas.errors import DiffMASError
-from diffmas.memory import configure_allocator
+from diffmas.memory import configure_allocator, step_done
 from diffmas.latent import (Realigner, build_latent_map, get_realigner, install_realigner, realignment_path,
                             save_latent_map)
 from diffmas.prompts import SINGLE, TOPOLOGIES, Topology, load_topology, question_text
@@ -320,6 +320,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        step_done()  # the allocator policy's step boundary (diffmas.memory)
         seconds = time.perf_counter() - started
         record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   "target_tokens": norm.tokens, "tokens_per_s": norm.tokens / seconds, "seconds": seconds}
