@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from diffmas.eval.compare import Comparison, compare, forest_plot, markdown_table
+from diffmas.experiments.curves import plot_heldout
 
 BASELINES = {"sft_answer": "single_sft, answer-only", "sft_worked": "single_sft, worked solutions"}
 
@@ -35,30 +36,11 @@ def _summary(c: Comparison) -> dict:
 
 
 def _curves(arms: list[dict], docs: Path) -> Path | None:
-    if not arms:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({a["task"] for a in arms})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for rec in (a for a in arms if a["task"] == task):
-            stem = f"{task.removeprefix('rg:')}--{rec['arm']}--s{rec['seed']}"
-            metrics = [json.loads(l) for l in (docs / "curves" / f"{stem}.jsonl").read_text().splitlines()]
-            held = [(m["step"], m["heldout_loss"]) for m in metrics if "heldout_loss" in m]
-            ax.plot(*zip(*held), marker=".", label=rec["label"])
-        ax.set_title(f"{task}: held-out loss (inference configuration)")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("cross-entropy per target token")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = docs / "heldout_loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    runs: dict[str, list] = {}
+    for rec in arms:
+        stem = f"{rec['task'].removeprefix('rg:')}--{rec['arm']}--s{rec['seed']}"
+        runs.setdefault(rec["task"], []).append((rec["label"], docs / "curves" / f"{stem}.jsonl"))
+    return plot_heldout(runs, docs / "heldout_loss.png", "inference configuration")
 
 
 def write_report(docs: Path, n_boot: int = 10_000) -> dict:

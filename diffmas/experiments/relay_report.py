@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from diffmas.eval.compare import Comparison, compare, markdown_table
+from diffmas.experiments.curves import plot_heldout
 
 # (arm, baseline) pairs whose paired difference the study reports, per task.
 PAIRS = {
@@ -83,32 +84,12 @@ def _capacity_plot(arms: dict[str, dict], docs: Path) -> Path | None:
 
 
 def _curves(records: list[dict], docs: Path) -> Path | None:
-    trained = [r for r in records if (docs / "curves" / f"{r['task'].replace(':', '_')}--{arm_key(r)}--s{r['seed']}.jsonl")
-               .is_file()]
-    if not trained:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({r["task"] for r in trained})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for rec in (r for r in trained if r["task"] == task):
-            stem = f"{task.replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
-            metrics = [json.loads(l) for l in (docs / "curves" / f"{stem}.jsonl").read_text().splitlines()]
-            held = [(m["step"], m["heldout_loss"]) for m in metrics if "heldout_loss" in m]
-            ax.plot(*zip(*held), marker=".", label=rec["label"])
-        ax.set_title(f"{task}: held-out loss (validation split)")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("cross-entropy per target token")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = docs / "heldout_loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    runs: dict[str, list] = {}
+    for rec in records:
+        path = docs / "curves" / f"{rec['task'].replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}.jsonl"
+        if path.is_file():  # text arms are not trained
+            runs.setdefault(rec["task"], []).append((rec["label"], path))
+    return plot_heldout(runs, docs / "heldout_loss.png", "validation split")
 
 
 def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> list[str]:
