@@ -225,6 +225,15 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def merged(out: Path, name: str, key: str, fresh: dict[str, Any]) -> dict[str, Any]:
+    """``fresh`` (a mapping under ``key``, e.g. results per thread count) on top of what an earlier run of the same
+    benchmark wrote to ``out/name.json``: thread counts measured at different times (one while the other core was
+    busy, two on an idle machine) end up in one file, each with the machine line it was measured under."""
+    path = out / f"{name}.json"
+    old = json.loads(path.read_text()).get(key, {}) if path.is_file() else {}
+    return {**old, **fresh}
+
+
 def write_json(out: Path, name: str, data: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"

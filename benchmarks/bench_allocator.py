@@ -1,4 +1,4 @@
-"""python benchmarks/bench_allocator.py --out docs/benchmarks --thread-counts 1 2   (P9: allocator policy vs step time)
+"""python benchmarks/bench_allocator.py --out docs/benchmarks --thread-counts 1 2   (P8: allocator policy vs step time)
 
 glibc's allocator settings against a training step at the demo's settings (configs/train/demo.yaml: duo, m = 5,
 batch 8, fp32, the embedded model): for every candidate, step time AND memory, each candidate in its own fresh
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, machine, parser, table, write_json
+from _common import ROOT, machine, merged, parser, table, write_json
 
 CANDIDATES = {"mmap64k": "mmap64k", "glibc": "glibc", "trim": "trim", "mmap4m": "mmap4m"}
 
@@ -98,7 +98,7 @@ def main() -> None:
         for rep in range(args.reps):
             order = args.candidates if rep % 2 == 0 else args.candidates[::-1]
             for name in order:
-                print(f"[P9] {threads} thread(s), rep {rep + 1}/{args.reps}: {name}", flush=True)
+                print(f"[P8] {threads} thread(s), rep {rep + 1}/{args.reps}: {name}", flush=True)
                 runs[str(threads)][name].append(run_child(name, threads, args.steps))
     rows, summary = [], {}
     for threads, by_name in runs.items():
@@ -111,13 +111,14 @@ def main() -> None:
                     "held_rss_mib": statistics.median(r["held_rss_mib"][-1] for r in results),
                     "minor_faults_per_step": statistics.median(f for r in results for f in r["minor_faults_per_step"]),
                     "system_s_per_step": statistics.median(s for r in results for s in r["system_s_per_step"])}
-            summary.setdefault(threads, {})[name] = item
+            summary.setdefault(threads, {})[name] = {**item, "machine": machine(int(threads))}
             rows.append([threads, name, item["step_s"], item["vs_glibc"] or "-", item["peak_rss_mib"],
                          item["held_rss_mib"], item["minor_faults_per_step"], item["system_s_per_step"]])
     print(table(["threads", "candidate", "s/step", "vs glibc", "peak RSS MiB", "held RSS MiB", "minor faults/step",
                  "system s/step"], rows))
-    write_json(args.out, "p9_allocator", {"machine": machine(max(args.thread_counts)), "steps": args.steps,
-                                          "reps": args.reps, "summary": summary, "runs": runs})
+    write_json(args.out, "allocator", {"machine": machine(max(args.thread_counts)), "steps": args.steps,
+                                       "reps": args.reps, "summary": merged(args.out, "allocator", "summary", summary),
+                                       "runs": merged(args.out, "allocator", "runs", runs)})
 
 
 if __name__ == "__main__":

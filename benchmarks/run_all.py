@@ -20,10 +20,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCHES = {"P1": "bench_rollout.py", "P2": "bench_tokens.py", "P3": "bench_train_step.py",
-           "P4": "bench_memory.py", "P5": "bench_scaling.py", "P6": "bench_throughput.py", "P7": "bench_serve.py"}
+           "P4": "bench_memory.py", "P5": "bench_scaling.py", "P6": "bench_throughput.py", "P7": "bench_serve.py",
+           "P8": "bench_allocator.py", "P9": "profile_train_step.py"}
 DOC_DIR = ROOT / "docs"  # set by render(): links in the page are relative to it
 JSONS = {"P1": "rollout", "P2": "tokens", "P3": "train_step", "P4": "memory", "P5": "scaling", "P6": "throughput",
-         "P7": "serve"}
+         "P7": "serve", "P8": "allocator", "P9": "profile"}
 
 
 def f(x: float, digits: int = 2) -> str:
@@ -333,6 +334,50 @@ alone. A client's latency is its batch's time, so p50 grows with concurrency whi
 """
 
 
+def section_p8(d: dict[str, Any], out: Path) -> str:
+    rows = [[threads, name, f(r["step_s"]), f(r["vs_glibc"]) if r["vs_glibc"] else "–", f(r["peak_rss_mib"], 0),
+             f(r["held_rss_mib"], 0), f(r["minor_faults_per_step"] / 1e6, 2), f(r["system_s_per_step"])]
+            for threads, by_name in sorted(d["summary"].items()) for name, r in by_name.items()]
+    when = "; ".join(f"{t} thread(s): {r['machine']['date']}, load average at start "
+                     f"{r['machine']['loadavg_at_start']:.2f}" for t, by_name in sorted(d["summary"].items())
+                     for r in list(by_name.values())[:1])
+    return f"""## P8 — the allocator policy: step time and resident memory
+
+`python benchmarks/bench_allocator.py --out {os.path.relpath(out, ROOT)}` — {machine_line(d['machine'])}
+
+A training step at the demo's settings (configs/train/demo.yaml, the library's own `train()`) under each allocator
+policy (`DIFFMAS_MALLOC`, see `diffmas/memory.py`), each in {d['reps']} fresh process(es) per thread count, the
+policies in alternating order; {d['steps']} steps per process, the first one warm-up. Step time = median over steps
+and processes; peak RSS = the process's high-water mark (training, held-out evaluation and the final save
+included); held RSS = resident memory right after the last optimizer step. Measured: {when}.
+
+{md_table(["threads", "policy", "s / step", "vs glibc", "peak RSS MiB", "held RSS MiB", "minor faults / step (M)",
+           "system CPU s / step"], rows)}
+"""
+
+
+def section_p9(d: dict[str, Any], out: Path) -> str:
+    parts = [f"""## P9 — where a training step's time goes (diffmas vs single_sft)
+
+`python benchmarks/profile_train_step.py --out {os.path.relpath(out, ROOT)}` — {machine_line(d['machine'])}
+
+The library's own training step (rollout, backward, clipping, AdamW) at the demo's settings, diffmas against
+single_sft, interleaved; then one step of each under torch.profiler, self CPU time by operator family. Goal (issue
+20): diffmas / single_sft <= 1.1 x the ratio of their positions per row (no overhead beyond the extra positions)."""]
+    for threads, by_precision in sorted(d["results"].items()):
+        for precision, r in by_precision.items():
+            fams = list(r["profile"]["diffmas"])
+            rows = [[k, f(r["profile"]["diffmas"].get(k, 0)), f(r["profile"]["single_sft"].get(k, 0))] for k in fams]
+            parts.append(f"""**{threads} thread(s), mixed precision {precision}** ({r['machine']['date']}, load average at
+start {f(r['machine']['loadavg_at_start'])}): diffmas {f(r['median']['diffmas'])} s, single_sft
+{f(r['median']['single_sft'])} s per step: **{f(r['ratio'])}x** for {f(r['positions_ratio'])}x the positions per row
+({f(r['positions_per_row']['diffmas'], 0)} vs {f(r['positions_per_row']['single_sft'], 0)}); goal <=
+{f(1.1 * r['positions_ratio'])}: {goal(r['goal_met'])}.
+
+{md_table(["operator family (self CPU s, one step)", "diffmas", "single_sft"], rows)}""")
+    return "\n\n".join(parts) + "\n"
+
+
 def section_gpu(gpu: Path) -> str:
     """The one-off GPU run (``scripts/gpu-checks.sh``), from the files it left in ``gpu``."""
     parts = []
@@ -375,7 +420,7 @@ def section_gpu(gpu: Path) -> str:
 
 
 SECTIONS = {"P1": section_p1, "P2": section_p2, "P3": section_p3, "P4": section_p4, "P5": section_p5,
-            "P6": section_p6, "P7": section_p7}
+            "P6": section_p6, "P7": section_p7, "P8": section_p8, "P9": section_p9}
 
 
 def render(out: Path, doc: Path, notes: Path) -> None:
