@@ -102,6 +102,8 @@ class AgentRecord:
     lens: list[list[list[str]]] | None = None
     max_new_tokens: int | None = None
     """The token budget this agent decoded under (text writers, and the final agent at inference)."""
+    sees: str = "question"
+    """What the agent saw of the example (its view, :attr:`diffmas.prompts.Agent.sees`)."""
 
 
 @dataclass
@@ -368,7 +370,7 @@ def rollout(
                 n_forced += sum(len(f) for f in forced or [])
                 if scope == "drop" and steps == 0 and not (forced and any(forced)):
                     # LatentMAS: a writer with no latent thoughts contributes nothing (so it is not run at all).
-                    records.append(AgentRecord(agent.role, [0] * batch, 0, generated, 0.0))
+                    records.append(AgentRecord(agent.role, [0] * batch, 0, generated, 0.0, sees=agent.sees))
                     continue
                 lens_out: list | None = [] if spec.lens_top_k else None
                 fn = agent_fn(backbone, adapters.get(agent.role), steps, latent_map,
@@ -399,7 +401,7 @@ def rollout(
             records.append(AgentRecord(agent.role, [len(s) for s in seqs],
                                        steps if spec.writer_mode == "latent" else 0, generated,
                                        (time.perf_counter() - start) / batch, texts, lens,
-                                       budget if spec.writer_mode == "text" else None))
+                                       budget if spec.writer_mode == "text" else None, agent.sees))
 
     if training and grad_mode == "detached":
         trace = trace.detach()
@@ -423,7 +425,7 @@ def rollout(
         n_captured = backbone.lm.config.num_hidden_layers + 1 if capture else 0
         loss_sum = loss_sum + out[0]
         records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], final_steps, [0] * batch,
-                                   (time.perf_counter() - start) / batch))
+                                   (time.perf_counter() - start) / batch, sees=final.sees))
         return RolloutResult([""] * batch, [[] for _ in range(batch)], records, trace_tokens, [0.0] * batch,
                              loss=loss_sum / n_forced, target_tokens=n_forced,
                              trace=trace if keep_trace else None, captured=tuple(out[2: 2 + n_captured]))
@@ -447,6 +449,6 @@ def rollout(
         reply = _as_agent(final.role, decode, backbone, builder, last, decode_cfg)
     records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], final_steps,
                                [len(t) for t in reply.tokens], (time.perf_counter() - start) / batch,
-                               max_new_tokens=decode_cfg.max_new_tokens))
+                               max_new_tokens=decode_cfg.max_new_tokens, sees=final.sees))
     return RolloutResult(reply.texts, reply.tokens, records, trace_tokens, reply.nll_sum,
                          trace=trace if keep_trace else None, gold=gold)

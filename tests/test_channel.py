@@ -86,6 +86,8 @@ def test_views_and_scopes_batch_one_equals_batch_n(topology, scope):
         assert alone.gold[0][0] == pytest.approx(full.gold[i][0], rel=1e-9, abs=1e-9)
     if scope == "latents":
         assert full.trace_tokens == [M * len(topology.writers)] * len(VIEWS)
+    record = full.per_question()[0]  # what every sample records of each agent's view
+    assert [a["sees"] for a in record["agents"]] == [a.sees for a in topology.agents]
 
 
 def test_hiding_the_prompt_columns_equals_dropping_them_in_training():

@@ -34,7 +34,7 @@ def run_dir(tmp_path):
         _sample("latent_mas", "b", False, True, [_agent("reasoner", latent_steps=2, latents=lens), _agent("solver")]),
         _sample("text_mas", "a", False, False, [_agent("reasoner", text="I think <script>alert(1)</script>"),
                                                _agent("solver")]),
-        _sample("text_mas", "b", True, True, [_agent("reasoner", text="plan"), _agent("solver")]),
+        _sample("text_mas", "b", True, True, [_agent("reasoner", text="plan"), _agent("solver", sees="none")]),
     ]
     (tmp_path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     results = {"status": "complete", "config": {"model": "tiny", "tasks": ["rg:chain_sum"], "max_new_tokens": 8},
@@ -52,6 +52,7 @@ def test_report_flag_writes_a_self_contained_page(run_dir):
     assert page.count("<details class='sample") == 4
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)" in page  # text is escaped
     assert "rank 1, p = 0.700" in page  # the logit-lens heat map, with probabilities when present
+    assert page.count("sees none") == 1 and page.count("sees question") == 7  # each agent's view
 
 
 def _chrome():

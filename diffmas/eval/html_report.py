@@ -135,8 +135,9 @@ def _lens_table(latents: list) -> str:
 
 
 def _agent_html(agent: dict) -> str:
+    view = agent.get("sees", "question")
     parts = [f"<div class='agent'><b>{_e(agent.get('role'))}</b> "
-             f"<span class='muted'>prompt {_e(agent.get('prompt_tokens'))} tok · latent steps "
+             f"<span class='muted'>sees {_e(view)} · prompt {_e(agent.get('prompt_tokens'))} tok · latent steps "
              f"{_e(agent.get('latent_steps', 0))} · generated {_e(agent.get('generated_tokens', 0))} tok · "
              f"{_num(agent.get('seconds'), '.2f')} s</span>"]
     if agent.get("latents"):
