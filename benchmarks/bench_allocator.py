@@ -4,14 +4,15 @@ glibc's allocator settings against a training step at the demo's settings (confi
 batch 8, fp32, the embedded model): for every candidate, step time AND memory, each candidate in its own fresh
 process (an allocator's state is per process), the candidates interleaved (A B C, then C B A, ...) so that the
 machine's drift cancels. Every child runs the library's own ``train()`` for ``--steps`` steps (the first one is
-warm-up) and reports the per-step seconds from metrics.jsonl, the peak RSS (VmHWM), the RSS held after each step,
-minor page faults and system CPU time per step.
+warm-up) and reports the per-step seconds from metrics.jsonl, the peak RSS (VmHWM), the RSS held at the end of each
+step (after the policy's own step boundary), minor page faults and system CPU time per step.
 
 Candidates (``DIFFMAS_MALLOC`` selects the library's policy, see diffmas.memory):
 - ``mmap64k``: every block >= 64 KiB its own mapping, returned at free (the default before 2026-12-05);
 - ``glibc``: glibc's own dynamic thresholds, nothing else;
 - ``trim``: glibc's thresholds, and the free heap handed back (``malloc_trim``) after every optimizer step;
-- ``mmap4m``: only blocks >= 4 MiB mapped on their own (the large activations and K/V blocks).
+- ``mmap4m``: only blocks >= 4 MiB mapped on their own (the large activations and K/V blocks);
+- ``jemalloc``: jemalloc instead of glibc's malloc (``LD_PRELOAD``, Debian's libjemalloc2), when installed.
 """
 
 from __future__ import annotations
@@ -29,37 +30,37 @@ from pathlib import Path
 
 from _common import ROOT, machine, merged, parser, table, write_json
 
-CANDIDATES = {"mmap64k": "mmap64k", "glibc": "glibc", "trim": "trim", "mmap4m": "mmap4m"}
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+# candidate -> (DIFFMAS_MALLOC policy, extra environment)
+CANDIDATES = {"mmap64k": ("mmap64k", {}), "glibc": ("glibc", {}), "trim": ("trim", {}), "mmap4m": ("mmap4m", {}),
+              **({"jemalloc": ("glibc", {"LD_PRELOAD": str(JEMALLOC)})} if JEMALLOC.is_file() else {})}
 
 
 def child(steps: int) -> None:
     """One candidate: train ``steps`` steps at the demo's settings; print the measurements as JSON."""
-    import torch
-
     from diffmas.config import load_config
     from diffmas.memory import configure_allocator, rss_mib
-    from diffmas.train.loop import train
+    from diffmas.train import loop
 
     configure_allocator()
     held: list[float] = []
     faults: list[int] = []
     system: list[float] = []
-    original = torch.optim.AdamW.step
+    original = loop.step_done
 
-    def step(self, *args, **kwargs):  # after the library's own step (and its trim, when the policy has one)
-        out = original(self, *args, **kwargs)
+    def step_done() -> None:  # the end of the library's step, after its policy's own step boundary
+        original()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         held.append(rss_mib())
         faults.append(usage.ru_minflt)
         system.append(usage.ru_stime)
-        return out
 
-    torch.optim.AdamW.step = step
+    loop.step_done = step_done
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(ROOT / "configs" / "train" / "demo.yaml",
                           {"steps": steps, "checkpoint_every": steps, "data.heldout_examples": 8,
                            "model.device": "cpu"})
-        train(cfg, Path(tmp) / "run")
+        loop.train(cfg, Path(tmp) / "run")
         metrics = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     seconds = [m["seconds"] for m in metrics if "seconds" in m]
     peak = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
@@ -70,7 +71,8 @@ def child(steps: int) -> None:
 
 def run_child(name: str, threads: int, steps: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DIFFMAS_MMAP_THRESHOLD"}
-    env.update(DIFFMAS_MALLOC=CANDIDATES[name], OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    policy, extra = CANDIDATES[name]
+    env.update(DIFFMAS_MALLOC=policy, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **extra)
     started = time.time()
     done = subprocess.run([sys.executable, __file__, "--child", "--steps", str(steps)], env=env, cwd=ROOT,
                           capture_output=True, text=True)

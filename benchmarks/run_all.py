@@ -349,7 +349,8 @@ A training step at the demo's settings (configs/train/demo.yaml, the library's o
 policy (`DIFFMAS_MALLOC`, see `diffmas/memory.py`), each in {d['reps']} fresh process(es) per thread count, the
 policies in alternating order; {d['steps']} steps per process, the first one warm-up. Step time = median over steps
 and processes; peak RSS = the process's high-water mark (training, held-out evaluation and the final save
-included); held RSS = resident memory right after the last optimizer step. Measured: {when}.
+included); held RSS = resident memory at the end of the last step (after the policy's own step boundary).
+Measured: {when}.
 
 {md_table(["threads", "policy", "s / step", "vs glibc", "peak RSS MiB", "held RSS MiB", "minor faults / step (M)",
            "system CPU s / step"], rows)}
@@ -362,16 +363,17 @@ def section_p9(d: dict[str, Any], out: Path) -> str:
 `python benchmarks/profile_train_step.py --out {os.path.relpath(out, ROOT)}` — {machine_line(d['machine'])}
 
 The library's own training step (rollout, backward, clipping, AdamW) at the demo's settings, diffmas against
-single_sft, interleaved; then one step of each under torch.profiler, self CPU time by operator family. Goal (issue
-20): diffmas / single_sft <= 1.1 x the ratio of their positions per row (no overhead beyond the extra positions)."""]
+single_sft in one process (glibc's allocator defaults), interleaved; then one step of each under torch.profiler,
+self CPU time by operator family. Goal (issue 20): diffmas / single_sft <= 1.1 x the ratio of their positions per
+row (no overhead beyond the extra positions)."""]
     for threads, by_precision in sorted(d["results"].items()):
         for precision, r in by_precision.items():
             fams = list(r["profile"]["diffmas"])
             rows = [[k, f(r["profile"]["diffmas"].get(k, 0)), f(r["profile"]["single_sft"].get(k, 0))] for k in fams]
-            parts.append(f"""**{threads} thread(s), mixed precision {precision}** ({r['machine']['date']}, load average at
-start {f(r['machine']['loadavg_at_start'])}): diffmas {f(r['median']['diffmas'])} s, single_sft
-{f(r['median']['single_sft'])} s per step: **{f(r['ratio'])}x** for {f(r['positions_ratio'])}x the positions per row
-({f(r['positions_per_row']['diffmas'], 0)} vs {f(r['positions_per_row']['single_sft'], 0)}); goal <=
+            parts.append(f"""**{threads} thread(s), mixed precision {precision}** ({r['machine']['date']}, load average \
+at start {f(r['machine']['loadavg_at_start'])}): diffmas {f(r['median']['diffmas'])} s, single_sft \
+{f(r['median']['single_sft'])} s per step: **{f(r['ratio'])}x** for {f(r['positions_ratio'])}x the positions per row \
+({f(r['positions_per_row']['diffmas'], 0)} vs {f(r['positions_per_row']['single_sft'], 0)}); goal <= \
 {f(1.1 * r['positions_ratio'])}: {goal(r['goal_met'])}.
 
 {md_table(["operator family (self CPU s, one step)", "diffmas", "single_sft"], rows)}""")

@@ -455,9 +455,10 @@ def serve(
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    from diffmas.memory import configure_allocator
+    from diffmas.memory import configure_allocator, preload_jemalloc
 
-    configure_allocator()  # freed activations go back to the OS (DIFFMAS_MMAP_THRESHOLD=0: glibc's defaults)
+    preload_jemalloc()  # restarts this process once with jemalloc, when installed (diffmas.memory)
+    configure_allocator()  # the allocator policy (DIFFMAS_MALLOC)
     app()
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the system packages diffmas can use but does not strictly need:
+# Install the system packages diffmas can use but does not strictly need (bubblewrap, chromium, libjemalloc2):
 #
 # bubblewrap (`bwrap`), which diffmas.sandbox uses to isolate
 # model-written code (read-only root, private /tmp, no network, own PID
@@ -25,6 +25,14 @@ for cmd in "${!WANTED[@]}"; do
         missing+=("${WANTED[$cmd]}")
     fi
 done
+
+# libjemalloc2: the allocator diffmas' command line restarts itself with (diffmas/memory.py; docs/benchmarks.md, P8:
+# as fast as glibc's defaults, about as lean as mapping every block on its own). A library, not a command.
+if compgen -G "/usr/lib/*-linux-gnu/libjemalloc.so.2" >/dev/null || [ -e /usr/lib64/libjemalloc.so.2 ]; then
+    info "libjemalloc2 already installed"
+else
+    missing+=(libjemalloc2)
+fi
 
 if [ "${#missing[@]}" -eq 0 ]; then
     exit 0

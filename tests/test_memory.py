@@ -1,4 +1,5 @@
-"""The allocator policy: freed tensor memory goes back to the OS (each check in a fresh process: mallopt is global)."""
+"""The allocator policy: freed tensor memory goes back to the OS, and the command line runs on jemalloc when it is
+installed (each check in a fresh process: the allocator is per process)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 # mid-sized tensors are allocated and all but the newest freed (the newest pins the top of the heap).
 CHILD = """
 import json, sys, torch
-from diffmas.memory import configure_allocator, rss_mib, step_done
+from diffmas.memory import configure_allocator, effective_policy, jemalloc_loaded, rss_mib, step_done
 applied = configure_allocator() if sys.argv[1] == "library" else None
 if sys.argv[1] == "cli":
     from diffmas import memory
@@ -33,12 +34,13 @@ del tensors
 after_free = rss_mib() - before
 if sys.argv[1] != "none":
     step_done()  # the end of a training step
-print(json.dumps({"applied": applied, "held": held, "after_free": after_free, "after_step": rss_mib() - before}))
+print(json.dumps({"applied": applied, "held": held, "after_free": after_free, "after_step": rss_mib() - before,
+                  "jemalloc": jemalloc_loaded(), "policy": effective_policy()}))
 """
 
 
 def _child(mode: str, **env: str) -> dict:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DIFFMAS_MMAP_THRESHOLD"}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "DIFFMAS_")) and k != "LD_PRELOAD"}
     done = subprocess.run([sys.executable, "-c", CHILD, mode], env={**environ, **env}, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -47,19 +49,30 @@ def _child(mode: str, **env: str) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc only")
 def test_freed_tensors_leave_the_process_by_the_end_of_a_step():
-    from diffmas.memory import DEFAULT_POLICY, POLICIES
+    from diffmas.memory import FALLBACK
 
     default = _child("none")
     trim = _child("library", DIFFMAS_MALLOC="trim")
     mapped = _child("library", DIFFMAS_MALLOC="mmap64k")
-    cli = _child("cli")  # the CLI applies the default policy
+    fallback = _child("library")  # the default policy without jemalloc preloaded: the fallback
     assert trim["applied"] is None and mapped["applied"] == 64 * 1024
-    assert cli["applied"] == (POLICIES[DEFAULT_POLICY] or None)
+    assert fallback["policy"] == FALLBACK == "trim" and not fallback["jemalloc"]
     assert all(r["held"] > 150 for r in (default, trim, mapped))  # the tensors were resident while alive
     assert default["after_free"] > 150 and default["after_step"] > 150  # glibc's default keeps the freed heap...
     assert trim["after_free"] > 150 and trim["after_step"] < 20  # ...trim returns it at the end of the step...
+    assert fallback["after_step"] < 20
     assert mapped["after_free"] < 20  # ...a 64 KiB threshold returns every block at once
-    assert cli["after_step"] < 20
+
+
+def test_the_command_line_runs_on_jemalloc_when_it_is_installed():
+    from diffmas.memory import jemalloc_library
+
+    if jemalloc_library() is None:
+        pytest.skip("libjemalloc2 is not installed (scripts/setup-system.sh installs it)")
+    cli = _child("cli")  # main() restarts the process once with jemalloc preloaded
+    assert cli["jemalloc"] and cli["policy"] == "jemalloc" and cli["applied"] is None
+    assert not _child("cli", DIFFMAS_MALLOC="trim")["jemalloc"]  # another policy: no restart
+    assert not _child("library")["jemalloc"]  # the library alone cannot preload it
 
 
 def test_the_user_can_opt_out_or_choose():
