@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from diffmas.config import load_config, to_dict
@@ -75,7 +75,6 @@ class Arm:
     phase: int = 1
     latent_steps: int | None = None
     """m for this arm (the sweep); None: the config's."""
-    changes: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def id(self) -> str:
