@@ -10,6 +10,8 @@ diffmas     latent_mas with a LoRA channel trained end to end              requi
 single_sft  one agent, LoRA-SFT on the same data and steps (fair baseline) required
 single_     one agent thinks in latent steps, then answers (latent         required
 latent      thinking without communication: a control for diffmas)
+text_sft    text_mas whose agents carry a single_sft adapter (a trained    single_sft's
+            text channel: the writer's message is its SFT'd answer)
 =========== ============================================================== ===============
 """
 
@@ -34,6 +36,8 @@ class SystemKind:
     writer_mode: str
     trained: bool
     description: str
+    adapter_from: str | None = None
+    """The system whose adapter a trained system loads (None: its own)."""
 
 
 SYSTEMS: dict[str, SystemKind] = {
@@ -45,6 +49,8 @@ SYSTEMS: dict[str, SystemKind] = {
         SystemKind("diffmas", True, "latent", True, "latent KV trace with a trained LoRA channel"),
         SystemKind("single_sft", False, "latent", True, "one agent with LoRA-SFT (fair trained baseline)"),
         SystemKind("single_latent", False, "latent", True, "one agent thinks in latent steps, then answers"),
+        SystemKind("text_sft", True, "text", True, "text_mas whose agents carry a single_sft adapter",
+                   adapter_from="single_sft"),
     )
 }
 
@@ -132,11 +138,14 @@ def build_system(
     kind = get_kind(name)
     meta: dict = {}
     if kind.trained:
+        source = kind.adapter_from or name
         if adapter is None:
-            raise DiffMASError(f"system '{name}' needs --adapter DIR (the output of `diffmas train --system {name}`)")
+            raise DiffMASError(f"system '{name}' needs --adapter DIR (the output of `diffmas train --system {source}`)")
         meta = read_adapter_meta(adapter)
-        if meta.get("system", name) != name:
-            raise DiffMASError(f"adapter in {adapter} was trained for system '{meta['system']}', not '{name}'")
+        if meta.get("system", source) != source:
+            raise DiffMASError(f"adapter in {adapter} was trained for system '{meta['system']}', not '{source}'")
+        if kind.adapter_from:  # a borrowed adapter: its topology, steps and trace were another system's
+            meta = {"think": meta["think"]} if "think" in meta else {}
     elif adapter is not None:
         raise DiffMASError(f"system '{name}' is training-free and takes no adapter")
     if kind.multi_agent:
@@ -156,7 +165,7 @@ def build_system(
     spec = RolloutSpec(topo, kind.writer_mode, steps if kind.multi_agent else 0, writer_max_new_tokens, realign,
                        roles, lens_top_k, final_latent_steps=steps if name == "single_latent" else 0,
                        latent_map=latent_map, think=think, trace=trace or meta.get("trace"),
-                       text_context_limit=text_context_limit if kind.name == "text_mas" else None)
+                       text_context_limit=text_context_limit if kind.writer_mode == "text" else None)
     return System(kind, backbone, spec)
 
 

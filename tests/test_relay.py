@@ -4,6 +4,7 @@ a budget set by the validation split's held-out loss)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ from diffmas.adapters import read_adapter_meta
 from diffmas.config import StopConfig, load_config
 from diffmas.errors import DiffMASError
 from diffmas.eval.results import constant_floor
+from diffmas.eval.runner import run_eval
 from diffmas.prompts import DUO, RELAY, SPLIT
+from diffmas.systems import build_system
 from diffmas.tasks import get_task
 from diffmas.train.data import TrainExample, build_datasets
 from diffmas.train.loop import flattened, train
@@ -141,3 +144,30 @@ def test_relay_training_stops_when_flat_and_a_resume_does_not_continue(tmp_path,
     again = train(load_config(path), tmp_path / "run", resume=True)
     assert again["steps"] == summary["steps"]
     assert len(Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == len(metrics)
+
+
+def test_text_sft_is_text_mas_on_a_borrowed_single_sft_adapter(tmp_path, tiny_model_dir):
+    sft = tmp_path / "sft"
+    train(load_config(None, {"system": "single_sft", "model.name": str(tiny_model_dir), "model.device": "cpu",
+                             "steps": 2, "batch_size": 2, "lr": 5e-2, "lora.rank": 4, "lora.dropout": 0.0,
+                             "checkpoint_every": 50, "data.task": "relay:digits1"}), sft)
+    with pytest.raises(DiffMASError, match="train --system single_sft"):
+        build_system("text_sft", None)
+    other = tmp_path / "other"
+    shutil.copytree(sft, other)
+    meta = json.loads((other / "diffmas_adapters.json").read_text())
+    (other / "diffmas_adapters.json").write_text(json.dumps({**meta, "system": "diffmas"}))
+    with pytest.raises(DiffMASError, match="not 'single_sft'"):
+        build_system("text_sft", None, adapter=str(other))
+    # The adapter's own settings (one agent, topology 'single') are not borrowed: the task's topology is used.
+    assert build_system("text_sft", None, adapter=str(sft), default_topology="relay").spec.topology.name == "relay"
+    results = run_eval(["text_mas", f"sft=text_sft:{sft}"], ["relay:digits1"], tmp_path / "eval",
+                       model=str(tiny_model_dir), limit=3, max_new_tokens=2, writer_max_new_tokens=2,
+                       trace="latents", device="cpu")
+    settings = {s["label"]: s["settings"] for s in results["config"]["systems"]}
+    assert settings["sft"]["topology"] == "relay" and settings["sft"]["writer_mode"] == "text"
+    assert settings["sft"]["trace"] == "latents"
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    nll = {(s["system"], s["id"]): s["gold_nll_sum"] for s in samples}
+    ids = {s["id"] for s in samples}
+    assert len(ids) == 3 and all(nll[("sft", i)] != nll[("text_mas", i)] for i in ids)  # the adapter is on

@@ -41,7 +41,7 @@ def test_ladder_reads_the_number_of_digits_from_item_ids():
 
 def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
     arms = [Arm("coupled", "relay:digits"), Arm("text_m", relay.CHAIN)]
-    monkeypatch.setattr(relay, "plan_arms", lambda: arms)
+    monkeypatch.setattr(relay, "plan_arms", lambda docs=None: arms)
     cfg = RelayConfig(latent_steps=2, min_steps=2, max_steps=4, batch_size=2, heldout=4, eval_every=2, n_eval=6, max_new_tokens=3,
                       eval_batch_size=6, model=str(tiny_model_dir), autoencode_steps=1)
     docs = tmp_path / "docs"
@@ -58,3 +58,12 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     assert "## Goals" in readme and "k = 1" in readme and (docs / "capacity.png").is_file()
     again = write_report(docs, n_boot=200)
     assert again["by_arm"] == results["by_arm"]
+
+
+def test_trained_text_arms_are_planned_once_skyline_has_finished(tmp_path):
+    assert not any(a.name.startswith("text_sft") for a in plan_arms(tmp_path))
+    (tmp_path / "arms").mkdir()
+    (tmp_path / "arms" / f"{Arm('skyline', relay.CHAIN).id}.json").write_text("{}")
+    names = [a.name for a in plan_arms(tmp_path)]
+    assert names.index("text_sft_m") > names.index("skyline") and "text_sft_4m" in names
+    assert arm_settings("text_sft_m", RelayConfig())[0] == "text_sft"

@@ -16,6 +16,8 @@ validation split, see :class:`RelayConfig`):
 - ``blind``: no channel (m = 0): the floor a trained reader reaches on the prior;
 - ``skyline``: single_sft given the whole question;
 - ``text_m`` / ``text_4m``: an untrained text writer whose message (m or 4m tokens) is all the final agent sees;
+  ``text_sft_m`` / ``text_sft_4m``: the same with skyline's adapter on every agent (a trained text channel: the
+  writer's message is its SFT'd answer), planned once skyline has finished;
 - on ``split:chain_sum``: ``coupled`` and each writer alone (``half_a``, ``half_b``);
 - on ``relay:digits``: ``coupled`` and ``pause`` for m in 1, 2, 4, 8, 16 (the capacity ladder, per k).
 
@@ -88,7 +90,7 @@ class Arm:
 
 
 def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
-    """(system, TrainConfig overrides) of an arm by name; text arms are ``text_mas`` with no training."""
+    """(system, TrainConfig overrides) of an arm by name; text arms (``text_mas``, ``text_sft``) are only evaluated."""
     latents = {"trace": "latents"}
     recipe = {"channel.autoencode_steps": cfg.autoencode_steps, "channel.anneal": cfg.anneal}
     return {
@@ -102,16 +104,25 @@ def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
         "skyline": ("single_sft", {}),
         "text_m": ("text_mas", {}),
         "text_4m": ("text_mas", {}),
+        "text_sft_m": ("text_sft", {}),
+        "text_sft_4m": ("text_sft", {}),
         "half_a": ("diffmas", {**latents, **recipe, "topology": str(TOPOLOGIES / "split-first-half.yaml")}),
         "half_b": ("diffmas", {**latents, **recipe, "topology": str(TOPOLOGIES / "split-second-half.yaml")}),
     }[name]
 
 
-def plan_arms() -> list[Arm]:
-    """Every arm in priority order (see the module docstring)."""
+TEXT = ("text_mas", "text_sft")
+"""The systems of the text arms: evaluated only (text_sft borrows skyline's adapter)."""
+
+
+def plan_arms(docs: Path | None = None) -> list[Arm]:
+    """Every arm in priority order (see the module docstring); the trained text arms once skyline's result is in
+    ``docs`` (they run on its adapter)."""
     arms = [Arm("coupled", CHAIN), Arm("open", CHAIN), Arm("coupled", DIGITS), Arm("blind", CHAIN)]
     arms += [Arm(n, CHAIN, phase=2) for n in ("detached", "pause", "skyline", "text_m", "text_4m", "coupled_ae",
                                               "coupled_anneal")]
+    if docs is not None and (docs / "arms" / f"{Arm('skyline', CHAIN).id}.json").is_file():
+        arms += [Arm(n, CHAIN, phase=2) for n in ("text_sft_m", "text_sft_4m")]
     arms += [Arm(n, SPLIT, phase=2) for n in ("coupled", "half_a", "half_b")]
     arms += [Arm(n, CHAIN, s, phase=3) for s in (1, 2) for n in ("coupled", "detached", "pause", "open")]
     arms += [Arm(n, DIGITS, phase=4, latent_steps=m) for m in SWEEP for n in ("coupled", "pause")]
@@ -139,8 +150,8 @@ def _evaluate(arm: Arm, adapter: Path | None, out: Path, cfg: RelayConfig, devic
     system, _ = arm_settings(arm.name, cfg)
     m = arm.latent_steps or cfg.latent_steps
     extra = {}
-    if system == "text_mas":  # the final agent sees only the writer's message of m (or 4m) tokens
-        extra = dict(trace="latents", writer_max_new_tokens=m * (4 if arm.name == "text_4m" else 1))
+    if system in TEXT:  # the final agent sees only the writer's message of m (or 4m) tokens
+        extra = dict(trace="latents", writer_max_new_tokens=m * (4 if arm.name.endswith("_4m") else 1))
     entry = f"{arm.label}={system}" + (f":{adapter}" if adapter else "")
     return run_eval([entry], [arm.task], out, model=cfg.model, limit=cfg.n_eval, batch_size=cfg.eval_batch_size,
                     max_new_tokens=cfg.max_new_tokens, device=device, show_progress=True, **extra)
@@ -163,12 +174,13 @@ def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cp
     system, _ = arm_settings(arm.name, cfg)
     started = time.time()
     tcfg = run = None
-    if system != "text_mas":
+    if system not in TEXT:
         tcfg = train_config(arm, cfg, device)
         run = train_once(tcfg, out / "runs" / arm.id)
     train_s = time.time() - started
     started = time.time()
-    results = _evaluate(arm, run, out / "eval" / arm.id, cfg, device)
+    adapter = out / "runs" / Arm("skyline", arm.task, arm.seed).id if system == "text_sft" else run
+    results = _evaluate(arm, adapter, out / "eval" / arm.id, cfg, device)
     result = results["results"][0]
     samples = [json.loads(line) for line in (out / "eval" / arm.id / "samples.jsonl").read_text().splitlines()]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if run else []
@@ -211,4 +223,4 @@ def run_study(out: Path, docs: Path, cfg: RelayConfig | None = None, device: str
         return (f"study-relay: {arm.id} finished: accuracy {record['accuracy']:.3f} ± {record['stderr']:.3f} "
                 f"(n = {record['n']}, floor {record['floor']}, {record['steps_trained']} steps)")
 
-    work_through(plan_arms, run, lambda: write_report(docs), out, docs, commit, max_arms)
+    work_through(lambda: plan_arms(docs), run, lambda: write_report(docs), out, docs, commit, max_arms)

@@ -18,7 +18,8 @@ from diffmas.experiments.curves import plot_heldout
 # (arm, baseline) pairs whose paired difference the study reports, per task.
 PAIRS = {
     "relay:chain_sum": [("coupled", "detached"), ("coupled", "pause"), ("coupled", "blind"), ("coupled", "text_m"),
-                        ("coupled", "text_4m"), ("coupled", "open"), ("open", "skyline"), ("open", "blind"),
+                        ("coupled", "text_4m"), ("coupled", "text_sft_m"), ("text_sft_m", "text_m"),
+                        ("coupled", "open"), ("open", "skyline"), ("open", "blind"),
                         ("coupled_ae", "coupled"), ("coupled_anneal", "coupled")],
     "split:chain_sum": [("coupled", "half_a"), ("coupled", "half_b")],
 }
@@ -110,8 +111,8 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
                      + ("met" if ratio >= 0.9 and share <= 0.1 else "not met"))
     for task, pairs in comps.items():
         for c in pairs:
-            wanted = {("coupled", "detached"), ("coupled", "pause"), ("coupled", "text_m"), ("coupled", "half_a"),
-                      ("coupled", "half_b")}
+            wanted = {("coupled", "detached"), ("coupled", "pause"), ("coupled", "text_m"), ("coupled", "text_sft_m"),
+                      ("coupled", "half_a"), ("coupled", "half_b")}
             if (c.arm, c.baseline) in wanted:
                 verdict = "above 0: met" if c.ci_low > 0 else "not above 0: no difference detected" \
                     if c.ci_high >= 0 else "below 0"
