@@ -7,6 +7,7 @@ put back together at the end, right-padded with masked positions, as if they had
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,13 +74,15 @@ def decode(
     last_hidden: Tensor,
     cfg: DecodeConfig,
     keep_in_trace: bool = False,
+    on_step: Callable[[list[int], list[int]], None] | None = None,
 ) -> Decoded:
     """Decode from ``last_hidden`` [B, D] (the hidden state at the trace's last real position).
 
     With ``keep_in_trace`` the last chosen token is also run through the model, so the returned trace holds
     the whole reply (text writers hand it to the next agent); otherwise that final forward is skipped and no
     trace is returned. A :class:`TraceBuilder` is taken over and continued (the caller gives the trace up, so
-    the memory of rows that finish can be freed).
+    the memory of rows that finish can be freed). ``on_step(rows, tokens)`` is called after every step with the
+    original indices of the rows that took one and the tokens they took (streaming reads the reply as it grows).
     """
     builder = trace if isinstance(trace, TraceBuilder) else TraceBuilder(trace)
     del trace  # the builder holds the only reference decoding needs
@@ -106,10 +109,13 @@ def decode(
         token_nll = torch.logsumexp(logits, -1) - logits.gather(-1, chosen[:, None]).squeeze(-1)
         nll.index_add_(0, rows_t, token_nll.double())
         done = torch.isin(chosen, eos).tolist()  # one device sync per step, for the tokens too
-        for i, (row, token) in enumerate(zip(rows, chosen.tolist())):
+        step_tokens = chosen.tolist()
+        for i, (row, token) in enumerate(zip(rows, step_tokens)):
             tokens[row].append(token)
             if cfg.stop and not done[i] and cut_at_stop(backbone.tokenizer.decode(tokens[row]), cfg.stop)[1]:
                 done[i] = True
+        if on_step is not None:
+            on_step(rows, step_tokens)
         last_step = step == cfg.max_new_tokens - 1 or all(done)
         if keep_in_trace:  # every chosen token is real in the trace, EOS included
             hidden = builder.append(backbone.body, torch.ones_like(chosen)[:, None], input_ids=chosen[:, None])

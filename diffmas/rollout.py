@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -286,6 +286,7 @@ def rollout(
     gold_targets: list[str] | None = None,
     reveal: float = 0.0,
     reveal_seed: int = 0,
+    on_final_step: Callable[[list[int], list[int]], None] | None = None,
 ) -> RolloutResult:
     """Run ``spec`` on a batch of task prompts.
 
@@ -299,7 +300,9 @@ def rollout(
     agent (the shuffled-trace control). ``gold_targets`` (inference): also score these targets teacher-forced
     after the writers' trace (:func:`gold_nll`), in the columns the final agent then reuses. ``reveal`` (scope
     ``latents``, training's bottleneck curriculum): each writer-prompt column stays visible downstream with this
-    probability (drawn per row and column from ``reveal_seed``) instead of being dropped.
+    probability (drawn per row and column from ``reveal_seed``) instead of being dropped. ``on_final_step``
+    (inference): called after each step of the final agent's decoding, as :func:`diffmas.decode.decode`'s
+    ``on_step`` (streaming).
     """
     if not prompts:
         raise DiffMASError("no questions to run")
@@ -446,7 +449,7 @@ def rollout(
         builder, final_trace = TraceBuilder(final_trace), None
         if not keep_trace:
             trace = None
-        reply = _as_agent(final.role, decode, backbone, builder, last, decode_cfg)
+        reply = _as_agent(final.role, decode, backbone, builder, last, decode_cfg, on_step=on_final_step)
     records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], final_steps,
                                [len(t) for t in reply.tokens], (time.perf_counter() - start) / batch,
                                max_new_tokens=decode_cfg.max_new_tokens, sees=final.sees))

@@ -107,3 +107,29 @@ def test_sampling_does_not_depend_on_which_rows_finished(ragged):
     assert len({len(t) for t in early.tokens}) >= 2  # some rows left the batch while others went on
     for ours, ref in zip(early.tokens, free.tokens):
         assert ours == ref[: len(ours)]
+
+
+@pytest.mark.parametrize("keep_in_trace", [False, True])
+def test_on_step_sees_each_rows_tokens_as_they_are_chosen_and_changes_nothing(ragged, keep_in_trace):
+    cfg = DecodeConfig(max_new_tokens=MAX_NEW)
+    seen: list[list[int]] = [[] for _ in QUESTIONS]
+    live: list[list[int]] = []
+
+    def on_step(rows: list[int], tokens: list[int]) -> None:
+        live.append(list(rows))
+        for row, token in zip(rows, tokens, strict=True):
+            seen[row].append(token)
+
+    with torch.no_grad():
+        trace, last = _prefill(ragged, QUESTIONS)
+        plain = decode(ragged, trace, last, cfg, keep_in_trace=keep_in_trace)
+        watched = decode(ragged, trace, last, cfg, keep_in_trace=keep_in_trace, on_step=on_step)
+    assert len({len(t) for t in plain.tokens}) >= 3  # rows leave the batch at different steps
+    assert seen == watched.tokens == plain.tokens
+    assert watched.texts == plain.texts and watched.nll_sum == plain.nll_sum
+    # Each step reports the rows still decoding, in their original numbering, and none that has finished.
+    assert live == [[row for row, t in enumerate(plain.tokens) if len(t) > step]
+                    for step in range(max(map(len, plain.tokens)))]
+    if keep_in_trace:
+        for ours, ref in zip(watched.trace.keys + watched.trace.values, plain.trace.keys + plain.trace.values):
+            assert torch.equal(ours, ref)

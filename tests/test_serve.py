@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import socket
 import threading
 import time
@@ -15,16 +16,18 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
-from conftest import make_backbone
+from conftest import make_backbone, make_tokenizer
 
 pytest.importorskip("fastapi", reason="needs the serve extra (pip install 'diffmas[serve]')")
 openai = pytest.importorskip("openai", reason="needs the serve extra (pip install 'diffmas[serve]')")
 
 from diffmas.adapters import LoraSettings, attach_lora, save_adapters  # noqa: E402
-from diffmas.decode import DecodeConfig  # noqa: E402
+from diffmas.decode import DecodeConfig, cut_at_stop  # noqa: E402
 from diffmas.serve.app import ServeConfig, create_app  # noqa: E402
+from diffmas.serve.engine import TextStream  # noqa: E402
 from diffmas.serve.protocol import Limits  # noqa: E402
 from diffmas.serve.server import make_server  # noqa: E402
 from diffmas.systems import build_system  # noqa: E402
@@ -99,6 +102,25 @@ def call(url: str, path: str, body=None, headers: dict | None = None, timeout: f
             return response.status, response.headers, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, json.loads(exc.read())
+
+
+def events(url: str, path: str, body: dict, timeout: float = 60) -> list:
+    """The server-sent events of a streamed request: JSON objects, then "[DONE]"."""
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        lines = [line.decode().rstrip("\n") for line in response if line.startswith(b"data: ")]
+    return [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]" for line in lines]
+
+
+def streamed(chunks: list, index: int = 0) -> tuple[list[str], str]:
+    """(the text pieces, the finish reason) of answer ``index`` in a stream's chunks (chat or completions)."""
+    choices = [c["choices"][0] for c in chunks if isinstance(c, dict) and c.get("choices")
+               and c["choices"][0]["index"] == index]
+    pieces = [c["delta"].get("content") if "delta" in c else c["text"] for c in choices]
+    assert [c["finish_reason"] for c in choices].count(None) == len(choices) - 1 and choices[-1]["finish_reason"]
+    return [p for p in pieces if p], choices[-1]["finish_reason"]
 
 
 def chat(question: str, **fields) -> dict:
@@ -215,6 +237,164 @@ def test_completions_and_per_request_settings(served, systems):
     assert reply.choices[0].message.content == sampled != alone(systems["single"], QUESTIONS[5])["answer"]
 
 
+def test_text_stream_sends_only_text_that_no_later_token_changes():
+    """Token by token (one per byte): an incomplete character and a possible start of a stop string wait, the
+    stop string is never sent, and the pieces join to the final answer."""
+    tokenizer = make_tokenizer()
+    text, stop = "Hé, wo w wonder", ("won",)
+    tokens = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(tokens) == len(text) + 1  # "é" takes two
+    final = cut_at_stop(tokenizer.decode(tokens), stop)[0]
+    assert final == "Hé, wo w "
+    pieces: list[str] = []
+    stream = TextStream(pieces.append)
+    sent = []
+    for n in range(1, len(tokens) + 1):
+        stream.step(tokenizer, tokens[:n], stop)
+        sent.append(stream.sent)
+    assert stream.finish(final) and "".join(pieces) == final
+    assert all(final.startswith(s) for s in sent) and not any("\ufffd" in p for p in pieces)
+    assert sent[len("Hé, wo w wo".encode()) - 1] == "Hé, wo w "  # "wo" may begin "won"
+    assert sent[1] == sent[2] == "H" and sent[3] == "Hé"  # "é" whole (a step late: two decodes must agree)
+
+
+def test_streamed_answers_join_to_the_answers_alone(systems):
+    """Streamed and plain requests in the same batches, with a budget below the batch's and a stop string that
+    spans tokens: each stream's pieces join to the answer the request gets alone, in OpenAI's chunk format."""
+    model = systems["latent_mas"]
+    plain = alone(model, QUESTIONS[5], 8)["answer"]
+    at = next(i for i in range(2, len(plain) - 2) if "\ufffd" not in plain[i:i + 2])
+    stop = [plain[at:at + 2]]  # two characters: at least two tokens
+    assert alone(model, QUESTIONS[5], 8, tuple(stop))["answer"] == plain[:plain.index(stop[0])]
+    requests = [
+        ("/v1/chat/completions", chat(QUESTIONS[0], max_tokens=3, stream=True)),  # the batch decodes 8
+        ("/v1/chat/completions", chat(QUESTIONS[1], max_tokens=8)),
+        ("/v1/completions", {"model": "latent_mas", "prompt": QUESTIONS[2:4], "max_tokens": 8, "stream": True,
+                             "stream_options": {"include_usage": True}}),
+        ("/v1/chat/completions", chat(QUESTIONS[5], max_tokens=8, stop=stop, stream=True)),
+        ("/v1/completions", {"model": "latent_mas", "prompt": [QUESTIONS[5], QUESTIONS[6]], "max_tokens": 6,
+                             "stop": stop, "stream": True}),
+    ]
+    with gated(systems, max_batch=4, batch_window_ms=1000) as (url, gate, _):
+        with ThreadPoolExecutor(len(requests)) as pool:
+            futures = [pool.submit(events if body.get("stream") else call, url, path, body) for path, body in requests]
+            gate.until(total=7)
+            gate.open.set()
+            short, _, pair, stopped, stopped_pair = [f.result() for f in futures]
+    assert sorted(map(len, gate.batches)) == [3, 4]  # one batch per stop setting
+
+    def check(chunks: list, index: int, question: str, max_tokens: int, stop: tuple[str, ...] = ()) -> None:
+        pieces, finish = streamed(chunks, index)
+        assert "".join(pieces) == alone(model, question, max_tokens, stop)["answer"]
+        unstopped = alone(model, question, max_tokens)
+        ended = cut_at_stop(unstopped["answer"], stop)[1] or unstopped["generated_tokens"] < max_tokens
+        assert finish == ("stop" if ended else "length")
+        assert len(pieces) > 1 or stop  # pieces, not one blob (a stopped answer may be one character)
+
+    assert short[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""} and short[-1] == "[DONE]"
+    check(short, 0, QUESTIONS[0], 3)
+    check(pair, 0, QUESTIONS[2], 8)
+    check(pair, 1, QUESTIONS[3], 8)
+    assert pair[-2]["choices"] == [] and pair[-2]["usage"]["completion_tokens"] == sum(
+        alone(model, q, 8)["generated_tokens"] for q in QUESTIONS[2:4])
+    check(stopped, 0, QUESTIONS[5], 8, tuple(stop))
+    check(stopped_pair, 0, QUESTIONS[5], 6, tuple(stop))
+    check(stopped_pair, 1, QUESTIONS[6], 6, tuple(stop))
+    assert stopped_pair[-1] == "[DONE]" and "usage" not in stopped_pair[-2]
+
+
+@pytest.fixture
+def paced():
+    """A single agent on a backbone of its own whose decoding, once ``pace.at`` is set, holds at that call of
+    the LM head (one per token) until ``pace.go`` is set (10 s at most; ``pace.waited`` says whether it came),
+    or fails there with ``pace.fail``."""
+    system = build_system("single", make_backbone())
+    pace = SimpleNamespace(go=threading.Event(), at=0, calls=0, waited=[], fail=False)
+    logits = system.backbone.logits
+
+    def paced_logits(hidden):
+        if pace.at:
+            pace.calls += 1
+            if pace.calls == pace.at:
+                if pace.fail:
+                    raise RuntimeError("the accelerator caught fire")
+                pace.waited.append(pace.go.wait(10))
+        return logits(hidden)
+
+    system.backbone.logits = paced_logits
+    return system, pace
+
+
+def test_streaming_sends_the_answer_while_the_final_agent_decodes(paced):
+    """The decoding holds after a few tokens until the client has a piece of the answer: a server that sends
+    only once the rollout has finished leaves the hold to time out."""
+    system, pace = paced
+    want = alone(system, QUESTIONS[0], 12)["answer"]
+    pace.at = 6
+    with serving({"single": system}) as (url, _, _):
+        request = urllib.request.Request(url + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({**chat(QUESTIONS[0], max_tokens=12, stream=True),
+                                                          "model": "single"}).encode())
+        chunks = []
+        with urllib.request.urlopen(request, timeout=60) as response:
+            for line in response:
+                if line.startswith(b"data: {"):
+                    chunks.append(json.loads(line[6:]))
+                    if chunks[-1]["choices"] and chunks[-1]["choices"][0]["delta"].get("content"):
+                        pace.go.set()
+    assert pace.waited == [True], "no piece of the answer reached the client while the final agent decoded"
+    assert "".join(streamed(chunks)[0]) == want
+
+
+class ErrorLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_client_that_leaves_mid_stream_cancels_its_job(paced):
+    system, pace = paced
+    want = alone(system, "after", 8)["answer"]
+    pace.at = 6
+    with serving({"single": system}, max_batch=1) as (url, app, _):
+        errors = ErrorLog()
+        for name in ("uvicorn.error", "diffmas"):
+            logging.getLogger(name).addHandler(errors)
+        batcher, cancel, cancelled = app.state.batcher, app.state.batcher.cancel, []
+        batcher.cancel = lambda job: (cancel(job), cancelled.append(job.future.cancelled()))
+        try:
+            request = urllib.request.Request(url + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                             data=json.dumps({**chat("gone", max_tokens=12, stream=True),
+                                                              "model": "single"}).encode())
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert response.readline().startswith(b"data: ")  # the opening chunk; then the client goes
+            deadline = time.monotonic() + 10
+            while True not in cancelled:  # the job was cancelled while its batch still decoded
+                assert time.monotonic() < deadline, cancelled
+                time.sleep(0.01)
+            pace.go.set()
+            status, _, body = call(url, "/v1/chat/completions", {**chat("after"), "model": "single"})
+            assert status == 200 and body["choices"][0]["message"]["content"] == want
+        finally:
+            for name in ("uvicorn.error", "diffmas"):
+                logging.getLogger(name).removeHandler(errors)
+    assert pace.waited == [True] and not errors.records
+
+
+def test_a_rollout_that_fails_mid_stream_ends_it_with_an_error_event(paced):
+    system, pace = paced
+    pace.at, pace.fail = 6, True
+    with serving({"single": system}) as (url, _, _):
+        chunks = events(url, "/v1/chat/completions", {**chat(QUESTIONS[0], max_tokens=12, stream=True),
+                                                      "model": "single"})
+    assert chunks[-1] == "[DONE]" and chunks[-2]["error"]["type"] == "server_error"
+    assert "caught fire" in chunks[-2]["error"]["message"]
+    assert any(c["choices"][0]["delta"].get("content") for c in chunks[:-2])  # it had begun
+
+
 @pytest.mark.parametrize("body, status, fragment", [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
@@ -313,9 +493,11 @@ def test_a_disconnected_client_leaves_the_queue(systems):
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(call, url, "/v1/chat/completions", {**chat("q0"), "model": "single"})
             gate.until(waiting=0)
-            with pytest.raises((TimeoutError, urllib.error.URLError)):  # gives up while its request waits
-                call(url, "/v1/chat/completions", {**chat("gone"), "model": "single"}, timeout=0.5)
-            gate.until(waiting=0)  # its slot is free again
+            for stream in (False, True):  # gives up while its request waits
+                with pytest.raises((TimeoutError, urllib.error.URLError)):
+                    call(url, "/v1/chat/completions", {**chat("gone"), "model": "single", "stream": stream},
+                         timeout=0.5)
+                gate.until(waiting=0)  # its slot is free again
             gate.open.set()
             assert first.result()[0] == 200
             status, _, body = call(url, "/v1/chat/completions", {**chat("after"), "model": "single"})
@@ -330,8 +512,9 @@ def test_shutdown_with_requests_in_flight_answers_every_client(systems):
         with ThreadPoolExecutor(4) as pool:
             running = pool.submit(call, url, "/v1/chat/completions", {**chat("q0"), "model": "single"})
             gate.until(waiting=0)
-            waiting = [pool.submit(call, url, "/v1/chat/completions", {**chat(f"q{i}"), "model": "single"})
-                       for i in (1, 2, 3)]
+            waiting = [pool.submit(call, url, "/v1/chat/completions", {**chat(f"q{i}"), "model": "single",
+                                                                       "stream": i == 3})
+                       for i in (1, 2, 3)]  # a streamed request's response begins only when its batch starts
             gate.until(waiting=3)
             server.should_exit = True
             for future in waiting:

@@ -5,9 +5,9 @@
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (and ``/v1/models/{id}``),
 ``GET /health`` (never needs the key). Every error is OpenAI's JSON shape. A request is checked completely
 (size, fields, caps, model, settings, question length) before it is queued; then it waits for its batch while a
-watcher listens for the client going away, which takes it out of the queue. Streaming sends the final agent's
-answer as server-sent events once the answer is complete (the batch decodes all its rows together), one chunk per
-piece its tokens decode to.
+watcher listens for the client going away, which takes it out of the queue. A streamed request's response begins
+when its batch starts (until then it can still get an error status): server-sent events carry the final agent's
+answer as it decodes it, piece by piece, and a client that goes away mid-stream cancels its jobs.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
+import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,12 +30,14 @@ from starlette.requests import ClientDisconnect
 
 from diffmas.errors import DiffMASError
 from diffmas.serve.batcher import Batcher, Job, QueueFull, ShuttingDown
-from diffmas.serve.engine import Item, ServedModel, run_batch, served_topologies
-from diffmas.serve.protocol import APIError, Completion, GenerationRequest, Limits, chat_chunks, chat_response, \
-    completion_chunks, completion_response, parse_chat, parse_completion, read_json, sse
+from diffmas.serve.engine import Item, ServedModel, TextStream, run_batch, served_topologies
+from diffmas.serve.protocol import APIError, Chunks, Completion, GenerationRequest, Limits, chat_response, \
+    completion_response, parse_chat, parse_completion, read_json, sse, sum_usage
 from diffmas.systems import System
 
 __all__ = ["ServeConfig", "create_app"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,20 +130,15 @@ class _Service:
         return self.models[model_id]
 
     async def chat(self, request: Request) -> Response:
-        return await self._answer(
-            request, parse_chat, "chatcmpl",
-            lambda rid, req, done: chat_response(rid, int(time.time()), req.model, done[0]),
-            lambda rid, req, done: chat_chunks(rid, int(time.time()), req.model, done[0], req.include_usage))
+        return await self._answer(request, parse_chat, True,
+                                  lambda rid, req, done: chat_response(rid, int(time.time()), req.model, done[0]))
 
     async def completions(self, request: Request) -> Response:
-        return await self._answer(
-            request, parse_completion, "cmpl",
-            lambda rid, req, done: completion_response(rid, int(time.time()), req.model, done),
-            lambda rid, req, done: completion_chunks(rid, int(time.time()), req.model, done, req.include_usage))
+        return await self._answer(request, parse_completion, False,
+                                  lambda rid, req, done: completion_response(rid, int(time.time()), req.model, done))
 
-    async def _answer(self, request: Request, parse: Callable[[dict, Limits], GenerationRequest], prefix: str,
-                      respond: Callable[[str, GenerationRequest, list[Completion]], dict],
-                      chunks: Callable[[str, GenerationRequest, list[Completion]], Iterator[dict]]) -> Response:
+    async def _answer(self, request: Request, parse: Callable[[dict, Limits], GenerationRequest], chat: bool,
+                      respond: Callable[[str, GenerationRequest, list[Completion]], dict]) -> Response:
         try:
             raw = await _read_body(request, self.limits.max_request_bytes)
         except ClientDisconnect:  # gone before the body arrived; nobody reads an answer
@@ -148,8 +147,13 @@ class _Service:
         model = self._model(req.model)
         for question in req.questions:
             model.check_question(question, self.limits.max_question_tokens)
-        entries = [(model.batch_key(req, next(self._solo)), Item(q, req.max_tokens, req.stream))
-                   for q in req.questions]
+        # A streamed request's queue: (answer index, a piece of its text or None once its job has ended).
+        pieces: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        streams = [TextStream(partial(_hand_over, loop, pieces, index)) if req.stream else None
+                   for index in range(len(req.questions))]
+        entries = [(model.batch_key(req, next(self._solo)), Item(q, req.max_tokens, stream))
+                   for q, stream in zip(req.questions, streams)]
         try:
             jobs = self.batcher.submit(entries)
         except QueueFull as exc:
@@ -157,33 +161,84 @@ class _Service:
                            code="queue_full", headers={"Retry-After": str(self.batcher.retry_after())}) from None
         except ShuttingDown:
             raise _shutting_down() from None
-        done = await self._wait(request, jobs)
-        if done is None:  # the client went away; nobody reads this
-            return Response(status_code=499)
-        rid = f"{prefix}-{uuid.uuid4().hex}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if not req.stream:
-            return JSONResponse(respond(rid, req, done))
-        events = (sse(chunk) for chunk in itertools.chain(chunks(rid, req, done), ["[DONE]"]))
+            if not await self._until(request, jobs, lambda job: job.future):
+                return Response(status_code=499)  # the client went away; nobody reads this
+            if (failure := _failure(jobs)) is not None:
+                raise failure
+            return JSONResponse(respond(rid, req, [job.future.result() for job in jobs]))
+        # The stream begins once the batch starts: until then a request can still be refused with an error status
+        # (a shutdown answers 503) or leave the queue.
+        if not await self._until(request, jobs, lambda job: job.left_queue.wait()):
+            return Response(status_code=499)
+        if (failure := _failure(jobs)) is not None:
+            self._cancel(jobs)
+            raise failure
+        for index, job in enumerate(jobs):
+            job.future.add_done_callback(lambda _, index=index: pieces.put_nowait((index, None)))
+        events = self._events(Chunks(rid, int(time.time()), req.model, chat), req, jobs, pieces)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _wait(self, request: Request, jobs: list[Job]) -> list[Completion] | None:
-        """The jobs' answers, or None when the client disconnects first (its jobs are then cancelled)."""
-        answers = asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+    async def _events(self, chunks: Chunks, req: GenerationRequest, jobs: list[Job],
+                      pieces: asyncio.Queue[tuple[int, str | None]]) -> AsyncIterator[str]:
+        """The server-sent events of a streamed request: the opening chunk, each piece of text as the final agent
+        decodes it, each answer's finish reason as it ends, the usage, ``[DONE]``; a failure after the stream
+        began is an error event. A client that goes away stops the iteration: its jobs are cancelled."""
+        try:
+            for chunk in chunks.opening():
+                yield sse(chunk)
+            done: dict[int, Completion] = {}
+            while len(done) < len(jobs):
+                index, piece = await pieces.get()
+                if piece is not None:
+                    yield sse(chunks.piece(index, piece))
+                    continue
+                if (failure := _failure([jobs[index]])) is not None:
+                    if not isinstance(failure, APIError):
+                        _log.error("a streamed request failed", exc_info=failure)
+                        failure = _internal(failure)
+                    yield sse(failure.body())
+                    yield sse("[DONE]")
+                    return
+                done[index] = jobs[index].future.result()
+                yield sse(chunks.finish(index, done[index].finish_reason))
+            if req.include_usage:
+                yield sse(chunks.usage(sum_usage([done[i].usage for i in sorted(done)])))
+            yield sse("[DONE]")
+        finally:
+            self._cancel(jobs)  # nothing for the jobs that ended
+
+    def _cancel(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.batcher.cancel(job)
+
+    async def _until(self, request: Request, jobs: list[Job], event: Callable[[Job], Awaitable]) -> bool:
+        """Wait for ``event`` of every job; False when the client disconnects first (its jobs are then
+        cancelled)."""
+        events = asyncio.gather(*(event(job) for job in jobs), return_exceptions=True)
         watcher = asyncio.ensure_future(_disconnected(request))
-        await asyncio.wait({answers, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not answers.done():
-            for job in jobs:
-                self.batcher.cancel(job)
-            answers.cancel()
-            return None
+        await asyncio.wait({events, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not events.done():
+            self._cancel(jobs)
+            events.cancel()
+            return False
         watcher.cancel()
-        outcomes = answers.result()
-        for outcome in outcomes:
-            if isinstance(outcome, ShuttingDown):
-                raise _shutting_down()
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return outcomes
+        return True
+
+
+def _failure(jobs: list[Job]) -> Exception | None:
+    """The first failure of the jobs that have ended (a refusal at shutdown as the 503 it is answered with)."""
+    for job in jobs:
+        exc = job.future.exception() if job.future.done() else None
+        if exc is not None:
+            return _shutting_down() if isinstance(exc, ShuttingDown) else exc
+    return None
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, pieces: asyncio.Queue, index: int, piece: str) -> None:
+    """A piece of answer ``index`` from the worker thread onto the event loop's queue."""
+    loop.call_soon_threadsafe(pieces.put_nowait, (index, piece))
 
 
 async def _disconnected(request: Request) -> None:
@@ -225,5 +280,8 @@ async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
 
 
 async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body(),
-                        status_code=500)
+    return JSONResponse(_internal(exc).body(), status_code=500)
+
+
+def _internal(exc: Exception) -> APIError:
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")

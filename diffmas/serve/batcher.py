@@ -37,6 +37,8 @@ class Job:
     item: Any
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    left_queue: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the job's batch starts or :meth:`Batcher.stop` refuses it (a streamed answer then begins)."""
 
 
 class Batcher:
@@ -111,6 +113,7 @@ class Batcher:
             for job in queue:
                 if not job.future.done():
                     job.future.set_exception(ShuttingDown("the server shut down before this request started"))
+                job.left_queue.set()
         self._queues.clear()
         self._waiting = 0
         self._wake.set()
@@ -152,6 +155,8 @@ class Batcher:
                 del self._queues[first.key]
             self._waiting -= len(batch)
             self._running = len(batch)
+            for job in batch:
+                job.left_queue.set()
             started = time.monotonic()
             try:
                 outcomes = await loop.run_in_executor(self._executor, self.run, first.key, [j.item for j in batch])

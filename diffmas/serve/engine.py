@@ -6,13 +6,18 @@ their answer budgets may differ. The batch decodes up to the largest budget and 
 greedy decoding of a row does not depend on the rest of the batch (the rollout is batch-invariant) nor on the
 budget, and a row that ends (end of turn, stop string) within its budget ends at the same token either way, so
 every answer equals the one the request would get alone, as ``System.run`` on that one question gives it.
+
+A streamed item's answer leaves while the final agent decodes it (:class:`TextStream`): after each step, the text
+of the row's tokens so far that no later token can change is sent (cut at a stop string; an incomplete character
+or a trailing start of a stop string is held back), and the finished answer sends what remains of its text.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from diffmas.decode import DecodeConfig, cut_at_stop
@@ -22,7 +27,7 @@ from diffmas.rollout import rollout
 from diffmas.serve.protocol import APIError, Completion, GenerationRequest
 from diffmas.systems import System, effective_settings
 
-__all__ = ["BatchKey", "Item", "ServedModel", "run_batch", "served_topologies", "stream_pieces"]
+__all__ = ["BatchKey", "Item", "ServedModel", "TextStream", "run_batch", "served_topologies"]
 
 
 @dataclass(frozen=True)
@@ -41,13 +46,56 @@ class BatchKey:
     stream depends on the batch, and alone its seed reproduces ``diffmas run --seed``."""
 
 
+class TextStream:
+    """Where a streamed answer goes while it is decoded: ``send`` gets each new piece of its text, in the worker
+    thread. The pieces join to the answer's text exactly."""
+
+    def __init__(self, send: Callable[[str], None]) -> None:
+        self.send = send
+        self.sent = ""
+        self._last = ""  # the safe text after the step before
+
+    def step(self, tokenizer, tokens: list[int], stop: tuple[str, ...]) -> None:
+        """``tokens``: the row's reply so far (within its budget)."""
+        safe = _settled(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+        # Only text that two decodes in a row agree on: a tokenizer may still change a prefix's last characters
+        # when the next token comes (clean-up of spaces before punctuation).
+        stable = os.path.commonprefix([safe, self._last])
+        self._last = safe
+        if len(stable) > len(self.sent) and stable.startswith(self.sent):
+            self.send(stable[len(self.sent):])
+            self.sent = stable
+
+    def finish(self, text: str) -> bool:
+        """Send what remains of the answer ``text``; False when what was sent is not its start (a tokenizer whose
+        decoding rewrote text already sent, or a sampled row rerun alone after its batch failed)."""
+        if not text.startswith(self.sent):
+            return False
+        if len(text) > len(self.sent):
+            self.send(text[len(self.sent):])
+            self.sent = text
+        return True
+
+
+def _settled(text: str, stop: tuple[str, ...]) -> str:
+    """What of ``text`` (a reply so far) the next tokens cannot change: cut at a stop string, less a trailing
+    incomplete character and a trailing part that may begin a stop string."""
+    text, stopped = cut_at_stop(text, stop)
+    if stopped:
+        return text
+    text = text.rstrip("\ufffd")  # first: the text before it may begin a stop string that the character continues
+    held = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - held]
+
+
 @dataclass(frozen=True)
 class Item:
     """One question of a batch."""
 
     question: str
     max_tokens: int
-    stream: bool = False
+    stream: TextStream | None = None
+    """Set for a streamed request: its answer is sent as it is decoded."""
 
 
 def served_topologies(systems: Mapping[str, System]) -> dict[str, Topology]:
@@ -138,23 +186,7 @@ class ServedModel:
                 "latent_steps_per_request": free and kind.writer_mode == "latent"}
 
 
-def stream_pieces(tokenizer, tokens: list[int], text: str) -> tuple[str, ...]:
-    """``text`` (the decoded ``tokens``, maybe cut at a stop string) in the pieces the tokens add one by one; a
-    token that ends inside a character waits for the next one. The pieces join to ``text`` exactly."""
-    pieces, sent = [], 0
-    for n in range(1, len(tokens) + 1):
-        prefix = tokenizer.decode(tokens[:n], skip_special_tokens=True)
-        end = min(len(prefix), len(text))
-        if end > sent and not prefix.endswith("\ufffd") and prefix[:end] == text[:end]:
-            pieces.append(text[sent:end])
-            sent = end
-    if sent < len(text):
-        pieces.append(text[sent:])
-    return tuple(pieces)
-
-
-def _completion(system: System, record: dict, tokens: list[int], budget: int, stop: tuple[str, ...],
-                stream: bool) -> Completion:
+def _completion(system: System, record: dict, tokens: list[int], budget: int, stop: tuple[str, ...]) -> Completion:
     """One row of a batch as the request alone would have had it (see the module docstring)."""
     tokenizer = system.backbone.tokenizer
     tokens = tokens[:budget]
@@ -171,8 +203,7 @@ def _completion(system: System, record: dict, tokens: list[int], budget: int, st
                     "agents": [{k: a[k] for k in ("role", "prompt_tokens", "latent_steps", "generated_tokens")}
                                for a in agents]},
     }
-    return Completion(text, tuple(tokens), "stop" if ended else "length", usage,
-                      stream_pieces(tokenizer, tokens, text) if stream else ())
+    return Completion(text, tuple(tokens), "stop" if ended else "length", usage)
 
 
 def run_batch(system: System, key: BatchKey, items: list[Item]) -> list[Completion | APIError]:
@@ -183,11 +214,29 @@ def run_batch(system: System, key: BatchKey, items: list[Item]) -> list[Completi
     # Greedy decoding ignores the seed; an unseeded sampled batch draws a fresh one.
     seed = key.seed if key.seed is not None else 0 if key.temperature == 0 else secrets.randbelow(2 ** 62)
     cfg = DecodeConfig(max(budgets), key.temperature, key.top_p, seed, key.stop)
+    tokenizer = system.backbone.tokenizer
+    replies: list[list[int]] = [[] for _ in items]
+
+    def on_step(rows: list[int], tokens: list[int]) -> None:
+        for row, token in zip(rows, tokens):
+            stream = items[row].stream
+            if stream is not None and len(replies[row]) < budgets[row]:  # the batch decodes past a row's budget
+                replies[row].append(token)
+                stream.step(tokenizer, replies[row], key.stop)
+
+    streamed = any(item.stream is not None for item in items)
     try:
-        result = rollout(system.backbone, system.spec, [item.question for item in items], decode_cfg=cfg)
+        result = rollout(system.backbone, system.spec, [item.question for item in items], decode_cfg=cfg,
+                         on_final_step=on_step if streamed else None)
     except DiffMASError as exc:
         if len(items) > 1:
             return [out for item in items for out in run_batch(system, key, [item])]
         return [APIError(400, str(exc))]
-    return [_completion(system, record, tokens, budget, key.stop, item.stream)
-            for record, tokens, budget, item in zip(result.per_question(), result.tokens, budgets, items)]
+    outcomes: list[Completion | APIError] = []
+    for record, tokens, budget, item in zip(result.per_question(), result.tokens, budgets, items):
+        done = _completion(system, record, tokens, budget, key.stop)
+        if item.stream is not None and not item.stream.finish(done.text):
+            done = APIError(500, "the text already streamed is not the start of the answer (a tokenizer that "
+                            "rewrites earlier text, or a sampled answer rerun alone)", type="server_error")
+        outcomes.append(done)
+    return outcomes

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["APIError", "Completion", "GenerationRequest", "Limits", "chat_chunks", "chat_response",
-           "completion_chunks", "completion_response", "parse_chat", "parse_completion", "read_json", "sse"]
+__all__ = ["APIError", "Chunks", "Completion", "GenerationRequest", "Limits", "chat_response", "completion_response",
+           "parse_chat", "parse_completion", "read_json", "sse", "sum_usage"]
 
 MAX_STOP = 4  # OpenAI's own cap on stop sequences
 
@@ -96,15 +95,13 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Completion:
-    """One answer: the final agent's text and tokens, why it ended, usage, and its text cut for streaming."""
+    """One answer: the final agent's text and tokens, why it ended, and usage."""
 
     text: str
     tokens: tuple[int, ...]
     finish_reason: str
     """``stop`` (end of turn or a stop string) or ``length`` (max_tokens reached)."""
     usage: dict
-    pieces: tuple[str, ...] = ()
-    """The text in the pieces the final agent's tokens decode to (filled for streamed requests)."""
 
 
 def read_json(raw: bytes) -> dict:
@@ -269,32 +266,38 @@ def sum_usage(usages: list[dict]) -> dict:
     return total
 
 
-def chat_chunks(rid: str, created: int, model: str, done: Completion, include_usage: bool) -> Iterator[dict]:
-    """``chat.completion.chunk`` objects: the role, one per piece of the answer, the finish reason, the usage."""
-    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+@dataclass(frozen=True)
+class Chunks:
+    """The chunks of one streamed response: ``chat.completion.chunk`` objects (``chat``) or ``text_completion``
+    ones, where ``index`` says which prompt's answer a chunk belongs to."""
 
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    rid: str
+    created: int
+    model: str
+    chat: bool
 
-    yield chunk({"role": "assistant", "content": ""})
-    for piece in done.pieces:
-        yield chunk({"content": piece})
-    yield chunk({}, done.finish_reason)
-    if include_usage:
-        yield {**head, "choices": [], "usage": done.usage}
+    def _chunk(self, choices: list[dict], **extra: Any) -> dict:
+        return {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices, **extra}
 
+    def _choice(self, index: int, text: str, finish: str | None = None, role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": text} if role else {"content": text} if text else {}
+            return self._chunk([{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}])
+        return self._chunk([{"index": index, "text": text, "finish_reason": finish, "logprobs": None}])
 
-def completion_chunks(rid: str, created: int, model: str, done: list[Completion], include_usage: bool
-                      ) -> Iterator[dict]:
-    """``text_completion`` chunks, answer by answer (``index`` says which prompt a piece belongs to)."""
-    head = {"id": rid, "object": "text_completion", "created": created, "model": model}
-    for index, item in enumerate(done):
-        for piece in item.pieces:
-            yield {**head, "choices": [{"index": index, "text": piece, "finish_reason": None, "logprobs": None}]}
-        yield {**head, "choices": [{"index": index, "text": "", "finish_reason": item.finish_reason,
-                                    "logprobs": None}]}
-    if include_usage:
-        yield {**head, "choices": [], "usage": sum_usage([c.usage for c in done])}
+    def opening(self) -> list[dict]:
+        """What comes before any text: a chat stream names the role."""
+        return [self._choice(0, "", role=True)] if self.chat else []
+
+    def piece(self, index: int, text: str) -> dict:
+        return self._choice(index, text)
+
+    def finish(self, index: int, reason: str) -> dict:
+        return self._choice(index, "", reason)
+
+    def usage(self, usage: dict) -> dict:
+        return self._chunk([], usage=usage)
 
 
 def sse(event: dict | str) -> str:
