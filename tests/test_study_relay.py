@@ -27,6 +27,9 @@ def test_arms_share_one_budget_and_differ_only_where_named():
         assert chain[name].channel == chain["coupled"].channel and chain[name].trace == "latents"
     assert chain["coupled_ae"].channel.autoencode_steps > 0 and chain["coupled_anneal"].channel.anneal > 0
     assert chain["blind"].latent_steps == 0 and chain["skyline"].system == "single_sft"
+    digits = {a.name: trained[a.id] for a in arms if a.task == relay.DIGITS and a.phase == 1}
+    assert digits["detached"].grad_mode == "detached" and digits["pause"].latent_map == "pause"
+    assert digits["coupled"].grad_mode == "coupled" and digits["coupled"].latent_map != "pause"
     sweep = [trained[a.id] for a in arms if a.phase == 4]
     assert sorted({c.latent_steps for c in sweep}) == list(relay.SWEEP)
     for half in ("half_a", "half_b"):

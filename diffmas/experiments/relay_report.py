@@ -22,6 +22,7 @@ PAIRS = {
                         ("coupled", "open"), ("open", "skyline"), ("open", "blind"),
                         ("coupled_ae", "coupled"), ("coupled_anneal", "coupled")],
     "split:chain_sum": [("coupled", "half_a"), ("coupled", "half_b")],
+    "relay:digits": [("coupled", "detached"), ("coupled", "pause")],
 }
 
 
