@@ -7,7 +7,7 @@ import json
 
 from diffmas.experiments import relay
 from diffmas.experiments.relay import Arm, RelayConfig, arm_settings, plan_arms, run_study, train_config
-from diffmas.experiments.relay_report import ladder, write_report
+from diffmas.experiments.relay_report import _step_seconds, ladder, write_report
 from diffmas.prompts import load_topology
 
 
@@ -70,3 +70,13 @@ def test_trained_text_arms_are_planned_once_skyline_has_finished(tmp_path):
     names = [a.name for a in plan_arms(tmp_path)]
     assert names.index("text_sft_m") > names.index("skyline") and "text_sft_4m" in names
     assert arm_settings("text_sft_m", RelayConfig())[0] == "text_sft"
+
+
+def test_core_hours_count_every_process_that_trained_an_arm(tmp_path):
+    # The arm's own train_seconds (5) holds only the process that finished it; its curve holds every step.
+    rec = {"task": relay.DIGITS, "label": "coupled/s0", "seed": 0, "train_seconds": 5}
+    (tmp_path / "curves").mkdir()
+    lines = [{"step": 0, "heldout_loss": 1.0}] + [{"step": i, "loss": 1.0, "seconds": 10.0} for i in (1, 2, 3)]
+    (tmp_path / "curves" / "relay_digits--coupled--s0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert _step_seconds(rec, tmp_path) == 30.0
+    assert _step_seconds({**rec, "label": "text_m/s0"}, tmp_path) == 0.0  # text arms have no curve

@@ -94,6 +94,15 @@ def _curves(records: list[dict], docs: Path) -> Path | None:
     return plot_heldout(runs, docs / "heldout_loss.png", "validation split")
 
 
+def _step_seconds(rec: dict, docs: Path) -> float:
+    """The seconds an arm's training steps took, from its curve: every process that trained it counts (a run's own
+    ``train_seconds`` holds only the last one's, after a resume), held-out evaluations do not; 0 for text arms."""
+    path = docs / "curves" / f"{rec['task'].replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}.jsonl"
+    if not path.is_file():
+        return 0.0
+    return sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
+
+
 def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> list[str]:
     """The issue's goals, each stated as met, not met, or not measured yet, with the numbers behind it."""
     lines = []
@@ -137,7 +146,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                 "positions": sum(r["positions_passed"] for r in runs) / len(runs),
                 "kv_bytes": sum(r["kv_bytes_passed"] for r in runs) / len(runs),
                 "steps": [r["steps_trained"] for r in runs], "stopped_early": [r["stopped_early"] for r in runs],
-                "train_hours": sum(r["train_seconds"] + r.get("eval_seconds", 0) for r in runs) / 3600,
+                "train_hours": sum(_step_seconds(r, docs) + r.get("eval_seconds", 0) for r in runs) / 3600,
             }
     comps: dict[str, list[Comparison]] = {}
     for task, pairs in PAIRS.items():
@@ -151,7 +160,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             "final agent never sees (it sees only the answer-format line); floor = the best constant answer's "
             "accuracy on the same items. Intervals are 95% paired bootstrap intervals of the accuracy difference "
             "(items, and training seeds where both sides have 3); an interval that contains 0 is reported as no "
-            "difference detected at this n.", "", f"Core-hours so far (training + evaluation): {hours:.1f}.", "",
+            "difference detected at this n.", "", f"Core-hours so far (training steps + test evaluations; held-out evaluations not counted): {hours:.1f}.", "",
             "## Goals", "", *_goals(outcomes, by_arm, comps), ""]
     for task in sorted(by_arm):
         text += [f"## {task}", "", "| arm | seeds | accuracy per seed | mean | floor | positions passed | K/V passed "
