@@ -457,8 +457,12 @@ def serve(
 def main() -> None:  # pragma: no cover - console entry point
     from diffmas.memory import configure_allocator, preload_jemalloc
 
-    preload_jemalloc()  # restarts this process once with jemalloc, when installed (diffmas.memory)
-    configure_allocator()  # the allocator policy (DIFFMAS_MALLOC)
+    try:
+        preload_jemalloc()  # restarts this process once with jemalloc, when installed (diffmas.memory)
+        configure_allocator()  # the allocator policy (DIFFMAS_MALLOC)
+    except DiffMASError as exc:  # a bad DIFFMAS_MALLOC: one line, as every other error of the command line
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     app()
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import sys
@@ -59,6 +60,7 @@ def jemalloc_library() -> str | None:
     return next((path for path in candidates if path and Path(path).is_file()), None)
 
 
+@functools.cache  # fixed for the life of the process; step_done asks after every step
 def jemalloc_loaded() -> bool:
     """Whether jemalloc is this process's allocator (mapped into it, i.e. preloaded)."""
     try:

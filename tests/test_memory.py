@@ -80,3 +80,11 @@ def test_the_user_can_opt_out_or_choose():
     assert _child("library", MALLOC_MMAP_THRESHOLD_="131072", DIFFMAS_MALLOC="mmap64k")["applied"] is None
     assert _child("library", DIFFMAS_MMAP_THRESHOLD="262144")["applied"] == 262144
     assert _child("library", DIFFMAS_MALLOC="glibc")["after_step"] > 150  # glibc's defaults: nothing trimmed
+
+
+def test_an_unknown_policy_is_a_one_line_error_of_the_command_line():
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "DIFFMAS_")) and k != "LD_PRELOAD"}
+    done = subprocess.run([sys.executable, "-c", "from diffmas.cli import main; main()", "--help"],
+                          env={**environ, "DIFFMAS_MALLOC": "bogus"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: DIFFMAS_MALLOC must be one of jemalloc, trim, glibc, mmap64k, mmap4m, got 'bogus'"]
