@@ -4,7 +4,7 @@ glibc serves blocks below its mmap threshold from the heap, and it raises that t
 time a larger mapped block is freed. Long latent chains allocate a new, slightly larger K/V tensor per layer and
 step and free the old one, so the freed blocks fragment the heap and the process stays gigabytes above what it
 uses (P4: 2.6 GiB resident after a checkpointed forward that holds 117 MiB; P8: a training step at the demo's
-settings leaves 6.3 GiB resident under glibc's defaults). Mapping every block of 64 KiB or more on its own fixes
+settings leaves 6.2 GiB resident under glibc's defaults). Mapping every block of 64 KiB or more on its own fixes
 that, but then every step maps, page-faults and unmaps gigabytes: 1.6x slower training (P8). The policy
 (``DIFFMAS_MALLOC``) picks the trade-off:
 
