@@ -353,11 +353,19 @@ def compare(
 
 
 def _study(kind: str, out: Path, docs: Path, commit: bool, device: str, max_arms: Optional[int],
-           report_only: bool) -> None:
+           report_only: bool, snapshot: bool = False) -> None:
     import importlib
+
+    from diffmas.experiments.workers import commit_docs, snapshot_unfinished
 
     study_module = importlib.import_module(f"diffmas.experiments.{kind}")
     report_module = importlib.import_module(f"diffmas.experiments.{kind}_report")
+    if snapshot:
+        arms = snapshot_unfinished(out, docs)
+        console.print(f"snapshot of {len(arms)} unfinished arm(s): {', '.join(arms) or 'none'}")
+        if commit:
+            commit_docs(docs, f"{docs.name}: snapshot of the arms still training ({', '.join(arms) or 'none'})")
+        return
     if report_only:
         report_module.write_report(docs)
     else:
@@ -368,6 +376,8 @@ def _study(kind: str, out: Path, docs: Path, commit: bool, device: str, max_arms
 COMMIT_OPTION = typer.Option(False, "--commit", help="git-commit the docs folder after every finished arm.")
 MAX_ARMS_OPTION = typer.Option(None, help="Stop after this many arms (default: until none is left).")
 REPORT_ONLY_OPTION = typer.Option(False, "--report-only", help="Only rebuild the report from finished arms.")
+SNAPSHOT_OPTION = typer.Option(False, "--snapshot", help="Only copy the curves of arms still training into "
+                               "DOCS/in-progress (what a stop commits; with --commit, commit them).")
 
 
 @app.command()
@@ -379,9 +389,10 @@ def study(
     device: str = typer.Option("cpu"),
     max_arms: Optional[int] = MAX_ARMS_OPTION,
     report_only: bool = REPORT_ONLY_OPTION,
+    snapshot: bool = SNAPSHOT_OPTION,
 ) -> None:
     """The grounding study: train and evaluate every arm, resumable; run two at once for two cores."""
-    _study("grounding", out, docs, commit, device, max_arms, report_only)
+    _study("grounding", out, docs, commit, device, max_arms, report_only, snapshot)
 
 
 @app.command("study-relay")
@@ -393,10 +404,11 @@ def study_relay(
     device: str = typer.Option("cpu"),
     max_arms: Optional[int] = MAX_ARMS_OPTION,
     report_only: bool = REPORT_ONLY_OPTION,
+    snapshot: bool = SNAPSHOT_OPTION,
 ) -> None:
     """The relay study: can a trained latent channel carry a problem the final agent never sees? Resumable; run
     two at once for two cores (make study-relay)."""
-    _study("relay", out, docs, commit, device, max_arms, report_only)
+    _study("relay", out, docs, commit, device, max_arms, report_only, snapshot)
 
 
 @app.command()

@@ -10,7 +10,7 @@ from pathlib import Path
 from diffmas.experiments.grounding import (GROUNDED, Arm, StudyConfig, best_grounded, plan_arms, run_study,
                                            train_config)
 from diffmas.experiments.grounding_report import write_report
-from diffmas.experiments.workers import claim
+from diffmas.experiments.workers import claim, snapshot_unfinished, work_through
 
 
 def _fake_arm(docs, name, seed, accuracy, correct):
@@ -65,6 +65,36 @@ def test_a_dead_workers_claim_is_taken_over(tmp_path):
     assert claim(tmp_path, arm.id)
     assert (tmp_path / f"{arm.id}.claim").read_text() == str(os.getpid())
     assert not claim(tmp_path, arm.id)  # now held by a live process (this one)
+
+
+def test_a_stop_snapshots_unfinished_arms_and_a_finished_arm_drops_its_snapshot(tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    curve = [{"step": 0, "heldout_loss": 2.5}, {"step": 1, "loss": 2.0}, {"step": 25, "heldout_loss": 1.25}]
+    for arm_id in ("a--s0", "b--s0"):
+        (out / "runs" / arm_id).mkdir(parents=True)
+        (out / "runs" / arm_id / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+    assert snapshot_unfinished(out, docs) == ["a--s0", "b--s0"]
+    snapshot = docs / "in-progress" / "a--s0.jsonl"
+    assert snapshot.read_text() == (out / "runs" / "a--s0" / "metrics.jsonl").read_text()
+    table = (docs / "in-progress" / "README.md").read_text()
+    assert "| a--s0 |" in table and "| 25 | 0: 2.500, 25: 1.250 |" in table
+
+    class Fake:
+        def __init__(self, id):
+            self.id = id
+
+    def run(arm):  # finishing an arm writes its result, as run_arm does
+        (docs / "arms").mkdir(exist_ok=True)
+        (docs / "arms" / f"{arm.id}.json").write_text("{}")
+        return "done"
+
+    work_through(lambda: [Fake("a--s0")], run, lambda: None, out, docs)
+    assert not (docs / "in-progress" / "a--s0.jsonl").exists()
+    assert (docs / "in-progress" / "b--s0.jsonl").exists()
+    (docs / "arms" / "b--s0.json").write_text("{}")  # finished by a worker without this code: the next stop drops it
+    assert snapshot_unfinished(out, docs) == []
+    assert not list((docs / "in-progress").glob("*.jsonl"))
+    assert "No arm is training." in (docs / "in-progress" / "README.md").read_text()
 
 
 def test_report_pairs_each_arm_with_both_baselines(tmp_path):

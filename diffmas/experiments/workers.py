@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import time
@@ -12,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["claim", "code_version", "commit_docs", "work_through"]
+__all__ = ["claim", "code_version", "commit_docs", "snapshot_unfinished", "work_through"]
 
 
 class ArmLike(Protocol):
@@ -91,5 +92,43 @@ def work_through(plan: Callable[[], Sequence[ArmLike]], run: Callable[[ArmLike],
         report()
         done_here += 1
         (out / "claims" / f"{arm.id}.claim").unlink(missing_ok=True)
+        (docs / IN_PROGRESS / f"{arm.id}.jsonl").unlink(missing_ok=True)
         if commit:
             commit_docs(docs, message)
+
+
+IN_PROGRESS = "in-progress"
+"""Where ``snapshot_unfinished`` keeps the curves of arms still training (under the study's docs)."""
+
+
+def snapshot_unfinished(out: Path, docs: Path) -> list[str]:
+    """Copy the curve so far (training steps, held-out losses) of every arm still training into
+    ``docs/in-progress/`` with a table of them, and drop the snapshots of arms that have finished since: what a stop
+    commits, so that a trajectory survives a fresh machine (weights never do). Returns the arms snapshotted."""
+    folder = docs / IN_PROGRESS
+    folder.mkdir(parents=True, exist_ok=True)
+    finished = {p.stem for p in (docs / "arms").glob("*.json")}
+    for stale in folder.glob("*.jsonl"):
+        if stale.stem in finished:
+            stale.unlink()
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    rows, snapshotted = [], []
+    for curve in sorted((out / "runs").glob("*/metrics.jsonl")):
+        arm_id = curve.parent.name
+        records = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()]
+        if arm_id in finished or not records:
+            continue
+        (folder / f"{arm_id}.jsonl").write_text(curve.read_text())
+        held = ", ".join(f"{r['step']}: {r['heldout_loss']:.3f}" for r in records if "heldout_loss" in r)
+        last = max((r["step"] for r in records if "step" in r), default=0)
+        rows.append(f"| {arm_id} | {stamp} | {last} | {held or '–'} |")
+        snapshotted.append(arm_id)
+    table = ["| arm | snapshot (UTC) | last step | held-out loss (step: loss) |", "|---|---|---|---|", *rows]
+    (folder / "README.md").write_text(
+        "# Arms still training when a session stopped\n\n"
+        "Snapshots of `runs/<arm>/metrics.jsonl` (training steps and held-out losses so far), written by\n"
+        "`--snapshot` at a stop so that the trajectory survives a fresh machine (weights are never committed: on a\n"
+        "fresh machine these arms restart from step 0). Not results: a finished arm's curve is\n"
+        "`../curves/<arm>.jsonl`, and its result `../arms/`. A snapshot is dropped once its arm has finished.\n\n"
+        + ("\n".join(table) if rows else "No arm is training.") + "\n")
+    return snapshotted
