@@ -4,10 +4,11 @@ text arm and the report run end to end on a tiny model."""
 from __future__ import annotations
 
 import json
+import math
 
 from diffmas.experiments import relay
 from diffmas.experiments.relay import Arm, RelayConfig, arm_settings, plan_arms, run_study, train_config
-from diffmas.experiments.relay_report import _step_seconds, ladder, write_report
+from diffmas.experiments.relay_report import Rung, _step_seconds, ladder, write_report
 from diffmas.prompts import load_topology
 
 
@@ -39,7 +40,17 @@ def test_arms_share_one_budget_and_differ_only_where_named():
 
 def test_ladder_reads_the_number_of_digits_from_item_ids():
     outcomes = {0: {"digits1-5": True, "digits1-6": False, "digits3-7": True}, 1: {"digits1-5": True}}
-    assert ladder(outcomes) == {1: 2 / 3, 3: 1.0}
+    rungs = ladder(outcomes)
+    assert {k: (r.correct, r.n) for k, r in rungs.items()} == {1: (2, 3), 3: (1, 1)}
+    assert rungs[3].bits == math.log2(900)  # every 3-digit number repeated: all of its information
+
+
+def test_fano_bits_are_zero_at_chance_and_grow_with_accuracy():
+    assert Rung(1, 10, 100).bits == 0.0  # 1 in 10: what guessing gets
+    assert Rung(1, 100, 100).bits == math.log2(10)
+    assert 0 < Rung(1, 50, 100).bits < Rung(1, 90, 100).bits < math.log2(10)
+    # 50% right, the errors spread over the other 9 digits: I = log2 10 - 1 - 0.5 log2 9 (the bound is tight)
+    assert abs(Rung(1, 50, 100).bits - (math.log2(10) - 1 - 0.5 * math.log2(9))) < 1e-12
 
 
 def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
@@ -59,6 +70,7 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     assert set(results["by_arm"]) == {"relay:digits", relay.CHAIN}
     readme = (docs / "README.md").read_text()
     assert "## Goals" in readme and "k = 1" in readme and (docs / "capacity.png").is_file()
+    assert "bits (per position)" in readme and "(n=" in readme  # the ladder, with n per k
     again = write_report(docs, n_boot=200)
     assert again["by_arm"] == results["by_arm"]
 

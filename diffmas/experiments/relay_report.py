@@ -9,7 +9,9 @@ digits ladder: accuracy per number of digits k, one line per m) and the held-out
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffmas.eval.compare import Comparison, compare, markdown_table
@@ -49,13 +51,42 @@ def _summary(c: Comparison) -> dict:
             "seeds_arm": c.n_seeds_arm, "seeds_base": c.n_seeds_base, "verdict": c.verdict}
 
 
-def ladder(outcomes: dict[int, dict[str, bool]]) -> dict[int, float]:
-    """Accuracy per number of digits k (from item ids ``digits<k>-<seed>``), pooled over training seeds."""
+@dataclass(frozen=True)
+class Rung:
+    """One step of the digits ladder: how often the final agent repeated a k-digit number exactly."""
+
+    k: int
+    correct: int
+    n: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n
+
+    @property
+    def stderr(self) -> float:
+        return math.sqrt(self.accuracy * (1 - self.accuracy) / self.n)
+
+    @property
+    def bits(self) -> float:
+        """A lower bound on the information about the number that reached the answer (Fano's inequality, with the
+        measured accuracy plugged in): log2 N - h(e) - e log2(N - 1) for N equally likely numbers and error rate e;
+        0 at chance. By data processing the channel carried at least as much."""
+        values = 10 if self.k == 1 else 9 * 10 ** (self.k - 1)
+        error = 1 - self.accuracy
+        if self.accuracy <= 1 / values:
+            return 0.0
+        entropy = 0.0 if error in (0.0, 1.0) else -error * math.log2(error) - (1 - error) * math.log2(1 - error)
+        return max(0.0, math.log2(values) - entropy - error * math.log2(values - 1))
+
+
+def ladder(outcomes: dict[int, dict[str, bool]]) -> dict[int, Rung]:
+    """Exact-repeat outcomes per number of digits k (from item ids ``digits<k>-<seed>``), pooled over seeds."""
     by_k: dict[int, list[bool]] = defaultdict(list)
     for items in outcomes.values():
         for item, correct in items.items():
             by_k[int(item.split("-")[0].removeprefix("digits"))].append(correct)
-    return {k: sum(v) / len(v) for k, v in sorted(by_k.items())}
+    return {k: Rung(k, sum(v), len(v)) for k, v in sorted(by_k.items())}
 
 
 def _capacity_plot(arms: dict[str, dict], docs: Path) -> Path | None:
@@ -68,10 +99,11 @@ def _capacity_plot(arms: dict[str, dict], docs: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, acc in sorted(rows.items()):
+    for key, rungs in sorted(rows.items()):
         style = "--" if key.startswith("pause") else "-"
-        ax.plot(list(acc), list(acc.values()), style, marker="o", label=key)
-    ks = sorted({k for acc in rows.values() for k in acc})
+        ax.errorbar(list(rungs), [r.accuracy for r in rungs.values()], yerr=[r.stderr for r in rungs.values()],
+                    fmt=style, marker="o", capsize=2, label=key)
+    ks = sorted({k for rungs in rows.values() for k in rungs})
     ax.plot(ks, [10.0 ** -k for k in ks], ":", color="gray", label="chance (1 / 10^k)")
     ax.set_xlabel("digits k the writer sees")
     ax.set_ylabel("accuracy of the final agent (exact number)")
@@ -109,8 +141,9 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
     digits = outcomes.get("relay:digits", {})
     if "coupled" in digits:
         k1 = ladder(digits["coupled"]).get(1)
-        lines.append(f"- relay:digits, coupled, k = 1: accuracy {k1:.3f} (goal >= 0.9, chance 0.1): "
-                     + ("met" if k1 is not None and k1 >= 0.9 else "not met"))
+        if k1 is not None:
+            lines.append(f"- relay:digits, coupled, k = 1: accuracy {k1.accuracy:.3f} ± {k1.stderr:.3f} "
+                         f"(n = {k1.n}; goal >= 0.9, chance 0.1): " + ("met" if k1.accuracy >= 0.9 else "not met"))
     chain = by_arm.get("relay:chain_sum", {})
     if "coupled" in chain and "open" in chain:
         c, o = chain["coupled"], chain["open"]
@@ -177,11 +210,18 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
         if task == "relay:digits":
             plot = _capacity_plot(dict(outcomes[task]), docs)
             ladders = {key: ladder(seeds) for key, seeds in sorted(outcomes[task].items())}
-            ks = sorted({k for acc in ladders.values() for k in acc})
-            text += ["Accuracy per number of digits k:", "", "| arm | " + " | ".join(f"k={k}" for k in ks) + " |",
-                     "|---|" + "---|" * len(ks)]
-            text += [f"| {key} | " + " | ".join(f"{acc.get(k, float('nan')):.2f}" for k in ks) + " |"
-                     for key, acc in ladders.items()]
+            ks = sorted({k for rungs in ladders.values() for k in rungs})
+            text += ["Exact repeats per number of digits k (accuracy ± stderr, n items x seeds); bits: the most "
+                     "information about the number that reached the answer at any k, a lower bound by Fano's "
+                     "inequality (log2 10 = 3.3 bits at k = 1; 0 at chance):", "",
+                     "| arm | " + " | ".join(f"k={k}" for k in ks) + " | bits (per position) |",
+                     "|---|" + "---|" * (len(ks) + 1)]
+            for key, rungs in ladders.items():
+                cells = [f"{rungs[k].accuracy:.2f} ± {rungs[k].stderr:.2f} (n={rungs[k].n})" if k in rungs else "–"
+                         for k in ks]
+                bits = max(r.bits for r in rungs.values())
+                m = next(r["latent_steps"] for r in records if r["task"] == task and arm_key(r) == key)
+                text.append(f"| {key} | " + " | ".join(cells) + f" | {bits:.1f} ({bits / max(m, 1):.2f}) |")
             text += ["", f"![capacity]({plot.name})", ""] if plot else [""]
     curves = _curves(records, docs)
     if curves:
