@@ -34,8 +34,25 @@ def test_arms_share_one_budget_and_differ_only_where_named():
     sweep = [trained[a.id] for a in arms if a.phase == 4]
     assert sorted({c.latent_steps for c in sweep}) == list(relay.SWEEP)
     for half in ("half_a", "half_b"):
-        topology = load_topology(trained[Arm(half, relay.SPLIT, phase=2).id].topology)
+        topology = load_topology(train_config(Arm(half, relay.SPLIT), cfg).topology)
         assert len(topology.writers) == 1 and topology.final.sees == "none"
+    seeds = {(a.name, a.task) for a in arms if a.seed > 0}  # where the claims are
+    assert seeds == {(n, relay.DIGITS) for n in ("coupled", "detached", "pause")} | {("open", relay.CHAIN)}
+
+
+def test_the_split_task_waits_until_a_latent_channel_passes_a_sum(tmp_path):
+    (tmp_path / "arms").mkdir()
+    arm = tmp_path / "arms" / f"{Arm('coupled', relay.CHAIN).id}.json"
+    arm.write_text(json.dumps({"accuracy": 0.026, "stderr": 0.007, "floor": 0.032}))  # the measured null
+    assert not any(a.task == relay.SPLIT for a in plan_arms(tmp_path))
+    anneal = tmp_path / "arms" / f"{Arm('coupled_anneal', relay.CHAIN).id}.json"
+    anneal.write_text(json.dumps({"accuracy": 0.05, "stderr": 0.01, "floor": 0.032}))  # inside two stderr
+    assert not any(a.task == relay.SPLIT for a in plan_arms(tmp_path))
+    anneal.write_text(json.dumps({"accuracy": 0.08, "stderr": 0.012, "floor": 0.032}))
+    arms = plan_arms(tmp_path)
+    assert {a.name for a in arms if a.task == relay.SPLIT} == {"coupled", "half_a", "half_b"}
+    assert {(a.name, a.seed) for a in arms if a.task == relay.CHAIN and a.phase == 5} == {
+        (n, s) for n in ("coupled", "detached", "pause") for s in (1, 2)}
 
 
 def test_ladder_reads_the_number_of_digits_from_item_ids():

@@ -23,7 +23,8 @@ validation split, see :class:`RelayConfig`):
 
 Arms are listed in phases, the decisive ones first (coupled, open, the ladder at m = 6, blind; then, because coupled
 collapsed on the sums, detached and pause on the digits and the curriculum on the sums), then the controls,
-then training seeds 1 and 2 where the claims are, then the m sweep. Every finished arm writes
+then training seeds 1 and 2 where the claims are (the digits' coupled, detached and pause; open on the sums), then
+the m sweep; the split task and the sums' latent seeds only once a latents-only recipe passes a sum. Every finished arm writes
 ``docs/arms/<id>.json``, its per-item outcomes and its held-out loss curve; the report is rebuilt after each.
 """
 
@@ -126,10 +127,32 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     arms += [Arm(n, CHAIN, phase=2) for n in ("detached", "pause", "skyline", "text_m", "text_4m", "coupled_ae")]
     if docs is not None and (docs / "arms" / f"{Arm('skyline', CHAIN).id}.json").is_file():
         arms += [Arm(n, CHAIN, phase=2) for n in ("text_sft_m", "text_sft_4m")]
-    arms += [Arm(n, SPLIT, phase=2) for n in ("coupled", "half_a", "half_b")]
-    arms += [Arm(n, CHAIN, s, phase=3) for s in (1, 2) for n in ("coupled", "detached", "pause", "open")]
+    # Training seeds where the claims are: the controls on the digits (where the channel carries information), and
+    # the open trace on the sums.
+    arms += [Arm(n, DIGITS, s, phase=3) for s in (1, 2) for n in ("coupled", "detached", "pause")]
+    arms += [Arm("open", CHAIN, s, phase=3) for s in (1, 2)]
     arms += [Arm(n, DIGITS, phase=4, latent_steps=m) for m in SWEEP for n in ("coupled", "pause")]
+    # Splitting a sum between two writers, and seeds of the sums' latent controls, ask something only once a
+    # latents-only channel passes a sum at all.
+    if docs is not None and sums_cross_the_channel(docs):
+        arms += [Arm(n, SPLIT, phase=5) for n in ("coupled", "half_a", "half_b")]
+        arms += [Arm(n, CHAIN, s, phase=5) for s in (1, 2) for n in ("coupled", "detached", "pause")]
     return arms
+
+
+LATENT_SUM_ARMS = ("coupled", "coupled_anneal", "coupled_ae")
+
+
+def sums_cross_the_channel(docs: Path) -> bool:
+    """Whether a latents-only recipe on relay:chain_sum answers above its task's floor by more than two standard
+    errors (a finished arm's result in ``docs/arms``)."""
+    for name in LATENT_SUM_ARMS:
+        path = docs / "arms" / f"{Arm(name, CHAIN).id}.json"
+        if path.is_file():
+            rec = json.loads(path.read_text())
+            if rec["accuracy"] - 2 * rec["stderr"] > (rec.get("floor") or 0.0):
+                return True
+    return False
 
 
 def train_config(arm: Arm, cfg: RelayConfig, device: str = "cpu"):
