@@ -8,7 +8,8 @@ import math
 
 from diffmas.experiments import relay
 from diffmas.experiments.relay import Arm, RelayConfig, arm_settings, plan_arms, run_study, train_config
-from diffmas.experiments.relay_report import Rung, _step_seconds, ladder, write_report
+from diffmas.experiments.relay_report import Rung, _step_seconds, digit_places, ladder, write_report
+from diffmas.tasks import get_task
 from diffmas.prompts import load_topology
 
 
@@ -62,6 +63,17 @@ def test_ladder_reads_the_number_of_digits_from_item_ids():
     assert rungs[3].bits == math.log2(900)  # every 3-digit number repeated: all of its information
 
 
+def test_digit_places_count_the_length_and_each_digit_against_the_regenerated_number():
+    task = get_task("relay:digits")
+    three = next(f"digits3-{seed}" for seed in range(100) if task.item(seed).meta["n_digits"] == 3)
+    gold = task.item(int(three.split("-")[1])).answer
+    wrong_second = gold[0] + str((int(gold[1]) + 1) % 10) + gold[2]
+    places = digit_places([(three, gold), (three, wrong_second), (three, gold[0]), (three, None)])
+    assert places["length"] == (2, 4)
+    assert places["1"] == (3, 4) and places["2"] == (1, 4) and places["3"] == (2, 4)
+    assert "4" not in places
+
+
 def test_fano_bits_are_zero_at_chance_and_grow_with_accuracy():
     assert Rung(1, 10, 100).bits == 0.0  # 1 in 10: what guessing gets
     assert Rung(1, 100, 100).bits == math.log2(10)
@@ -88,6 +100,7 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     readme = (docs / "README.md").read_text()
     assert "## Goals" in readme and "k = 1" in readme and (docs / "capacity.png").is_file()
     assert "bits (per position)" in readme and "(n=" in readme  # the ladder, with n per k
+    assert "place by place" in readme and "| digit 1 |" in readme
     again = write_report(docs, n_boot=200)
     assert again["by_arm"] == results["by_arm"]
 

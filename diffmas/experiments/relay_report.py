@@ -16,6 +16,7 @@ from pathlib import Path
 
 from diffmas.eval.compare import Comparison, compare, markdown_table
 from diffmas.experiments.curves import plot_heldout
+from diffmas.tasks import get_task
 
 # (arm, baseline) pairs whose paired difference the study reports, per task.
 PAIRS = {
@@ -87,6 +88,34 @@ def ladder(outcomes: dict[int, dict[str, bool]]) -> dict[int, Rung]:
         for item, correct in items.items():
             by_k[int(item.split("-")[0].removeprefix("digits"))].append(correct)
     return {k: Rung(k, sum(v), len(v)) for k, v in sorted(by_k.items())}
+
+
+def digit_places(answers: list[tuple[str, str | None]]) -> dict[str, tuple[int, int]]:
+    """What of each number reached the answer, place by place: (right, items) for the length and for the 1st, 2nd,
+    ... digit (over the items that have that place). ``answers``: (relay:digits item id, extracted answer) pairs,
+    pooled over training seeds; the numbers are regenerated from the ids' seeds."""
+    task = get_task("relay:digits")
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for item, answer in answers:
+        gold, said = task.item(int(item.split("-")[1])).answer, answer or ""
+        counts["length"][0] += len(said) == len(gold)
+        counts["length"][1] += 1
+        for place, digit in enumerate(gold, start=1):
+            counts[str(place)][0] += said[place - 1:place] == digit
+            counts[str(place)][1] += 1
+    return {key: (right, n) for key, (right, n) in counts.items()}
+
+
+def _places_table(answers_by_arm: dict[str, list[tuple[str, str | None]]]) -> list[str]:
+    rows = {key: digit_places(answers) for key, answers in answers_by_arm.items()}
+    places = sorted({p for r in rows.values() for p in r if p != "length"}, key=int)
+    lines = ["What reached the answer, place by place (share right, items with that place; chance: 1/6 for the "
+             "length, about 1/10 per digit):", "",
+             "| arm | length | " + " | ".join(f"digit {p}" for p in places) + " |", "|---|---|" + "---|" * len(places)]
+    for key, row in rows.items():
+        cells = [f"{row[p][0] / row[p][1]:.2f} ({row[p][1]})" if p in row else "–" for p in ["length", *places]]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _capacity_plot(arms: dict[str, dict], docs: Path) -> Path | None:
@@ -167,7 +196,7 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
 
 def write_report(docs: Path, n_boot: int = 10_000) -> dict:
     """Rebuild results.json, README.md and the plots under ``docs`` from the finished arms."""
-    records, outcomes, _ = _load(docs)
+    records, outcomes, extracted = _load(docs)
     by_arm: dict[str, dict[str, dict]] = defaultdict(dict)
     for task in outcomes:
         for key in outcomes[task]:
@@ -223,6 +252,12 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                 m = next(r["latent_steps"] for r in records if r["task"] == task and arm_key(r) == key)
                 text.append(f"| {key} | " + " | ".join(cells) + f" | {bits:.1f} ({bits / max(m, 1):.2f}) |")
             text += ["", f"![capacity]({plot.name})", ""] if plot else [""]
+            answers: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
+            for rec in records:
+                if rec["task"] == task:
+                    stem = f"{task.replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
+                    answers[arm_key(rec)] += extracted[stem].items()
+            text += _places_table(answers)
     curves = _curves(records, docs)
     if curves:
         text += ["## Held-out loss during training", "", "Steps marked * stopped early (flat validation loss).", "",
