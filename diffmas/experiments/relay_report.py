@@ -237,7 +237,9 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
         if comps.get(task):
             text += ["Paired differences (arm minus baseline):", "", markdown_table(comps[task]), ""]
         if task == "relay:digits":
-            plot = _capacity_plot(dict(outcomes[task]), docs)
+            m_of = {arm_key(r): r["latent_steps"] for r in records if r["task"] == task}
+            plot = _capacity_plot({key if "-m" in key else f"{key}, m = {m_of[key]}": seeds
+                                   for key, seeds in outcomes[task].items()}, docs)
             ladders = {key: ladder(seeds) for key, seeds in sorted(outcomes[task].items())}
             ks = sorted({k for rungs in ladders.values() for k in rungs})
             text += ["Exact repeats per number of digits k (accuracy ± stderr, n items x seeds); bits: the most "
