@@ -235,7 +235,9 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                         f"| {stops} |")
         text.append("")
         if comps.get(task):
-            text += ["Paired differences (arm minus baseline):", "", markdown_table(comps[task]), ""]
+            text += ["Paired differences (arm minus baseline), one table per baseline:", ""]
+            for base in dict.fromkeys(c.baseline for c in comps[task]):
+                text += [markdown_table([c for c in comps[task] if c.baseline == base]), ""]
         if task == "relay:digits":
             m_of = {arm_key(r): r["latent_steps"] for r in records if r["task"] == task}
             plot = _capacity_plot({key if "-m" in key else f"{key}, m = {m_of[key]}": seeds
