@@ -122,3 +122,20 @@ def test_core_hours_count_every_process_that_trained_an_arm(tmp_path):
     (tmp_path / "curves" / "relay_digits--coupled--s0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert _step_seconds(rec, tmp_path) == 30.0
     assert _step_seconds({**rec, "label": "text_m/s0"}, tmp_path) == 0.0  # text arms have no curve
+
+
+def test_the_report_names_the_baseline_of_every_paired_difference(tmp_path):
+    for sub in ("arms", "samples"):
+        (tmp_path / sub).mkdir()
+    for name, right in (("coupled", 1), ("open", 6), ("blind", 1)):
+        rec = {"task": relay.CHAIN, "label": f"{name}/s0", "seed": 0, "accuracy": right / 8, "stderr": 0.1,
+               "floor": 0.1, "positions_passed": 6.0, "kv_bytes_passed": 1024.0, "steps_trained": 300,
+               "stopped_early": False, "eval_seconds": 1, "latent_steps": 6, "machine": "test"}
+        (tmp_path / "arms" / f"relay_chain_sum--{name}--s0.json").write_text(json.dumps(rec))
+        (tmp_path / "samples" / f"relay_chain_sum--{name}--s0.jsonl").write_text("".join(
+            json.dumps({"id": f"q{i}", "correct": i < right, "extracted": "1"}) + "\n" for i in range(8)))
+    readme = write_report(tmp_path, n_boot=100) and (tmp_path / "README.md").read_text()
+    # coupled is compared with blind and with open: each under its own baseline's heading
+    blind, opened = readme.index("Baseline `blind`"), readme.index("Baseline `open`")
+    rows = readme[min(blind, opened):].split("Baseline `")[1:]
+    assert sum("| coupled |" in part for part in rows) == 2 and all(part.count("| arm | n |") == 1 for part in rows)

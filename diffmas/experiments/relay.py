@@ -24,8 +24,9 @@ validation split, see :class:`RelayConfig`):
 Arms are listed in phases, the decisive ones first (coupled, open, the ladder at m = 6, blind; then, because coupled
 collapsed on the sums, detached and pause on the digits and the curriculum on the sums), then the controls,
 then training seeds 1 and 2 where the claims are (the digits' coupled, detached and pause; open on the sums), then
-the m sweep; the split task and the sums' latent seeds only once a latents-only recipe passes a sum. Every finished arm writes
-``docs/arms/<id>.json``, its per-item outcomes and its held-out loss curve; the report is rebuilt after each.
+the m sweep; the split task and the sums' latent seeds only once a latents-only recipe passes a sum. Every finished
+arm writes ``docs/arms/<id>.json``, its per-item outcomes and its held-out loss curve; the report is rebuilt after
+each.
 """
 
 from __future__ import annotations
