@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from diffmas.experiments import relay
 from diffmas.experiments.relay import Arm, RelayConfig, arm_settings, plan_arms, run_study, train_config
 from diffmas.experiments.relay_report import Rung, _step_seconds, digit_places, ladder, write_report
@@ -105,13 +107,42 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     assert again["by_arm"] == results["by_arm"]
 
 
-def test_trained_text_arms_are_planned_once_skyline_has_finished(tmp_path):
+@pytest.mark.parametrize("task", [relay.DIGITS, relay.CHAIN])
+def test_trained_text_arms_are_planned_once_their_tasks_skyline_has_finished(tmp_path, task):
     assert not any(a.name.startswith("text_sft") for a in plan_arms(tmp_path))
     (tmp_path / "arms").mkdir()
-    (tmp_path / "arms" / f"{Arm('skyline', relay.CHAIN).id}.json").write_text("{}")
-    names = [a.name for a in plan_arms(tmp_path)]
-    assert names.index("text_sft_m") > names.index("skyline") and "text_sft_4m" in names
+    (tmp_path / "arms" / f"{Arm('skyline', task).id}.json").write_text("{}")
+    ids = [a.id for a in plan_arms(tmp_path)]
+    assert {a for a in ids if "text_sft" in a} == {Arm(n, task).id for n in ("text_sft_m", "text_sft_4m")}
+    assert ids.index(Arm("text_sft_m", task).id) > ids.index(Arm("skyline", task).id)
     assert arm_settings("text_sft_m", RelayConfig())[0] == "text_sft"
+
+
+def test_latent_meets_text_on_the_digits_before_the_sums_curriculum():
+    ids = [a.id for a in plan_arms()]
+    text = [ids.index(Arm(n, relay.DIGITS).id) for n in ("text_m", "text_4m", "skyline")]
+    assert max(text) < ids.index(Arm("coupled_anneal", relay.CHAIN).id)
+
+
+def test_the_digits_report_pairs_latent_with_text_and_counts_bits_per_text_token(tmp_path):
+    for sub in ("arms", "samples"):
+        (tmp_path / sub).mkdir()
+    task = get_task(relay.DIGITS)
+    ones = [seed for seed in range(200) if task.item(seed).meta["n_digits"] == 1][:20]
+    # coupled repeats every 1-digit number through m = 6 positions; the text arm does so through 20 tokens on average
+    for name, system, positions in (("coupled", "diffmas", 6.0), ("text_4m", "text_mas", 20.0)):
+        rec = {"task": relay.DIGITS, "label": f"{name}/s0", "seed": 0, "accuracy": 1.0, "stderr": 0.0, "floor": 0.1,
+               "positions_passed": positions, "kv_bytes_passed": 1.0, "steps_trained": 0, "stopped_early": False,
+               "eval_seconds": 1, "latent_steps": 6, "system": system, "machine": "test"}
+        (tmp_path / "arms" / f"relay_digits--{name}--s0.json").write_text(json.dumps(rec))
+        (tmp_path / "samples" / f"relay_digits--{name}--s0.jsonl").write_text("".join(json.dumps(
+            {"id": f"digits1-{s}", "correct": True, "extracted": task.item(s).answer}) + "\n" for s in ones))
+    results = write_report(tmp_path, n_boot=100)
+    assert [(c["arm"], c["baseline"]) for c in results["comparisons"][relay.DIGITS]] == [("coupled", "text_4m")]
+    readme = (tmp_path / "README.md").read_text()
+    bits = math.log2(10)
+    assert f"| coupled | 1.00 ± 0.00 (n=20) | {bits:.1f} ({bits / 6:.2f}) |" in readme
+    assert f"| text_4m | 1.00 ± 0.00 (n=20) | {bits:.1f} ({bits / 20:.2f}) |" in readme
 
 
 def test_core_hours_count_every_process_that_trained_an_arm(tmp_path):

@@ -22,7 +22,8 @@ validation split, see :class:`RelayConfig`):
 - on ``relay:digits``: ``coupled`` and ``pause`` for m in 1, 2, 4, 8, 16 (the capacity ladder, per k).
 
 Arms are listed in phases, the decisive ones first (coupled, open, the ladder at m = 6, blind; then, because coupled
-collapsed on the sums, detached and pause on the digits and the curriculum on the sums), then the controls,
+collapsed on the sums, detached and pause on the digits, the text channels on the digits and the curriculum on the
+sums), then the controls,
 then training seeds 1 and 2 where the claims are (the digits' coupled, detached and pause; open on the sums), then
 the m sweep; the split task and the sums' latent seeds only once a latents-only recipe passes a sum. Every finished
 arm writes ``docs/arms/<id>.json``, its per-item outcomes and its held-out loss curve; the report is rebuilt after
@@ -124,10 +125,13 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     arms = [Arm("coupled", CHAIN), Arm("open", CHAIN), Arm("coupled", DIGITS), Arm("blind", CHAIN)]
     # Coupled on relay:chain_sum collapsed to one constant answer (0.026, n = 500, floor 0.032): the controls go
     # first where the channel is known to carry something (the digits), then the curriculum on the sums.
-    arms += [Arm("detached", DIGITS), Arm("pause", DIGITS), Arm("coupled_anneal", CHAIN)]
+    arms += [Arm("detached", DIGITS), Arm("pause", DIGITS)]
+    # Latent against text where the latent channel carries something: the text arms cost an evaluation each, the
+    # digits' skyline (which the trained text channel borrows) a short single-agent run.
+    arms += [Arm(n, DIGITS, phase=2) for n in ("text_m", "text_4m", "skyline")] + _trained_text(DIGITS, docs)
+    arms += [Arm("coupled_anneal", CHAIN)]
     arms += [Arm(n, CHAIN, phase=2) for n in ("detached", "pause", "skyline", "text_m", "text_4m", "coupled_ae")]
-    if docs is not None and (docs / "arms" / f"{Arm('skyline', CHAIN).id}.json").is_file():
-        arms += [Arm(n, CHAIN, phase=2) for n in ("text_sft_m", "text_sft_4m")]
+    arms += _trained_text(CHAIN, docs)
     # Training seeds where the claims are: the controls on the digits (where the channel carries information), and
     # the open trace on the sums.
     arms += [Arm(n, DIGITS, s, phase=3) for s in (1, 2) for n in ("coupled", "detached", "pause")]
@@ -139,6 +143,13 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
         arms += [Arm(n, SPLIT, phase=5) for n in ("coupled", "half_a", "half_b")]
         arms += [Arm(n, CHAIN, s, phase=5) for s in (1, 2) for n in ("coupled", "detached", "pause")]
     return arms
+
+
+def _trained_text(task: str, docs: Path | None) -> list[Arm]:
+    """The trained text channel's arms of ``task``, once its skyline (whose adapter they run on) has finished."""
+    if docs is None or not (docs / "arms" / f"{Arm('skyline', task).id}.json").is_file():
+        return []
+    return [Arm(n, task, phase=2) for n in ("text_sft_m", "text_sft_4m")]
 
 
 LATENT_SUM_ARMS = ("coupled", "coupled_anneal", "coupled_ae")

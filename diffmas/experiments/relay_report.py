@@ -25,7 +25,9 @@ PAIRS = {
                         ("coupled", "open"), ("open", "skyline"), ("open", "blind"),
                         ("coupled_ae", "coupled"), ("coupled_anneal", "coupled")],
     "split:chain_sum": [("coupled", "half_a"), ("coupled", "half_b")],
-    "relay:digits": [("coupled", "detached"), ("coupled", "pause")],
+    "relay:digits": [("coupled", "detached"), ("coupled", "pause"), ("coupled", "text_m"), ("coupled", "text_4m"),
+                     ("coupled", "text_sft_m"), ("coupled", "text_sft_4m"), ("text_sft_m", "text_m"),
+                     ("coupled", "skyline")],
 }
 
 
@@ -116,6 +118,16 @@ def _places_table(answers_by_arm: dict[str, list[tuple[str, str | None]]]) -> li
         cells = [f"{row[p][0] / row[p][1]:.2f} ({row[p][1]})" if p in row else "–" for p in ["length", *places]]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _channel(rec: dict) -> tuple[float, str]:
+    """What an arm passes to the final agent: (positions, a label): m latent positions, the text message's tokens
+    (mean over items, at most its cap), or nothing for the single agent that reads the number itself."""
+    if rec["system"] == "single_sft":
+        return 0.0, "sees the number"
+    if rec["system"] in ("text_mas", "text_sft"):
+        return rec["positions_passed"], f"text, {rec['positions_passed']:.1f} tokens"
+    return rec["latent_steps"], f"m = {rec['latent_steps']}"
 
 
 def _capacity_plot(arms: dict[str, dict], docs: Path) -> Path | None:
@@ -239,9 +251,8 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             for base in dict.fromkeys(c.baseline for c in comps[task]):
                 text += [markdown_table([c for c in comps[task] if c.baseline == base]), ""]
         if task == "relay:digits":
-            m_of = {arm_key(r): r["latent_steps"] for r in records if r["task"] == task}
-            plot = _capacity_plot({key if "-m" in key else f"{key}, m = {m_of[key]}": seeds
-                                   for key, seeds in outcomes[task].items()}, docs)
+            channel = {arm_key(r): _channel(r) for r in records if r["task"] == task}
+            plot = _capacity_plot({f"{key}, {channel[key][1]}": seeds for key, seeds in outcomes[task].items()}, docs)
             ladders = {key: ladder(seeds) for key, seeds in sorted(outcomes[task].items())}
             ks = sorted({k for rungs in ladders.values() for k in rungs})
             text += ["Exact repeats per number of digits k (accuracy ± stderr, n items x seeds); bits: the most "
@@ -252,9 +263,9 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             for key, rungs in ladders.items():
                 cells = [f"{rungs[k].accuracy:.2f} ± {rungs[k].stderr:.2f} (n={rungs[k].n})" if k in rungs else "–"
                          for k in ks]
-                bits = max(r.bits for r in rungs.values())
-                m = next(r["latent_steps"] for r in records if r["task"] == task and arm_key(r) == key)
-                text.append(f"| {key} | " + " | ".join(cells) + f" | {bits:.1f} ({bits / max(m, 1):.2f}) |")
+                bits, positions = max(r.bits for r in rungs.values()), channel[key][0]
+                per = f"{bits / positions:.2f}" if positions else "–"
+                text.append(f"| {key} | " + " | ".join(cells) + f" | {bits:.1f} ({per}) |")
             text += ["", f"![capacity]({plot.name})", ""] if plot else [""]
             answers: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
             for rec in records:
