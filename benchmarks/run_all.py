@@ -1,4 +1,4 @@
-"""python benchmarks/run_all.py --out docs/benchmarks   (runs P1..P7, then writes docs/benchmarks.md)
+"""python benchmarks/run_all.py --out docs/benchmarks   (runs P1..P10, then writes docs/benchmarks.md)
 
 Each benchmark runs in its own process, one after the other (never two at once: they would time each other), with
 the same thread count. Their JSONs land in ``--out``; this script then renders docs/benchmarks.md from them.
@@ -21,10 +21,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCHES = {"P1": "bench_rollout.py", "P2": "bench_tokens.py", "P3": "bench_train_step.py",
            "P4": "bench_memory.py", "P5": "bench_scaling.py", "P6": "bench_throughput.py", "P7": "bench_serve.py",
-           "P8": "bench_allocator.py", "P9": "profile_train_step.py"}
+           "P8": "bench_allocator.py", "P9": "profile_train_step.py", "P10": "bench_shared_prefix.py"}
 DOC_DIR = ROOT / "docs"  # set by render(): links in the page are relative to it
 JSONS = {"P1": "rollout", "P2": "tokens", "P3": "train_step", "P4": "memory", "P5": "scaling", "P6": "throughput",
-         "P7": "serve", "P8": "allocator", "P9": "profile"}
+         "P7": "serve", "P8": "allocator", "P9": "profile", "P10": "shared_prefix"}
 
 
 def f(x: float, digits: int = 2) -> str:
@@ -380,6 +380,27 @@ at start {f(r['machine']['loadavg_at_start'])}): diffmas {f(r['median']['diffmas
     return "\n\n".join(parts) + "\n"
 
 
+def section_p10(d: dict[str, Any], out: Path) -> str:
+    rows = [[arm, f(r["writer_prompt_tokens"], 1), r["shared_prefix"],
+             *ratio_row(r, [])[:4]] for arm, r in d["results"].items()]
+    return f"""## P10 — the first writer's shared prompt prefix, prefilled once per training batch
+
+`python benchmarks/bench_shared_prefix.py --out {os.path.relpath(out, ROOT)}` — {machine_line(d['machine'])}
+
+Every row of a training batch starts its first writer's prompt with the same tokens (the chat template and the
+writer's instructions); training prefills that prefix once and copies its K/V to every row
+(`rollout._prefill_shared_prefix`; tested: loss and gradients equal those of prefilling whole prompts, in float64,
+and the prefix is embedded once). The library's own training step (rollout, backward, clipping, AdamW) at the relay
+study's settings (batch 8, m = 6, LoRA r = 16, fp32), sharing the prefix against prefilling whole prompts,
+interleaved, {d['reps']} paired repetitions after a warm-up. Only training shares it: inference prefills whole
+prompts into its preallocated trace (P5), and a writer after the first has nothing to share (its prompt attends to a
+trace that differs per row); the final agent's prompt attends to the trace too.
+
+{md_table(["arm (relay study)", "writer prompt (mean tokens)", "shared prefix", "shared s", "whole s",
+           "shared / whole", "range"], rows)}
+"""
+
+
 def section_gpu(gpu: Path) -> str:
     """The one-off GPU run (``scripts/gpu-checks.sh``), from the files it left in ``gpu``."""
     parts = []
@@ -422,7 +443,7 @@ def section_gpu(gpu: Path) -> str:
 
 
 SECTIONS = {"P1": section_p1, "P2": section_p2, "P3": section_p3, "P4": section_p4, "P5": section_p5,
-            "P6": section_p6, "P7": section_p7, "P8": section_p8, "P9": section_p9}
+            "P6": section_p6, "P7": section_p7, "P8": section_p8, "P9": section_p9, "P10": section_p10}
 
 
 def render(out: Path, doc: Path, notes: Path) -> None:

@@ -148,6 +148,38 @@ def _render(backbone: Backbone, agent: Agent, prompts: list[Prompt], think: bool
     return seqs, ids, mask
 
 
+def _shared_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens every row's prompt shares (the chat template, the role's instructions), leaving
+    every row at least one token of its own (whose hidden state the latent steps start from)."""
+    shortest = min(len(s) for s in seqs)
+    n = 0
+    while n < shortest - 1 and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def _prefill_shared_prefix(backbone: Backbone, adapter: str | None, seqs: list[list[int]], checkpoint: bool
+                           ) -> tuple[Trace, list[list[int]]]:
+    """Training's first writer: its rows' shared prompt prefix prefilled once and copied to every row, and the
+    rows' own remainders. Under causal attention the prefix's keys and values do not depend on what follows, and a
+    row's remainder gets the same positions and attends to the same real keys as in one left-padded segment, so
+    this computes what prefilling the whole prompts would (fp rounding aside) with fewer rows; autograd sums
+    the copies' gradients into the one prefill."""
+    n = _shared_prefix(seqs)
+    device = backbone.device
+    if n == 0 or len(seqs) == 1:
+        return Trace.empty(len(seqs), device), seqs
+
+    def prefill(ids: Tensor, *trace_tensors) -> tuple:
+        activate(backbone, adapter)  # inside, so a recomputation in backward uses the same adapter
+        trace, _ = Trace.unflatten(trace_tensors).extend(backbone.body, torch.ones_like(ids), input_ids=ids)
+        return tuple(trace.flatten())
+
+    ids = torch.tensor([seqs[0][:n]], device=device)
+    shared = Trace.unflatten(maybe_checkpoint(checkpoint, prefill, Trace.empty(1, device), ids))
+    return shared.select(torch.zeros(len(seqs), dtype=torch.long, device=device)), [s[n:] for s in seqs]
+
+
 def _outputs_only(trace: Trace, lo: int, hi: int, reveal: float, generator: torch.Generator | None) -> Trace:
     """``trace`` with a writer's prompt columns ``lo..hi-1`` dropped (scope ``latents``), or with ``reveal``, each
     of them hidden with probability 1 - reveal (the bottleneck curriculum; positions never change)."""
@@ -354,6 +386,12 @@ def rollout(
             start = time.perf_counter()
             seqs, ids, mask = rendered[number]
             branch = trace if agent.reads_trace else Trace.empty(batch, device, start=trace.next_positions)
+            own = seqs  # what this writer's segment prefills: the whole prompts, or what follows a shared prefix
+            if training and spec.writer_mode == "latent" and not trace.length:  # nothing written yet: positions 0..
+                branch, own = _as_agent(agent.role, _prefill_shared_prefix, backbone, adapters.get(agent.role),
+                                        seqs, checkpoint and stage_one_grad)
+                ids, mask = left_pad(own, backbone.pad_id, device)
+            prompt_width = branch.length + ids.shape[1]
             lens = texts = None
             generated = [0] * batch
             steps = spec.latent_steps if agent.latent_steps is None else agent.latent_steps
@@ -366,7 +404,7 @@ def rollout(
                     else None
                 labels = f_ids = f_mask = f_labels = None
                 if forced and any(forced) and steps == 0:  # one prefill: prompt + text, loss on the text
-                    ids, mask, labels = labelled(seqs, forced, backbone.pad_id, device)
+                    ids, mask, labels = labelled(own, forced, backbone.pad_id, device)
                 elif forced and any(forced):
                     f_ids, f_mask, f_labels = labelled([[] for _ in forced], forced, backbone.pad_id, device,
                                                        allow_empty=True)
@@ -399,7 +437,7 @@ def rollout(
                     branch, texts, generated = _cap_replies(tok, reply, reply_from, caps)
             if scope == "latents":  # downstream agents see the writer's output, not its prompt
                 lo = trace.length if agent.reads_trace else 0
-                branch = _outputs_only(branch, lo, lo + rendered[number][1].shape[1], reveal, generator)
+                branch = _outputs_only(branch, lo, lo + prompt_width, reveal, generator)
             trace = branch if agent.reads_trace else trace.concat(branch)
             records.append(AgentRecord(agent.role, [len(s) for s in seqs],
                                        steps if spec.writer_mode == "latent" else 0, generated,

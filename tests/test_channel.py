@@ -17,6 +17,7 @@ from diffmas.decode import DecodeConfig
 from diffmas.errors import DiffMASError
 from diffmas.kv import Trace
 from diffmas.prompts import RELAY, SPLIT, Agent, Topology, load_topology, render_agent, view_text
+from diffmas import rollout as rollout_module
 from diffmas.rollout import RolloutSpec, gold_nll, rollout
 
 VIEWS = [
@@ -173,3 +174,45 @@ def test_the_topology_scope_applies_unless_the_run_sets_one():
     assert RolloutSpec(topo).scope == "latents"
     assert RolloutSpec(topo, trace="keep").scope == "keep"
     assert RolloutSpec(RELAY).scope == "keep"
+
+
+@pytest.mark.parametrize("topology, scope", [(RELAY, "latents"), (load_topology("sequential"), "keep")],
+                         ids=["relay-latents", "sequential-keep"])
+def test_prefilling_the_shared_prompt_prefix_once_changes_no_loss_or_gradient(topology, scope, monkeypatch):
+    """Training prefills the first writer's shared prompt prefix once for the batch: the loss and every gradient
+    equal those of prefilling each row's whole prompt. (To 1e-6, not 1e-12: the models' RMSNorm computes in
+    float32 even in a float64 model, so the last-bit differences of another matmul shape flip float32 roundings.
+    A wrong position or mask moves them by orders of magnitude more.)"""
+    bb = make_backbone(dtype=torch.float64)
+    spec = RolloutSpec(topology, "latent", M, adapters=_trained(bb, topology), trace=scope)
+    bb.model.eval()  # no LoRA dropout
+    prompts = VIEWS if topology is RELAY else [v["question"] for v in VIEWS]
+    lora = [p for n, p in bb.model.named_parameters() if "lora_" in n]
+
+    def run() -> tuple[float, list[torch.Tensor]]:
+        bb.model.zero_grad(set_to_none=True)
+        out = rollout(bb, spec, prompts, targets=TARGETS)
+        out.loss.backward()
+        return out.loss.item(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lora]
+
+    loss, grads = run()
+    monkeypatch.setattr(rollout_module, "_shared_prefix", lambda seqs: 0)
+    whole_loss, whole_grads = run()
+    assert loss == pytest.approx(whole_loss, rel=1e-9)
+    assert any(g.abs().sum() > 0 for g in grads)
+    for g, ref in zip(grads, whole_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_training_prefills_the_first_writers_shared_prompt_prefix_once():
+    bb = make_backbone(dtype=torch.float64)
+    spec = RolloutSpec(RELAY, "latent", M, adapters=_trained(bb, RELAY), trace="latents")
+    shapes = []
+    bb.body.get_input_embeddings().register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
+    rollout(bb, spec, VIEWS, targets=TARGETS)
+    seqs = [render_agent(bb.tokenizer, RELAY.writers[0], view_text(RELAY.writers[0], v)) for v in VIEWS]
+    shared = next(i for i in range(min(map(len, seqs))) if len({s[i] for s in seqs}) > 1)
+    assert shared > 10  # the chat template and the writer's instructions
+    widest = max(map(len, seqs))
+    segments = [shape for shape in shapes if len(shape) == 2]  # token segments (the realigner embeds the vocabulary)
+    assert segments[:2] == [(1, shared), (len(VIEWS), widest - shared)]  # once for the batch, then each row's own

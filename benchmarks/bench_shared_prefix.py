@@ -1,0 +1,83 @@
+"""python benchmarks/bench_shared_prefix.py --out docs/benchmarks   (P10: the first writer's shared prompt prefix)
+
+A training step of the relay study's arms prefills the first writer's prompt rows; every row starts with the same
+tokens (the chat template and the writer's instructions), so training prefills that prefix once and copies its K/V
+to every row (`rollout._prefill_shared_prefix`). This measures the library's own training step (rollout, backward,
+clipping, AdamW) at the relay study's settings (`diffmas.experiments.relay.train_config`: batch 8, m = 6, LoRA
+r = 16, fp32) with the prefix shared against the same step prefilling every row's whole prompt, interleaved, for
+the arms the study still runs: coupled (latents only), pause and open on relay:digits and relay:chain_sum.
+Reported: the step-time ratio shared / whole, and the share of the writer's prompt tokens the prefix is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from _common import compare, interleaved, machine, parser, setup, table, write_json
+from diffmas import rollout as rollout_module
+from diffmas.backbone import load_backbone
+from diffmas.experiments.relay import Arm, RelayConfig, train_config
+from diffmas.prompts import render_agent, view_text
+from diffmas.train.data import build_datasets
+from diffmas.train.loop import attach_trainable, wrapped_trainable
+from diffmas.train.objectives import plan_norm, plan_step, step_loss
+
+SHARED_PREFIX = rollout_module._shared_prefix
+
+
+def make_step(arm: Arm, share: bool):
+    """The library's training step of ``arm`` (the study's config), sharing the prefix or not; and the
+    mean prompt length and shared prefix of its first writer on the step's batch."""
+    cfg = train_config(arm, RelayConfig())
+    train_set, _ = build_datasets(cfg, cfg.batch_size)
+    backbone = load_backbone(cfg.model.name, "cpu", cfg.model.dtype)
+    spec = attach_trainable(backbone, cfg)
+    backbone.model.train()
+    params = wrapped_trainable(backbone, spec)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    plan = plan_step(cfg, 0, train_set, spec.topology)
+    norm = plan_norm(backbone, spec, plan)
+    writer = spec.topology.writers[0]
+    seqs = [render_agent(backbone.tokenizer, writer, view_text(writer, p)) for p in plan.prompts]
+
+    def step() -> None:
+        rollout_module._shared_prefix = SHARED_PREFIX if share else (lambda seqs: 0)
+        loss, _ = step_loss(backbone, spec, cfg, plan, norm)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, sum(map(len, seqs)) / len(seqs), SHARED_PREFIX(seqs)
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--arms", nargs="+", default=["coupled:relay:digits", "pause:relay:digits",
+                                                  "coupled:relay:chain_sum", "open:relay:chain_sum"],
+                   help="name:task of the relay study's arms to time")
+    args = p.parse_args()
+    setup(args.threads)
+    results: dict[str, Any] = {}
+    rows = []
+    for spec in args.arms:
+        name, task = spec.split(":", 1)
+        arm = Arm(name, task)
+        step_shared, prompt, prefix = make_step(arm, True)
+        step_whole = make_step(arm, False)[0]
+        times = interleaved({"shared": step_shared, "whole": step_whole}, 1 if args.quick else args.reps)
+        ratio = compare(times, "shared", "whole")
+        results[arm.id] = {"seconds": times, "ratio": ratio, "writer_prompt_tokens": prompt, "shared_prefix": prefix}
+        wall = ratio["wall"]
+        rows.append([arm.id, f"{prompt:.1f}", prefix, f"{wall['median_a']:.2f}", f"{wall['median_b']:.2f}",
+                     f"{wall['ratio_of_medians']:.3f}", f"{wall['min_ratio']:.3f}-{wall['max_ratio']:.3f}"])
+        print(table(["arm", "writer prompt (mean tokens)", "shared prefix", "shared s", "whole s",
+                     "shared / whole", "range of paired ratios"], rows))
+    write_json(args.out, "shared_prefix", {"machine": machine(args.threads), "reps": args.reps, "results": results})
+
+
+if __name__ == "__main__":
+    main()
