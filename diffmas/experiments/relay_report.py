@@ -27,7 +27,7 @@ PAIRS = {
     "split:chain_sum": [("coupled", "half_a"), ("coupled", "half_b")],
     "relay:digits": [("coupled", "detached"), ("coupled", "pause"), ("coupled", "text_m"), ("coupled", "text_4m"),
                      ("coupled", "text_sft_m"), ("coupled", "text_sft_4m"), ("text_sft_m", "text_m"),
-                     ("coupled", "skyline")],
+                     ("coupled", "skyline"), ("coupled_long", "coupled")],
 }
 
 
