@@ -74,6 +74,35 @@ def fixed_length(backbone: Backbone) -> FixedLengthBackbone:
                                cache=backbone.cache)
 
 
+def library_training_step(cfg, bf16: bool = False, before: Callable[[], Any] | None = None):
+    """The library's own training step for ``cfg`` (rollout, backward, clipping, AdamW) on its first batch, calling
+    ``before`` first; returns ``(step, backbone, spec, plan)``."""
+    from diffmas.train.data import build_datasets
+    from diffmas.train.loop import attach_trainable, wrapped_trainable
+    from diffmas.train.objectives import plan_norm, plan_step, step_loss
+
+    train_set, _ = build_datasets(cfg, cfg.batch_size)
+    backbone = load_backbone(cfg.model.name, "cpu", cfg.model.dtype)
+    spec = attach_trainable(backbone, cfg)
+    backbone.model.train()
+    params = wrapped_trainable(backbone, spec)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    plan = plan_step(cfg, 0, train_set, spec.topology)
+    norm = plan_norm(backbone, spec, plan)
+
+    def step() -> None:
+        if before is not None:
+            before()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = step_loss(backbone, spec, cfg, plan, norm)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, backbone, spec, plan
+
+
 def chain_sum_prompts(n: int) -> list[str]:
     """The first ``n`` evaluation questions of rg:chain_sum, rendered as the task's user turn."""
     from diffmas.tasks import get_task

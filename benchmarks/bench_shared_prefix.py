@@ -13,16 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from _common import compare, interleaved, machine, parser, setup, table, write_json
+from _common import compare, interleaved, library_training_step, machine, parser, setup, table, write_json
 from diffmas import rollout as rollout_module
-from diffmas.backbone import load_backbone
 from diffmas.experiments.relay import Arm, RelayConfig, train_config
 from diffmas.prompts import render_agent, view_text
-from diffmas.train.data import build_datasets
-from diffmas.train.loop import attach_trainable, wrapped_trainable
-from diffmas.train.objectives import plan_norm, plan_step, step_loss
 
 SHARED_PREFIX = rollout_module._shared_prefix
 
@@ -30,26 +24,13 @@ SHARED_PREFIX = rollout_module._shared_prefix
 def make_step(arm: Arm, share: bool):
     """The library's training step of ``arm`` (the study's config), sharing the prefix or not; and the
     mean prompt length and shared prefix of its first writer on the step's batch."""
-    cfg = train_config(arm, RelayConfig())
-    train_set, _ = build_datasets(cfg, cfg.batch_size)
-    backbone = load_backbone(cfg.model.name, "cpu", cfg.model.dtype)
-    spec = attach_trainable(backbone, cfg)
-    backbone.model.train()
-    params = wrapped_trainable(backbone, spec)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    plan = plan_step(cfg, 0, train_set, spec.topology)
-    norm = plan_norm(backbone, spec, plan)
+
+    def choose() -> None:
+        rollout_module._shared_prefix = SHARED_PREFIX if share else (lambda seqs: 0)
+
+    step, backbone, spec, plan = library_training_step(train_config(arm, RelayConfig()), before=choose)
     writer = spec.topology.writers[0]
     seqs = [render_agent(backbone.tokenizer, writer, view_text(writer, p)) for p in plan.prompts]
-
-    def step() -> None:
-        rollout_module._shared_prefix = SHARED_PREFIX if share else (lambda seqs: 0)
-        loss, _ = step_loss(backbone, spec, cfg, plan, norm)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     return step, sum(map(len, seqs)) / len(seqs), SHARED_PREFIX(seqs)
 
 

@@ -19,12 +19,9 @@ from typing import Any
 
 import torch
 
-from _common import interleaved, machine, merged, parser, setup, table, write_json
-from diffmas.backbone import load_backbone, resolve_precision
+from _common import interleaved, library_training_step, machine, merged, parser, setup, table, write_json
+from diffmas.backbone import resolve_precision
 from diffmas.experiments.demo import DemoConfig
-from diffmas.train.data import build_datasets
-from diffmas.train.loop import attach_trainable, wrapped_trainable
-from diffmas.train.objectives import plan_norm, plan_step, step_loss
 
 FAMILIES = [
     ("linear layers (matmul, LoRA included)", ("addmm", "mm", "bmm", "matmul", "linear", "baddbmm")),
@@ -47,23 +44,8 @@ def family(op: str) -> str:
 def make_step(system: str, precision: str = "auto"):
     """The library's training step for ``system`` at the demo's settings, and its positions per row."""
     cfg = DemoConfig(device="cpu").train_config(system, mixed_precision=precision)
-    train_set, _ = build_datasets(cfg, cfg.batch_size)
-    backbone = load_backbone(cfg.model.name, "cpu", cfg.model.dtype)
-    spec = attach_trainable(backbone, cfg)
-    backbone.model.train()
-    params = wrapped_trainable(backbone, spec)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    plan = plan_step(cfg, 0, train_set, spec.topology)
-    norm = plan_norm(backbone, spec, plan)
     bf16 = resolve_precision(cfg.mixed_precision, torch.device("cpu")) == "bf16"
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = step_loss(backbone, spec, cfg, plan, norm)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step, backbone, spec, plan = library_training_step(cfg, bf16)
 
     from diffmas.rollout import rollout
 
