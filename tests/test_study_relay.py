@@ -99,6 +99,10 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     assert coupled["kv_bytes_passed"] == 2 * (2 * 2 * 2 * 16 * 4)  # positions x (K+V x layers x heads x dim x fp32)
     text = json.loads((docs / "arms" / f"{arms[1].id}.json").read_text())
     assert text["steps_trained"] == 0 and text["positions_passed"] <= 2  # the message alone, at most m tokens
+    kept = {a.id: [json.loads(line) for line in (docs / "samples" / f"{a.id}.jsonl").read_text().splitlines()]
+            for a in arms}
+    assert all(len(s["messages"]) == 1 for s in kept[arms[1].id])  # what crossed the text channel is kept
+    assert not any("messages" in s for s in kept[arms[0].id])
     results = json.loads((docs / "results.json").read_text())
     assert set(results["by_arm"]) == {"relay:digits", relay.CHAIN}
     readme = (docs / "README.md").read_text()
@@ -126,7 +130,7 @@ def test_latent_meets_text_on_the_digits_before_the_sums_curriculum():
     assert max(text) < ids.index(Arm("coupled_anneal", relay.CHAIN).id)
 
 
-def test_the_digits_report_pairs_latent_with_text_and_counts_bits_per_text_token(tmp_path):
+def test_the_digits_report_pairs_latent_with_text_counts_bits_per_text_token_and_what_crossed(tmp_path):
     for sub in ("arms", "samples"):
         (tmp_path / sub).mkdir()
     task = get_task(relay.DIGITS)
@@ -137,14 +141,20 @@ def test_the_digits_report_pairs_latent_with_text_and_counts_bits_per_text_token
                "positions_passed": positions, "kv_bytes_passed": 1.0, "steps_trained": 0, "stopped_early": False,
                "eval_seconds": 1, "latent_steps": 6, "system": system, "machine": "test"}
         (tmp_path / "arms" / f"relay_digits--{name}--s0.json").write_text(json.dumps(rec))
+        # the text writer's message holds the number in every other item (the rest say a longer number with it)
+        messages = {s: [f"The number {task.item(s).answer}" if i % 2 else f"The number {task.item(s).answer}7"]
+                    for i, s in enumerate(ones)}
         (tmp_path / "samples" / f"relay_digits--{name}--s0.jsonl").write_text("".join(json.dumps(
-            {"id": f"digits1-{s}", "correct": True, "extracted": task.item(s).answer}) + "\n" for s in ones))
+            {"id": f"digits1-{s}", "correct": True, "extracted": task.item(s).answer,
+             **({"messages": messages[s]} if system == "text_mas" else {})}) + "\n" for s in ones))
     results = write_report(tmp_path, n_boot=100)
     assert [(c["arm"], c["baseline"]) for c in results["comparisons"][relay.DIGITS]] == [("coupled", "text_4m")]
     readme = (tmp_path / "README.md").read_text()
     bits = math.log2(10)
     assert f"| coupled | 1.00 ± 0.00 (n=20) | {bits:.1f} ({bits / 6:.2f}) |" in readme
     assert f"| text_4m | 1.00 ± 0.00 (n=20) | {bits:.1f} ({bits / 20:.2f}) |" in readme
+    assert "| text_4m | 0.50 (10/20) | 1.00 (10/10) |" in readme and "| coupled | 0." not in readme.split(
+        "What crossed the text channels")[1]  # only text arms have messages
 
 
 def test_core_hours_count_every_process_that_trained_an_arm(tmp_path):

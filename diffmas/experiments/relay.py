@@ -212,6 +212,14 @@ def kv_bytes_per_position(model: str) -> int:
     return 2 * config.num_hidden_layers * heads * head_dim * 4
 
 
+def _kept(sample: dict) -> dict:
+    """What the study keeps of an evaluated item: its outcome, and for a text channel the writers' messages (what
+    crossed the channel, so a failure can be told apart as the writer's or the reader's)."""
+    kept = {k: sample[k] for k in ("id", "correct", "extracted", "trace_tokens")}
+    messages = [a["text"] for a in sample["agents"][:-1] if a.get("text") is not None]
+    return {**kept, "messages": messages} if messages else kept
+
+
 def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cpu") -> dict:
     """Train (unless a text arm) and evaluate one arm; writes docs/arms/<id>.json, its samples and its curve."""
     system, _ = arm_settings(arm.name, cfg)
@@ -246,8 +254,7 @@ def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cp
         (docs / sub).mkdir(parents=True, exist_ok=True)
     if run:
         (docs / "curves" / f"{arm.id}.jsonl").write_text((run / "metrics.jsonl").read_text())
-    (docs / "samples" / f"{arm.id}.jsonl").write_text("".join(
-        json.dumps({k: s[k] for k in ("id", "correct", "extracted", "trace_tokens")}) + "\n" for s in samples))
+    (docs / "samples" / f"{arm.id}.jsonl").write_text("".join(json.dumps(_kept(s)) + "\n" for s in samples))
     (docs / "arms" / f"{arm.id}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 

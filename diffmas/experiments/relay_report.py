@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,16 +37,16 @@ def arm_key(rec: dict) -> str:
     return rec["label"].split("/")[0]
 
 
-def _load(docs: Path) -> tuple[list[dict], dict[str, dict[str, dict[int, dict[str, bool]]]], dict[str, dict]]:
+def _load(docs: Path) -> tuple[list[dict], dict[str, dict[str, dict[int, dict[str, bool]]]], dict[str, list[dict]]]:
+    """The finished arms' records, their per-item outcomes by task, arm and seed, and their kept samples by run."""
     arms = [json.loads(p.read_text()) for p in sorted((docs / "arms").glob("*.json"))]
     outcomes: dict = defaultdict(lambda: defaultdict(dict))
-    extracted: dict = defaultdict(dict)
+    samples: dict = {}
     for rec in arms:
         stem = f"{rec['task'].replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
-        lines = [json.loads(line) for line in (docs / "samples" / f"{stem}.jsonl").read_text().splitlines()]
-        outcomes[rec["task"]][arm_key(rec)][rec["seed"]] = {s["id"]: bool(s["correct"]) for s in lines}
-        extracted[stem] = {s["id"]: s.get("extracted") for s in lines}
-    return arms, outcomes, extracted
+        samples[stem] = [json.loads(line) for line in (docs / "samples" / f"{stem}.jsonl").read_text().splitlines()]
+        outcomes[rec["task"]][arm_key(rec)][rec["seed"]] = {s["id"]: bool(s["correct"]) for s in samples[stem]}
+    return arms, outcomes, samples
 
 
 def _summary(c: Comparison) -> dict:
@@ -106,6 +107,28 @@ def digit_places(answers: list[tuple[str, str | None]]) -> dict[str, tuple[int, 
             counts[str(place)][0] += said[place - 1:place] == digit
             counts[str(place)][1] += 1
     return {key: (right, n) for key, (right, n) in counts.items()}
+
+
+def number_sent(item: str, messages: list[str]) -> bool:
+    """Whether a text channel's messages hold the relay:digits item's whole number (not as part of a longer one)."""
+    gold = get_task("relay:digits").item(int(item.split("-")[1])).answer
+    return any(re.search(rf"(?<!\d){gold}(?!\d)", m) for m in messages)
+
+
+def _messages_table(samples_by_arm: dict[str, list[dict]]) -> list[str]:
+    """Per text arm and k: how often the writer's message held the whole number, and how often the reader then
+    repeated it (a failure is the writer's when the number never crossed, the reader's when it did)."""
+    if not samples_by_arm:
+        return []
+    lines = ["What crossed the text channels: items whose writer message holds the whole number, and of those, the "
+             "share the final agent repeated exactly:", "", "| arm | number in the message | repeated when it was |",
+             "|---|---|---|"]
+    for key, samples in samples_by_arm.items():
+        sent = [s for s in samples if number_sent(s["id"], s["messages"])]
+        repeated = sum(bool(s["correct"]) for s in sent)
+        share = f"{repeated / len(sent):.2f} ({repeated}/{len(sent)})" if sent else "–"
+        lines.append(f"| {key} | {len(sent) / len(samples):.2f} ({len(sent)}/{len(samples)}) | {share} |")
+    return lines + [""]
 
 
 def _places_table(answers_by_arm: dict[str, list[tuple[str, str | None]]]) -> list[str]:
@@ -208,7 +231,7 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
 
 def write_report(docs: Path, n_boot: int = 10_000) -> dict:
     """Rebuild results.json, README.md and the plots under ``docs`` from the finished arms."""
-    records, outcomes, extracted = _load(docs)
+    records, outcomes, samples = _load(docs)
     by_arm: dict[str, dict[str, dict]] = defaultdict(dict)
     for task in outcomes:
         for key in outcomes[task]:
@@ -268,11 +291,14 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                 text.append(f"| {key} | " + " | ".join(cells) + f" | {bits:.1f} ({per}) |")
             text += ["", f"![capacity]({plot.name})", ""] if plot else [""]
             answers: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
+            sent: dict[str, list[dict]] = defaultdict(list)
             for rec in records:
                 if rec["task"] == task:
                     stem = f"{task.replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
-                    answers[arm_key(rec)] += extracted[stem].items()
-            text += _places_table(answers)
+                    answers[arm_key(rec)] += [(s["id"], s.get("extracted")) for s in samples[stem]]
+                    if rec["system"] in ("text_mas", "text_sft") and all("messages" in s for s in samples[stem]):
+                        sent[arm_key(rec)] += samples[stem]
+            text += _places_table(answers) + _messages_table(sent)
     curves = _curves(records, docs)
     if curves:
         text += ["## Held-out loss during training", "", "Steps marked * stopped early (flat validation loss).", "",
