@@ -383,21 +383,26 @@ at start {f(r['machine']['loadavg_at_start'])}): diffmas {f(r['median']['diffmas
 def section_p10(d: dict[str, Any], out: Path) -> str:
     rows = [[arm, f(r["writer_prompt_tokens"], 1), r["shared_prefix"],
              *ratio_row(r, [])[:4]] for arm, r in d["results"].items()]
-    return f"""## P10 — the first writer's shared prompt prefix, prefilled once per training batch
+    evals = [ratio_row(r, [task])[:5] for task, r in d["inference"].items()]
+    return f"""## P10 — the first writer's shared prompt prefix, prefilled once per batch
 
 `python benchmarks/bench_shared_prefix.py --out {os.path.relpath(out, ROOT)}` — {machine_line(d['machine'])}
 
-Every row of a training batch starts its first writer's prompt with the same tokens (the chat template and the
-writer's instructions); training prefills that prefix once and copies its K/V to every row
-(`rollout._prefill_shared_prefix`; tested: loss and gradients equal those of prefilling whole prompts, in float64,
-and the prefix is embedded once). The library's own training step (rollout, backward, clipping, AdamW) at the relay
-study's settings (batch 8, m = 6, LoRA r = 16, fp32), sharing the prefix against prefilling whole prompts,
-interleaved, {d['reps']} paired repetitions after a warm-up. Only training shares it: inference prefills whole
-prompts into its preallocated trace (P5), and a writer after the first has nothing to share (its prompt attends to a
-trace that differs per row); the final agent's prompt attends to the trace too.
+Every row of a batch starts its first writer's prompt with the same tokens (the chat template and the writer's
+instructions); the rollout prefills that prefix once and gives its K/V to every row (`rollout._prefill_shared_prefix`;
+tested in float64: training's loss and gradients, and inference's answers, NLLs and gold NLLs, equal those of
+prefilling whole prompts; the prefix is embedded once). Timed: the library's own training step (rollout, backward,
+clipping, AdamW) at the relay study's settings (batch 8, m = 6, LoRA r = 16, fp32), sharing the prefix against
+prefilling whole prompts, interleaved, {d['reps']} paired repetitions after a warm-up; then an evaluation rollout the
+same way (latent_mas on the relay topology, m = 6, latents only, batch {d['batch']}, {d['tokens']} tokens decoded per
+row: the study's evaluation settings), where the prefix is copied into the trace's preallocated columns (P5). A
+writer after the first has nothing to share (its prompt attends to a trace that differs per row); the final agent's
+prompt attends to the trace too.
 
 {md_table(["arm (relay study)", "writer prompt (mean tokens)", "shared prefix", "shared s", "whole s",
            "shared / whole", "range"], rows)}
+
+{md_table(["evaluation rollout", "shared s", "whole s", "shared / whole", "range"], evals)}
 """
 
 

@@ -158,26 +158,31 @@ def _shared_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def _prefill_shared_prefix(backbone: Backbone, adapter: str | None, seqs: list[list[int]], checkpoint: bool
-                           ) -> tuple[Trace, list[list[int]]]:
-    """Training's first writer: its rows' shared prompt prefix prefilled once and copied to every row, and the
-    rows' own remainders. Under causal attention the prefix's keys and values do not depend on what follows, and a
-    row's remainder gets the same positions and attends to the same real keys as in one left-padded segment, so
-    this computes what prefilling the whole prompts would (fp rounding aside) with fewer rows; autograd sums
-    the copies' gradients into the one prefill."""
+def _prefill_shared_prefix(backbone: Backbone, adapter: str | None, seqs: list[list[int]], base: Trace,
+                           checkpoint: bool) -> tuple[Trace, list[list[int]]]:
+    """The first writer's rows' shared prompt prefix prefilled once and given to every row (``base``, an empty
+    trace, takes it: an inference trace copies it into its preallocated columns), and the rows' own remainders.
+    Under causal attention the prefix's keys and values do not depend on what follows, and a row's remainder gets
+    the same positions and attends to the same real keys as in one left-padded segment, so this computes what
+    prefilling the whole prompts would (fp rounding aside) with fewer rows; in training, autograd sums the rows'
+    gradients into the one prefill."""
     n = _shared_prefix(seqs)
-    device = backbone.device
     if n == 0 or len(seqs) == 1:
-        return Trace.empty(len(seqs), device), seqs
+        return base, seqs
 
     def prefill(ids: Tensor, *trace_tensors) -> tuple:
         activate(backbone, adapter)  # inside, so a recomputation in backward uses the same adapter
         trace, _ = Trace.unflatten(trace_tensors).extend(backbone.body, torch.ones_like(ids), input_ids=ids)
         return tuple(trace.flatten())
 
-    ids = torch.tensor([seqs[0][:n]], device=device)
-    shared = Trace.unflatten(maybe_checkpoint(checkpoint, prefill, Trace.empty(1, device), ids))
-    return shared.select(torch.zeros(len(seqs), dtype=torch.long, device=device)), [s[n:] for s in seqs]
+    ids = torch.tensor([seqs[0][:n]], device=backbone.device)
+    empty = Trace.empty(1, backbone.device, capacity=n if base.arena is not None else None)  # inference: no cache
+    one = Trace.unflatten(maybe_checkpoint(checkpoint, prefill, empty, ids))
+    rows = len(seqs)
+    every = Trace(tuple(k.expand(rows, -1, -1, -1) for k in one.keys),  # views: no copy per row
+                  tuple(v.expand(rows, -1, -1, -1) for v in one.values),
+                  one.mask.repeat(rows, 1), one.positions.repeat(rows, 1), one.next_positions.repeat(rows))
+    return base.concat(every), [s[n:] for s in seqs]
 
 
 def _outputs_only(trace: Trace, lo: int, hi: int, reveal: float, generator: torch.Generator | None) -> Trace:
@@ -387,9 +392,9 @@ def rollout(
             seqs, ids, mask = rendered[number]
             branch = trace if agent.reads_trace else Trace.empty(batch, device, start=trace.next_positions)
             own = seqs  # what this writer's segment prefills: the whole prompts, or what follows a shared prefix
-            if training and spec.writer_mode == "latent" and not trace.length:  # nothing written yet: positions 0..
+            if not trace.length:  # nothing written yet: every row's prompt starts at position 0
                 branch, own = _as_agent(agent.role, _prefill_shared_prefix, backbone, adapters.get(agent.role),
-                                        seqs, checkpoint and stage_one_grad)
+                                        seqs, branch, checkpoint and stage_one_grad)
                 ids, mask = left_pad(own, backbone.pad_id, device)
             prompt_width = branch.length + ids.shape[1]
             lens = texts = None

@@ -204,15 +204,31 @@ def test_prefilling_the_shared_prompt_prefix_once_changes_no_loss_or_gradient(to
         torch.testing.assert_close(g, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
 
 
-def test_training_prefills_the_first_writers_shared_prompt_prefix_once():
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_the_first_writers_shared_prompt_prefix_is_prefilled_once(training):
     bb = make_backbone(dtype=torch.float64)
     spec = RolloutSpec(RELAY, "latent", M, adapters=_trained(bb, RELAY), trace="latents")
     shapes = []
     bb.body.get_input_embeddings().register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
-    rollout(bb, spec, VIEWS, targets=TARGETS)
+    rollout(bb, spec, VIEWS, targets=TARGETS if training else None, decode_cfg=DecodeConfig(max_new_tokens=2))
     seqs = [render_agent(bb.tokenizer, RELAY.writers[0], view_text(RELAY.writers[0], v)) for v in VIEWS]
     shared = next(i for i in range(min(map(len, seqs))) if len({s[i] for s in seqs}) > 1)
     assert shared > 10  # the chat template and the writer's instructions
     widest = max(map(len, seqs))
     segments = [shape for shape in shapes if len(shape) == 2]  # token segments (the realigner embeds the vocabulary)
     assert segments[:2] == [(1, shared), (len(VIEWS), widest - shared)]  # once for the batch, then each row's own
+
+
+@pytest.mark.parametrize("topology, mode", [(RELAY, "latent"), (load_topology("sequential"), "text")],
+                         ids=["relay-latent", "sequential-text"])
+def test_inference_with_the_shared_prompt_prefix_answers_as_whole_prompts(topology, mode, monkeypatch):
+    bb = make_backbone(dtype=torch.float64)
+    spec = RolloutSpec(topology, mode, M, adapters=_trained(bb, topology), trace="latents", writer_max_new_tokens=4)
+    prompts = VIEWS if topology is RELAY else [v["question"] for v in VIEWS]
+    cfg = DecodeConfig(max_new_tokens=6)
+    ours = rollout(bb, spec, prompts, decode_cfg=cfg, gold_targets=TARGETS)
+    monkeypatch.setattr(rollout_module, "_shared_prefix", lambda seqs: 0)
+    whole = rollout(bb, spec, prompts, decode_cfg=cfg, gold_targets=TARGETS)
+    assert ours.tokens == whole.tokens and ours.trace_tokens == whole.trace_tokens
+    assert ours.nll_sum == pytest.approx(whole.nll_sum, rel=1e-9, abs=1e-9)
+    assert [g for g, _ in ours.gold] == pytest.approx([g for g, _ in whole.gold], rel=1e-9)

@@ -171,7 +171,7 @@ def _capacity_plot(arms: dict[str, dict], docs: Path) -> Path | None:
     ax.plot(ks, [10.0 ** -k for k in ks], ":", color="gray", label="chance (1 / 10^k)")
     ax.set_xlabel("digits k the writer sees")
     ax.set_ylabel("accuracy of the final agent (exact number)")
-    ax.set_title("relay:digits: what m latent positions carry")
+    ax.set_title("relay:digits: what each channel carries, per number of digits")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
     fig.tight_layout()
