@@ -216,6 +216,19 @@ def train(
                       f"{summary['heldout_loss_start']:.4f} -> {summary['heldout_loss_end']:.4f}")
 
 
+@app.command("export-checkpoint")
+@user_errors
+def export_checkpoint(
+    run_dir: Path = typer.Argument(..., help="A training run's folder (the --out of `diffmas train`)."),
+    out: Path = typer.Option(..., help="Folder for the adapters (a new one, not the run's)."),
+    step: Optional[int] = typer.Option(None, help="The checkpoint's step (default: the run's last checkpoint)."),
+) -> None:
+    """Write a training checkpoint as an adapter folder, to evaluate or serve a run as it stood at that step."""
+    from diffmas.train.export import export_checkpoint as export
+
+    console.print(f"adapters of {run_dir} at step {step or 'last'}: {export(run_dir, out, step)}")
+
+
 @app.command()
 @user_errors
 def pull(model: str = typer.Option(DEFAULT_MODEL, help="Embedded model alias to convert.")) -> None:

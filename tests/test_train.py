@@ -358,3 +358,35 @@ def test_demo_train_config_file_is_the_demo(tmp_path):
     assert to_dict(shipped) == to_dict(DemoConfig().train_config("diffmas"))  # the file is the demo's one source
     assert shipped.mixed_precision == "auto"
     assert DemoConfig(steps=7).train_config("single_sft").steps == 7
+
+
+@pytest.mark.parametrize("latent_map", ["ridge", "pause"])
+def test_an_exported_checkpoint_is_the_run_as_it_stood_at_that_step(tmp_path, tiny_model_dir, latent_map):
+    from safetensors.torch import load_file
+
+    from diffmas.adapters import read_adapter_meta
+    from diffmas.backbone import load_backbone
+    from diffmas.systems import build_system
+    from diffmas.train.export import export_checkpoint
+
+    cfg = load_config(_config_file(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2, latent_map=latent_map))
+    run = tmp_path / "run"
+    loop.train(cfg, run)
+    last, early = export_checkpoint(run, tmp_path / "last"), export_checkpoint(run, tmp_path / "early", step=2)
+    weights = {name: load_file(str(folder / "adapter_model.safetensors")) for name, folder in
+               (("run", run), ("last", last), ("early", early))}
+    assert weights["last"].keys() == weights["run"].keys()
+    assert all(torch.equal(weights["last"][k], weights["run"][k]) for k in weights["run"])
+    assert any(not torch.equal(weights["early"][k], weights["run"][k]) for k in weights["run"])
+    meta = read_adapter_meta(last)
+    assert {k: v for k, v in meta.items() if k != "rebuild"} == {
+        k: v for k, v in read_adapter_meta(run).items() if k != "rebuild"}
+    assert read_adapter_meta(early)["steps"] == 2
+
+    def answers(folder):
+        backbone = load_backbone(str(tiny_model_dir), "cpu")
+        return build_system("diffmas", backbone, adapter=str(folder)).run(PROMPTS, DecodeConfig(max_new_tokens=6))
+
+    assert [r["answer"] for r in answers(last)] == [r["answer"] for r in answers(run)]
+    with pytest.raises(DiffMASError, match="no checkpoint at step 3; it has steps 2, 4"):
+        export_checkpoint(run, tmp_path / "none", step=3)

@@ -146,6 +146,23 @@ def attach_trainable(backbone: Backbone, cfg: TrainConfig) -> RolloutSpec:
                        trace=cfg.trace if cfg.system == "diffmas" else None)
 
 
+def save_trained(backbone: Backbone, spec: RolloutSpec, cfg: TrainConfig, out: Path, steps: int, mixed_precision: str,
+                 lora_state: dict | None = None, map_state: dict | None = None) -> None:
+    """Write the trained adapters (and latent map) with everything inference needs to rebuild the system."""
+    builtin = TOPOLOGIES.get(spec.topology.name) == spec.topology
+    topology = spec.topology.name if builtin else spec.topology.to_dict()
+    save_adapters(backbone, out, spec.adapters, cfg.lora, state_dict=lora_state,
+                  extra={"system": cfg.system, "topology": topology, "latent_steps": cfg.latent_steps,
+                         "trace": spec.scope, "grad_mode": cfg.grad_mode, "task": cfg.data.task,
+                         "mixed_precision": mixed_precision, "steps": steps,
+                         "method": cfg.method, "realign": cfg.realign, "think": cfg.think, "seed": cfg.seed,
+                         "latent_map": save_latent_map(spec.latent_map or get_realigner(backbone, cfg.realign), out,
+                                                       map_state),
+                         "curriculum": to_dict(cfg.curriculum) if cfg.method == "curriculum" else None,
+                         "channel": to_dict(cfg.channel) if cfg.channel != ChannelConfig() else None,
+                         "distill": to_dict(cfg.distill) if cfg.method == "distill" else None})
+
+
 def heldout_loss(module: torch.nn.Module, examples: list[TrainExample], batch_size: int, cfg: TrainConfig) -> float:
     """Token-mean teacher-forced loss on held-out examples in the inference configuration (dropout off, no grad).
 
@@ -351,19 +368,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     map_state = ({k: full_tensor(v).cpu() for k, v in spec.latent_map.state_dict().items()}
                  if isinstance(spec.latent_map, torch.nn.Module) else None)
     if accelerator.is_main_process:
-        builtin = TOPOLOGIES.get(spec.topology.name) == spec.topology
-        topology = spec.topology.name if builtin else spec.topology.to_dict()
-        save_adapters(backbone, out, spec.adapters, cfg.lora, state_dict=lora_state,
-                      extra={"system": cfg.system, "topology": topology, "latent_steps": cfg.latent_steps,
-                             "trace": spec.scope, "grad_mode": cfg.grad_mode, "task": cfg.data.task,
-                             "mixed_precision": accelerator.mixed_precision,
-                             "steps": history[-1][0] if history else cfg.steps,
-                             "method": cfg.method, "realign": cfg.realign, "think": cfg.think, "seed": cfg.seed,
-                             "latent_map": save_latent_map(spec.latent_map or get_realigner(backbone, cfg.realign), out,
-                                                           map_state),
-                             "curriculum": to_dict(cfg.curriculum) if cfg.method == "curriculum" else None,
-                             "channel": to_dict(cfg.channel) if cfg.channel != ChannelConfig() else None,
-                             "distill": to_dict(cfg.distill) if cfg.method == "distill" else None})
+        save_trained(backbone, spec, cfg, out, history[-1][0] if history else cfg.steps, accelerator.mixed_precision,
+                     lora_state, map_state)
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it also tears down the process group
         tracker.finish()
