@@ -22,7 +22,7 @@ def test_arms_share_one_budget_and_differ_only_where_named():
     assert [a.name for a in arms[:4]] == ["coupled", "open", "coupled", "blind"]  # the decisive ones first
     trained = {a.id: train_config(a, cfg) for a in arms if arm_settings(a.name, cfg)[0] != "text_mas"}
     assert len({(c.batch_size, c.lr, c.steps, c.stop.min_steps, c.data.heldout_examples)
-                for i, c in trained.items() if "coupled_long" not in i}) == 1
+                for i, c in trained.items() if "coupled_long" not in i and "_full" not in i}) == 1
     assert all(c.stop.enabled and c.eval_every for c in trained.values())
     chain = {a.name: trained[a.id] for a in arms if a.task == relay.CHAIN and a.seed == 0 and a.id in trained}
     assert chain["open"].trace == "keep" and chain["coupled"].trace == "latents"
@@ -182,3 +182,28 @@ def test_the_report_names_the_baseline_of_every_paired_difference(tmp_path):
     blind, opened = readme.index("Baseline `blind`"), readme.index("Baseline `open`")
     rows = readme[min(blind, opened):].split("Baseline `")[1:]
     assert sum("| coupled |" in part for part in rows) == 2 and all(part.count("| arm | n |") == 1 for part in rows)
+
+
+def test_controls_run_to_the_cap_and_the_goals_flag_unequal_budgets(tmp_path):
+    cfg = RelayConfig()
+    full = {n: train_config(Arm(n, relay.DIGITS), cfg) for n in ("pause_full", "detached_full", "pause")}
+    assert full["pause_full"].stop.min_steps == full["detached_full"].stop.min_steps == cfg.max_steps
+    assert full["pause_full"].latent_map == "pause" and full["detached_full"].grad_mode == "detached"
+    assert full["pause"].stop.min_steps == cfg.min_steps
+    ids = [a.id for a in plan_arms()]
+    assert ids.index(Arm("pause_full", relay.DIGITS).id) < ids.index(Arm("coupled_anneal", relay.CHAIN).id)
+    for sub in ("arms", "samples"):
+        (tmp_path / sub).mkdir()
+    for name, steps, right in (("coupled", 500, 6), ("pause", 300, 1), ("pause_full", 500, 2)):
+        rec = {"task": relay.DIGITS, "label": f"{name}/s0", "seed": 0, "accuracy": right / 8, "stderr": 0.1,
+               "floor": 0.1, "positions_passed": 6.0, "kv_bytes_passed": 1.0, "steps_trained": steps,
+               "stopped_early": steps < 500, "eval_seconds": 1, "latent_steps": 6, "system": "diffmas",
+               "machine": "test"}
+        (tmp_path / "arms" / f"relay_digits--{name}--s0.json").write_text(json.dumps(rec))
+        (tmp_path / "samples" / f"relay_digits--{name}--s0.jsonl").write_text("".join(
+            json.dumps({"id": f"digits1-{i}", "correct": i < right, "extracted": "1"}) + "\n" for i in range(8)))
+    write_report(tmp_path, n_boot=100)
+    goals = (tmp_path / "README.md").read_text().split("## Goals")[1].split("##")[0]
+    pause = next(line for line in goals.splitlines() if "coupled - pause =" in line)
+    same = next(line for line in goals.splitlines() if "coupled - pause_full =" in line)
+    assert pause.endswith("not at equal budgets: trained 500 vs 300 steps") and "equal budgets" not in same

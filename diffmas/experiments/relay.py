@@ -13,7 +13,8 @@ validation split, see :class:`RelayConfig`):
   ``coupled_ae`` / ``coupled_anneal`` add autoencoding pre-training / the bottleneck curriculum; ``coupled_long``
   trains for three times the step cap (the stopping rule still applies);
 - ``detached``: the same with no gradient into the writer; ``pause``: the same positions fed one learned embedding
-  (gist tokens: the positions still attend to the prompt, but no thought content is fed back);
+  (gist tokens: the positions still attend to the prompt, but no thought content is fed back); ``*_full``: the
+  same trained to the step cap (the flat-loss rule stops them no earlier), for comparisons at equal budgets;
 - ``blind``: no channel (m = 0): the floor a trained reader reaches on the prior;
 - ``skyline``: single_sft given the whole question;
 - ``text_m`` / ``text_4m``: an untrained text writer whose message (m or 4m tokens) is all the final agent sees;
@@ -106,6 +107,10 @@ def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
         "coupled_long": ("diffmas", {**latents, **recipe, "steps": 3 * cfg.max_steps}),
         "detached": ("diffmas", {**latents, **recipe, "grad_mode": "detached"}),
         "pause": ("diffmas", {**latents, **recipe, "latent_map": "pause"}),
+        # The controls for the full cap: the flat-loss rule stopped them at a plateau where coupled went on to cross
+        # a digit (coupled at step 300 scores below pause at 300), so equal budgets need them run to the cap.
+        "detached_full": ("diffmas", {**latents, **recipe, "grad_mode": "detached", "stop.min_steps": cfg.max_steps}),
+        "pause_full": ("diffmas", {**latents, **recipe, "latent_map": "pause", "stop.min_steps": cfg.max_steps}),
         "blind": ("diffmas", {**latents, "latent_steps": 0}),
         "skyline": ("single_sft", {}),
         "text_m": ("text_mas", {}),
@@ -131,6 +136,7 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # Latent against text where the latent channel carries something: the text arms cost an evaluation each, the
     # digits' skyline (which the trained text channel borrows) a short single-agent run.
     arms += [Arm(n, DIGITS, phase=2) for n in ("text_m", "text_4m", "skyline")] + _trained_text(DIGITS, docs)
+    arms += [Arm(n, DIGITS, phase=2) for n in ("pause_full", "detached_full")]
     arms += [Arm("coupled_anneal", CHAIN)]
     # Coupled on the digits was still improving fast at the 500-step cap (held-out loss 1.06 at step 425, 0.75 at
     # 500): three times the cap, same stopping rule, says how much of the ladder the cap decided.

@@ -28,7 +28,8 @@ PAIRS = {
     "split:chain_sum": [("coupled", "half_a"), ("coupled", "half_b")],
     "relay:digits": [("coupled", "detached"), ("coupled", "pause"), ("coupled", "text_m"), ("coupled", "text_4m"),
                      ("coupled", "text_sft_m"), ("coupled", "text_sft_4m"), ("text_sft_m", "text_m"),
-                     ("coupled", "skyline"), ("coupled_long", "coupled")],
+                     ("coupled", "skyline"), ("coupled_long", "coupled"), ("coupled", "pause_full"),
+                     ("coupled", "detached_full")],
 }
 
 
@@ -219,13 +220,18 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
     for task, pairs in comps.items():
         for c in pairs:
             wanted = {("coupled", "detached"), ("coupled", "pause"), ("coupled", "text_m"), ("coupled", "text_sft_m"),
-                      ("coupled", "half_a"), ("coupled", "half_b")}
+                      ("coupled", "half_a"), ("coupled", "half_b"), ("coupled", "pause_full"),
+                      ("coupled", "detached_full")}
             if (c.arm, c.baseline) in wanted:
                 verdict = "above 0: met" if c.ci_low > 0 else "not above 0: no difference detected" \
                     if c.ci_high >= 0 else "below 0"
+                steps = by_arm[task][c.arm]["steps"], by_arm[task][c.baseline]["steps"]
+                unequal = "" if steps[0] == steps[1] or not (any(steps[0]) and any(steps[1])) else (
+                    f"; not at equal budgets: trained {'/'.join(map(str, steps[0]))} vs "
+                    f"{'/'.join(map(str, steps[1]))} steps")
                 lines.append(f"- {task}: {c.arm} - {c.baseline} = {100 * c.diff:+.1f} points "
                              f"[{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}] (n = {c.n_items}, seeds "
-                             f"{c.n_seeds_arm}/{c.n_seeds_base}): interval {verdict}")
+                             f"{c.n_seeds_arm}/{c.n_seeds_base}): interval {verdict}{unequal}")
     return lines or ["- no goal can be judged yet"]
 
 
