@@ -391,22 +391,25 @@ def rollout(
             start = time.perf_counter()
             seqs, ids, mask = rendered[number]
             branch = trace if agent.reads_trace else Trace.empty(batch, device, start=trace.next_positions)
+            lens = texts = None
+            generated = [0] * batch
+            steps = spec.latent_steps if agent.latent_steps is None else agent.latent_steps
+            budget = agent.max_new_tokens or spec.writer_max_new_tokens
+            thinker = number == len(writers) - 1
+            if spec.writer_mode == "latent" and thinker and thinker_latent_steps is not None:
+                steps = thinker_latent_steps
+            forced = [render_target(tok, t) if t else [] for t in writer_text] if thinker and writer_text else None
+            if spec.writer_mode == "latent" and scope == "drop" and steps == 0 and not (forced and any(forced)):
+                # LatentMAS: a writer with no latent thoughts contributes nothing (so it is not run at all).
+                records.append(AgentRecord(agent.role, [0] * batch, 0, generated, 0.0, sees=agent.sees))
+                continue
             own = seqs  # what this writer's segment prefills: the whole prompts, or what follows a shared prefix
             if not trace.length:  # nothing written yet: every row's prompt starts at position 0
                 branch, own = _as_agent(agent.role, _prefill_shared_prefix, backbone, adapters.get(agent.role),
                                         seqs, branch, checkpoint and stage_one_grad)
                 ids, mask = left_pad(own, backbone.pad_id, device)
             prompt_width = branch.length + ids.shape[1]
-            lens = texts = None
-            generated = [0] * batch
-            steps = spec.latent_steps if agent.latent_steps is None else agent.latent_steps
-            budget = agent.max_new_tokens or spec.writer_max_new_tokens
             if spec.writer_mode == "latent":
-                thinker = number == len(writers) - 1
-                if thinker and thinker_latent_steps is not None:
-                    steps = thinker_latent_steps
-                forced = [render_target(tok, t) if t else [] for t in writer_text] if thinker and writer_text \
-                    else None
                 labels = f_ids = f_mask = f_labels = None
                 if forced and any(forced) and steps == 0:  # one prefill: prompt + text, loss on the text
                     ids, mask, labels = labelled(own, forced, backbone.pad_id, device)
@@ -414,10 +417,6 @@ def rollout(
                     f_ids, f_mask, f_labels = labelled([[] for _ in forced], forced, backbone.pad_id, device,
                                                        allow_empty=True)
                 n_forced += sum(len(f) for f in forced or [])
-                if scope == "drop" and steps == 0 and not (forced and any(forced)):
-                    # LatentMAS: a writer with no latent thoughts contributes nothing (so it is not run at all).
-                    records.append(AgentRecord(agent.role, [0] * batch, 0, generated, 0.0, sees=agent.sees))
-                    continue
                 lens_out: list | None = [] if spec.lens_top_k else None
                 fn = agent_fn(backbone, adapters.get(agent.role), steps, latent_map,
                               lens_top_k=spec.lens_top_k, lens_out=lens_out)

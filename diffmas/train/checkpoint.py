@@ -168,6 +168,25 @@ def check_resume(path: Path, global_batch: int, num_processes: int) -> dict:
     return state
 
 
+def restore_trained(path: Path, backbone: Backbone, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy checkpoint ``path``'s trained tensors (or ``tensors``, already read from it) into ``backbone``'s LoRA
+    weights and latent map, after checking that they are the ones this configuration trains."""
+    if tensors is None:
+        try:
+            tensors = load_file(str(path / LORA_FILE))
+        except Exception as exc:
+            raise DiffMASError(f"checkpoint {path} is corrupt or incomplete: {type(exc).__name__}") from exc
+    current = {n: p.shape for n, p in _trainable(backbone).items()}  # a DTensor's shape is the full one
+    if set(tensors) != set(current) or any(tensors[k].shape != current[k] for k in current):
+        raise DiffMASError(f"checkpoint {path} does not match this model/LoRA configuration "
+                           f"({len(tensors)} saved tensors vs {len(current)} expected)")
+    params = _trainable(backbone)
+    with torch.no_grad():
+        for name, value in tensors.items():
+            param = params[name]
+            param.copy_(_to_param_layout(value.to(param.dtype), param).to(param.device))
+
+
 def load_checkpoint(path: Path, backbone: Backbone, optimizer, scheduler, process_index: int,
                     num_processes: int | None = None, seed: int = 0) -> dict:
     """Restore a checkpoint in place; returns its state (step, data_position). Nothing is written.
@@ -190,15 +209,7 @@ def load_checkpoint(path: Path, backbone: Backbone, optimizer, scheduler, proces
     except Exception as exc:  # any unreadable part means the checkpoint cannot be trusted
         raise DiffMASError(f"checkpoint {path} is corrupt or incomplete: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    current = {n: p.shape for n, p in _trainable(backbone).items()}  # a DTensor's shape is the full one
-    if set(tensors) != set(current) or any(tensors[k].shape != current[k] for k in current):
-        raise DiffMASError(f"checkpoint {path} does not match this model/LoRA configuration "
-                           f"({len(tensors)} saved tensors vs {len(current)} expected)")
-    params = _trainable(backbone)
-    with torch.no_grad():
-        for name, value in tensors.items():
-            param = params[name]
-            param.copy_(_to_param_layout(value.to(param.dtype), param).to(param.device))
+    restore_trained(path, backbone, tensors)
     try:
         optimizer.load_state_dict(_shard_optimizer_state(optimizer, opt_state))
         scheduler.load_state_dict(sched_state)

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 from diffmas.backbone import load_backbone, resolve_device, resolve_precision
 from diffmas.config import load_config
 from diffmas.errors import DiffMASError
-from diffmas.train.checkpoint import LORA_FILE, _trainable, checkpoint_dir, read_state
+from diffmas.train.checkpoint import checkpoint_dir, read_state, restore_trained
 from diffmas.train.loop import attach_trainable, save_trained
 
 __all__ = ["export_checkpoint"]
@@ -46,17 +43,7 @@ def export_checkpoint(run: str | Path, out: str | Path, step: int | None = None)
         raise DiffMASError(f"export into a folder of its own, not the run's ({run})")
     backbone = load_backbone(cfg.model.name, "cpu", cfg.model.dtype)
     spec = attach_trainable(backbone, cfg)
-    try:
-        tensors = load_file(str(path / LORA_FILE))
-    except Exception as exc:
-        raise DiffMASError(f"checkpoint {path} is corrupt or incomplete: {type(exc).__name__}") from exc
-    params = _trainable(backbone)
-    if set(tensors) != set(params) or any(tensors[k].shape != params[k].shape for k in params):
-        raise DiffMASError(f"checkpoint {path} does not match its own config ({len(tensors)} saved tensors vs "
-                           f"{len(params)} expected)")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
+    restore_trained(path, backbone)
     out.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(cfg.mixed_precision, resolve_device(cfg.model.device))
     save_trained(backbone, spec, cfg, out, state["step"], precision)
