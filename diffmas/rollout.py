@@ -176,7 +176,8 @@ def _prefill_shared_prefix(backbone: Backbone, adapter: str | None, seqs: list[l
         return tuple(trace.flatten())
 
     ids = torch.tensor([seqs[0][:n]], device=backbone.device)
-    empty = Trace.empty(1, backbone.device, capacity=n if base.arena is not None else None)  # inference: no cache
+    # Inference writes the prefix into preallocated columns, as the trace it joins does (no cache to copy).
+    empty = Trace.empty(1, backbone.device, capacity=n if base.arena is not None else None)
     one = Trace.unflatten(maybe_checkpoint(checkpoint, prefill, empty, ids))
     rows = len(seqs)
     every = Trace(tuple(k.expand(rows, -1, -1, -1) for k in one.keys),  # views: no copy per row

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from diffmas.eval.compare import Comparison, compare, markdown_table
 from diffmas.experiments.curves import plot_heldout
+from diffmas.experiments.relay import TEXT
 from diffmas.tasks import get_task
 
 # (arm, baseline) pairs whose paired difference the study reports, per task.
@@ -149,7 +150,7 @@ def _channel(rec: dict) -> tuple[float, str]:
     (mean over items, at most its cap), or nothing for the single agent that reads the number itself."""
     if rec["system"] == "single_sft":
         return 0.0, "sees the number"
-    if rec["system"] in ("text_mas", "text_sft"):
+    if rec["system"] in TEXT:
         return rec["positions_passed"], f"text, {rec['positions_passed']:.1f} tokens"
     return rec["latent_steps"], f"m = {rec['latent_steps']}"
 
@@ -302,7 +303,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                 if rec["task"] == task:
                     stem = f"{task.replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
                     answers[arm_key(rec)] += [(s["id"], s.get("extracted")) for s in samples[stem]]
-                    if rec["system"] in ("text_mas", "text_sft") and all("messages" in s for s in samples[stem]):
+                    if rec["system"] in TEXT and all("messages" in s for s in samples[stem]):
                         sent[arm_key(rec)] += samples[stem]
             text += _places_table(answers) + _messages_table(sent)
     curves = _curves(records, docs)

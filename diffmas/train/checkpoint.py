@@ -131,10 +131,15 @@ def save_checkpoint(out: Path, step: int, data_position: int, backbone: Backbone
     return final
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The highest-step complete checkpoint (temporary folders of interrupted writes are ignored)."""
+def checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints of a run, by step (temporary folders of interrupted writes are ignored)."""
     root = out / "checkpoints"
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) if root.is_dir() else []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) if root.is_dir() else []
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The highest-step complete checkpoint."""
+    done = checkpoints(out)
     return done[-1] if done else None
 
 

@@ -14,14 +14,14 @@ from pathlib import Path
 from diffmas.backbone import load_backbone, resolve_device, resolve_precision
 from diffmas.config import load_config
 from diffmas.errors import DiffMASError
-from diffmas.train.checkpoint import checkpoint_dir, read_state, restore_trained
+from diffmas.train.checkpoint import checkpoint_dir, checkpoints, read_state, restore_trained
 from diffmas.train.loop import attach_trainable, save_trained
 
 __all__ = ["export_checkpoint"]
 
 
 def _checkpoint(run: Path, step: int | None) -> Path:
-    done = sorted(p for p in (run / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    done = checkpoints(run)
     if not done:
         raise DiffMASError(f"{run} has no checkpoints (train with checkpoint_every set)")
     if step is None:
