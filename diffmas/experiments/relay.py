@@ -136,8 +136,9 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # Latent against text where the latent channel carries something: the text arms cost an evaluation each, the
     # digits' skyline (which the trained text channel borrows) a short single-agent run.
     arms += [Arm(n, DIGITS, phase=2) for n in ("text_m", "text_4m", "skyline")] + _trained_text(DIGITS, docs)
-    arms += [Arm(n, DIGITS, phase=2) for n in ("pause_full", "detached_full")]
-    arms += [Arm("coupled_anneal", CHAIN)]
+    # The curriculum on the sums goes before detached_full: once the prompt columns had faded (step 150) its
+    # held-out loss fell below the blind reader's (0.79 at step 200 vs 0.92), the first sign of a sum crossing.
+    arms += [Arm("pause_full", DIGITS, phase=2), Arm("coupled_anneal", CHAIN), Arm("detached_full", DIGITS, phase=2)]
     # Coupled on the digits was still improving fast at the 500-step cap (held-out loss 1.06 at step 425, 0.75 at
     # 500): three times the cap, same stopping rule, says how much of the ladder the cap decided.
     arms += [Arm("coupled_long", DIGITS, phase=2)]
