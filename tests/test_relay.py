@@ -19,8 +19,10 @@ from diffmas.prompts import DUO, RELAY, SPLIT
 from diffmas.systems import build_system
 from diffmas.tasks import get_task
 from diffmas.train.data import TrainExample, build_datasets
-from diffmas.train.loop import flattened, train
+from diffmas.experiments.presets import train_once
+from diffmas.train.loop import train
 from diffmas.train.objectives import AUTOENCODE_INSTRUCTION, plan_step, reveal_at
+from diffmas.train.resume import INHERITED, flattened
 from diffmas.tasks.relay import split_expression
 
 
@@ -144,6 +146,45 @@ def test_relay_training_stops_when_flat_and_a_resume_does_not_continue(tmp_path,
     again = train(load_config(path), tmp_path / "run", resume=True)
     assert again["steps"] == summary["steps"]
     assert len(Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == len(metrics)
+
+
+def _relay_run(tiny_model_dir, **changes):
+    return load_config(None, {"model.name": str(tiny_model_dir), "model.device": "cpu", "latent_steps": 2,
+                              "batch_size": 2, "steps": 10, "eval_every": 2, "checkpoint_every": 50, "lr": 5e-3,
+                              "trace": "latents", "lora.rank": 4, "lora.dropout": 0.0, "stop.enabled": True,
+                              "stop.min_steps": 4, "stop.window": 0.5, "stop.tolerance": 0.5,
+                              "data.task": "relay:digits2", "data.heldout_examples": 4, **changes})
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_stopped_early_goes_on_under_a_looser_rule_as_if_trained_so_from_the_start(tmp_path, tiny_model_dir):
+    short = tmp_path / "short"
+    stopped = train(_relay_run(tiny_model_dir), short)["steps"]
+    assert stopped < 10 and _metrics(short)[-1].get("stopped_early")
+    full = _relay_run(tiny_model_dir, **{"stop.min_steps": 10})
+    train(full, tmp_path / "direct")
+    direct = {m["step"]: m for m in _metrics(tmp_path / "direct")}
+    # In a new folder: the stopped run's checkpoint and curve are taken over, only the remaining steps are trained.
+    with pytest.raises(DiffMASError, match=r"differ in \['lr'\]"):
+        train_once(_relay_run(tiny_model_dir, **{"stop.min_steps": 10, "lr": 1e-3}), tmp_path / "other",
+                   continue_from=short)
+    assert not (tmp_path / "other").exists()
+    train_once(full, tmp_path / "continued", continue_from=short)
+    continued = _metrics(tmp_path / "continued")
+    assert [m["step"] for m in continued if INHERITED in m] == list(range(stopped + 1))
+    assert [m["step"] for m in continued if INHERITED not in m] == list(range(stopped + 1, 11))
+    assert not any(m.get("stopped_early") for m in continued)
+    for m in continued:
+        for key in ("loss", "grad_norm", "heldout_loss"):
+            assert (key in m) == (key in direct[m["step"]])
+            assert m.get(key, 0) == pytest.approx(direct[m["step"]].get(key, 0), rel=1e-5)
+    # In its own folder (--resume): the same, and the old rule's stop mark goes.
+    train(full, short, resume=True)
+    assert [m["step"] for m in _metrics(short)] == list(range(11)) and not _metrics(short)[stopped].get("stopped_early")
+    assert _metrics(short)[-1]["heldout_loss"] == pytest.approx(direct[10]["heldout_loss"], rel=1e-5)
 
 
 def test_text_sft_is_text_mas_on_a_borrowed_single_sft_adapter(tmp_path, tiny_model_dir):

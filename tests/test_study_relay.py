@@ -8,10 +8,13 @@ import math
 
 import pytest
 
+from diffmas.config import to_dict
 from diffmas.experiments import relay
-from diffmas.experiments.relay import Arm, RelayConfig, arm_settings, plan_arms, run_study, train_config
+from diffmas.experiments.relay import (Arm, RelayConfig, arm_settings, continued_from, plan_arms, run_study,
+                                      train_config)
 from diffmas.experiments.relay_report import Rung, _step_seconds, digit_places, ladder, write_report
 from diffmas.tasks import get_task
+from diffmas.train.resume import INHERITED
 from diffmas.prompts import load_topology
 
 
@@ -165,6 +168,32 @@ def test_core_hours_count_every_process_that_trained_an_arm(tmp_path):
     (tmp_path / "curves" / "relay_digits--coupled--s0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert _step_seconds(rec, tmp_path) == 30.0
     assert _step_seconds({**rec, "label": "text_m/s0"}, tmp_path) == 0.0  # text arms have no curve
+    # Steps a continued run copied from another are that run's time, counted there.
+    lines += [{"step": 4, "loss": 1.0, "seconds": 10.0, INHERITED: "relay_digits--coupled--s0"}]
+    (tmp_path / "curves" / "relay_digits--coupled--s0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert _step_seconds(rec, tmp_path) == 30.0
+
+
+def test_a_control_run_to_the_cap_continues_its_stopped_run(tmp_path):
+    cfg = RelayConfig()
+    for name in ("pause", "detached"):
+        full, stopped = Arm(f"{name}_full", relay.DIGITS, phase=2), Arm(name, relay.DIGITS)
+        assert continued_from(full).id == stopped.id
+        # They differ only in the stopping rule, so continue_run accepts the stopped run's checkpoint.
+        a, b = to_dict(train_config(full, cfg)), to_dict(train_config(stopped, cfg))
+        assert a.pop("stop") != b.pop("stop") and a == b
+    assert continued_from(Arm("pause", relay.DIGITS)) is None
+    for sub in ("arms", "samples"):
+        (tmp_path / sub).mkdir()
+    rec = {"task": relay.DIGITS, "label": "pause_full/s0", "seed": 0, "accuracy": 0.1, "stderr": 0.1, "floor": 0.1,
+           "positions_passed": 6.0, "kv_bytes_passed": 1.0, "steps_trained": 500, "stopped_early": False,
+           "eval_seconds": 1, "latent_steps": 6, "system": "diffmas", "machine": "test",
+           "continued_from": {"run": "relay_digits--pause--s0", "steps": 300}}
+    (tmp_path / "arms" / "relay_digits--pause_full--s0.json").write_text(json.dumps(rec))
+    (tmp_path / "samples" / "relay_digits--pause_full--s0.jsonl").write_text(
+        json.dumps({"id": "digits1-0", "correct": True, "extracted": "1"}) + "\n")
+    write_report(tmp_path, n_boot=100)
+    assert "| 500 (1-300: relay_digits--pause--s0's) |" in (tmp_path / "README.md").read_text()
 
 
 def test_the_report_names_the_baseline_of_every_paired_difference(tmp_path):

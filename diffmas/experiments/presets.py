@@ -36,13 +36,16 @@ def finished_with(run: Path, cfg: TrainConfig) -> bool:
         to_dict(load_config(run / "config.yaml")) == to_dict(cfg)
 
 
-def train_once(cfg: TrainConfig, out: Path, reuse: tuple[Path, ...] = ()) -> Path:
+def train_once(cfg: TrainConfig, out: Path, reuse: tuple[Path, ...] = (), continue_from: Path | None = None) -> Path:
     """Train into ``out`` unless it already holds finished adapters of exactly ``cfg`` (other finished adapters
     are an error, never silently reused); resume a run that was interrupted.
 
-    A finished run in ``reuse`` with exactly the same config is used instead of training again.
+    A finished run in ``reuse`` with exactly the same config is used instead of training again. A new run starts
+    from ``continue_from``'s latest checkpoint where that run has one and differs from ``cfg`` only in its budget
+    (:func:`diffmas.train.resume.continue_run`: the same computation, without repeating its steps).
     """
     from diffmas.train.loop import train
+    from diffmas.train.resume import continue_run
 
     if (out / META_FILE).is_file():
         if not finished_with(out, cfg):
@@ -55,6 +58,9 @@ def train_once(cfg: TrainConfig, out: Path, reuse: tuple[Path, ...] = ()) -> Pat
             print(f"[train] reusing {candidate}: same config as {out}")
             return candidate
     resume = latest_checkpoint(out) is not None
+    if not resume and continue_from is not None and latest_checkpoint(continue_from) is not None:
+        print(f"[train] {out} starts from {continue_from}'s {continue_run(continue_from, cfg, out).name}")
+        resume = True
     if not resume and out.exists():  # killed before its first checkpoint: nothing to resume, start over
         print(f"[train] {out} holds no checkpoint; training it from the start")
         shutil.rmtree(out)

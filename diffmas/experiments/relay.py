@@ -42,6 +42,7 @@ from pathlib import Path
 from diffmas.config import load_config, to_dict
 from diffmas.experiments.presets import machine_description, train_once
 from diffmas.experiments.workers import code_version, work_through
+from diffmas.train.resume import INHERITED
 
 CHAIN, SPLIT, DIGITS = "relay:chain_sum", "split:chain_sum", "relay:digits"
 TOPOLOGIES = Path(__file__).resolve().parents[2] / "configs" / "topologies"
@@ -227,14 +228,29 @@ def _kept(sample: dict) -> dict:
     return {**kept, "messages": messages} if messages else kept
 
 
+def continued_from(arm: Arm) -> Arm | None:
+    """The arm whose run a ``*_full`` arm continues where it stopped (the same settings but the stopping rule: its
+    steps are the ``_full`` arm's first ones, so they are not repeated where its checkpoints are at hand)."""
+    if not arm.name.endswith("_full"):
+        return None
+    return Arm(arm.name.removesuffix("_full"), arm.task, arm.seed, arm.phase, arm.latent_steps)
+
+
+def _inherited(metrics: list[dict]) -> dict | None:
+    """Which run a run's first steps were copied from, and how many (None: it trained every step itself)."""
+    copied = [m for m in metrics if INHERITED in m]
+    return {"run": copied[-1][INHERITED], "steps": copied[-1]["step"]} if copied else None
+
+
 def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cpu") -> dict:
     """Train (unless a text arm) and evaluate one arm; writes docs/arms/<id>.json, its samples and its curve."""
     system, _ = arm_settings(arm.name, cfg)
     started = time.time()
     tcfg = run = None
+    parent = continued_from(arm)
     if system not in TEXT:
         tcfg = train_config(arm, cfg, device)
-        run = train_once(tcfg, out / "runs" / arm.id)
+        run = train_once(tcfg, out / "runs" / arm.id, continue_from=parent and out / "runs" / parent.id)
     train_s = time.time() - started
     started = time.time()
     adapter = out / "runs" / Arm("skyline", arm.task, arm.seed).id if system == "text_sft" else run
@@ -253,6 +269,7 @@ def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cp
         "steps_trained": held[-1]["step"] if held else 0,
         "stopped_early": bool(metrics and metrics[-1].get("stopped_early")),
         "heldout_loss_end": held[-1]["heldout_loss"] if held else None,
+        "continued_from": _inherited(metrics),
         "train_seconds": round(train_s), "eval_seconds": round(time.time() - started),
         "config": to_dict(tcfg) if tcfg else results["config"]["systems"][0]["settings"],
         "machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "code": code_version(),

@@ -18,6 +18,7 @@ from pathlib import Path
 from diffmas.eval.compare import Comparison, compare, markdown_table
 from diffmas.experiments.curves import plot_heldout
 from diffmas.experiments.relay import TEXT
+from diffmas.train.resume import INHERITED
 from diffmas.tasks import get_task
 
 # (arm, baseline) pairs whose paired difference the study reports, per task.
@@ -194,11 +195,13 @@ def _curves(records: list[dict], docs: Path) -> Path | None:
 
 def _step_seconds(rec: dict, docs: Path) -> float:
     """The seconds an arm's training steps took, from its curve: every process that trained it counts (a run's own
-    ``train_seconds`` holds only the last one's, after a resume), held-out evaluations do not; 0 for text arms."""
+    ``train_seconds`` holds only the last one's, after a resume), held-out evaluations do not, nor the steps a
+    continued run copied from another (counted there); 0 for text arms."""
     path = docs / "curves" / f"{rec['task'].replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}.jsonl"
     if not path.is_file():
         return 0.0
-    return sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum(r.get("seconds", 0.0) for r in records if INHERITED not in r)
 
 
 def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> list[str]:
@@ -250,6 +253,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                 "positions": sum(r["positions_passed"] for r in runs) / len(runs),
                 "kv_bytes": sum(r["kv_bytes_passed"] for r in runs) / len(runs),
                 "steps": [r["steps_trained"] for r in runs], "stopped_early": [r["stopped_early"] for r in runs],
+                "continued": [r.get("continued_from") for r in runs],
                 "train_hours": sum(_step_seconds(r, docs) + r.get("eval_seconds", 0) for r in runs) / 3600,
             }
     comps: dict[str, list[Comparison]] = {}
@@ -270,7 +274,8 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
         text += [f"## {task}", "", "| arm | seeds | accuracy per seed | mean | floor | positions passed | K/V passed "
                  "| steps (early stop) |", "|---|---|---|---|---|---|---|---|"]
         for key, row in sorted(by_arm[task].items()):
-            stops = ", ".join(f"{s}{'*' if e else ''}" for s, e in zip(row["steps"], row["stopped_early"]))
+            stops = ", ".join(f"{s}{'*' if e else ''}" + (f" (1-{c['steps']}: {c['run']}'s)" if c else "")
+                              for s, e, c in zip(row["steps"], row["stopped_early"], row["continued"]))
             floor = "–" if row["floor"] is None else f"{row['floor']:.3f}"
             text.append(f"| {key} | {len(row['seeds'])} | {' / '.join(f'{a:.3f}' for a in row['per_seed'])} | "
                         f"{row['accuracy']:.3f} | {floor} | {row['positions']:.1f} | {row['kv_bytes'] / 1024:.0f} KiB "
@@ -308,7 +313,10 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             text += _places_table(answers) + _messages_table(sent)
     curves = _curves(records, docs)
     if curves:
-        text += ["## Held-out loss during training", "", "Steps marked * stopped early (flat validation loss).", "",
+        text += ["## Held-out loss during training", "",
+                 "Steps marked * stopped early (flat validation loss); \"(1-300: X's)\": "
+                 "the run started from run X's checkpoint, whose settings differ only in the stopping rule, so "
+                 "its first 300 steps are X's.", "",
                  f"![held-out loss]({curves.name})", ""]
     if records:
         text += [f"Machine: {records[-1]['machine']}. Config of each run: `arms/<id>.json`.", ""]

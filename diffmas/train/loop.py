@@ -25,23 +25,20 @@ from tqdm.auto import tqdm
 
 from diffmas.adapters import attach_lora, save_adapters, trainable_parameters
 from diffmas.backbone import Backbone, load_backbone, resolve_device, resolve_precision
-from diffmas.config import ChannelConfig, StopConfig, TrainConfig, save_config, to_dict
+from diffmas.config import ChannelConfig, TrainConfig, save_config, to_dict
 from diffmas.errors import DiffMASError
 from diffmas.memory import configure_allocator, step_done
 from diffmas.latent import (Realigner, build_latent_map, get_realigner, install_realigner, realignment_path,
                             save_latent_map)
 from diffmas.prompts import SINGLE, TOPOLOGIES, Topology, load_topology, question_text
 from diffmas.rollout import RolloutSpec, rollout
-from diffmas.train.checkpoint import (check_resume, full_state_dict, full_tensor, latest_checkpoint,
-                                     load_checkpoint, save_checkpoint)
+from diffmas.train.checkpoint import check_resume, full_state_dict, full_tensor, load_checkpoint, save_checkpoint
 from diffmas.train.data import TrainExample, build_datasets
 from diffmas.tasks import get_task
 from diffmas.train.link import pretrain_link
 from diffmas.train.objectives import (StepNorm, StepPlan, heldout_targets, plan_norm, plan_step, starts_new_stage,
                                       step_loss)
-
-METRICS_FILE = "metrics.jsonl"
-
+from diffmas.train.resume import METRICS_FILE, flattened, heldout_history, prepare_out, truncate_metrics
 
 class TrajectoryLoss(torch.nn.Module):
     """The rollout as a module, so DDP wraps one forward whose graph covers the whole trajectory."""
@@ -183,57 +180,6 @@ def heldout_loss(module: torch.nn.Module, examples: list[TrainExample], batch_si
     return total / max(1.0, tokens)
 
 
-def _prepare_out(out: Path, resume: bool, cfg: TrainConfig) -> Path | None:
-    ckpt = latest_checkpoint(out)
-    if resume:
-        if ckpt is None:
-            raise DiffMASError(f"--resume: no complete checkpoint under {out}/checkpoints")
-        saved = (ckpt / "config.yaml")
-        from diffmas.config import load_config
-
-        old = to_dict(load_config(saved)) if saved.is_file() else None
-        new = to_dict(cfg)
-        if old is not None:
-            # steps may grow; batch_size and grad_accum may change with the process count as long as the
-            # global batch stays the same (checked against the checkpoint's data position in train()).
-            for key in ("steps", "batch_size", "grad_accum"):
-                old.pop(key), new.pop(key)
-            if old != new:
-                diff = sorted(k for k in new if old.get(k) != new.get(k))
-                raise DiffMASError(f"--resume: config differs from checkpoint {ckpt.name} in {diff}")
-        return ckpt
-    if ckpt is not None or (out / METRICS_FILE).exists():
-        raise DiffMASError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
-    return None
-
-
-def heldout_history(path: Path) -> list[tuple[int, float]]:
-    """``(step, held-out loss)`` pairs logged so far (after a resume's truncation), in step order."""
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r["heldout_loss"]) for r in records if "heldout_loss" in r]
-
-
-def flattened(history: list[tuple[int, float]], stop: StopConfig) -> bool:
-    """Whether training should stop: ``stop`` is enabled, at least ``stop.min_steps`` were taken, and the best
-    held-out loss of the last ``stop.window`` share of the steps is less than ``stop.tolerance`` (relative) below
-    the loss at the window's start (the last one logged at or before it)."""
-    if not stop.enabled or not history or history[-1][0] < stop.min_steps:
-        return False
-    since = history[-1][0] * (1 - stop.window)
-    before = [loss for step, loss in history if step <= since]
-    recent = [loss for step, loss in history if step > since]
-    return bool(before) and before[-1] - min(recent) < stop.tolerance * before[-1]
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    # A run killed after logging step k+1 but before checkpointing it would otherwise log that step twice.
-    if path.is_file():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= last_step]
-        path.write_text("".join(l + "\n" for l in lines))
-
-
 def _trackers() -> list[str]:
     """Experiment trackers, used only when installed (wandb also needs credentials or an explicit mode)."""
     found = [name for name in ("tensorboard",) if importlib.util.find_spec(name)]
@@ -257,7 +203,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         log_with=_trackers() or None,
         project_dir=str(out),
     )
-    ckpt = _prepare_out(out, resume, cfg)
+    ckpt = prepare_out(out, resume, cfg)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -282,8 +228,6 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     if ckpt is not None:
         state = load_checkpoint(ckpt, backbone, optimizer, scheduler, rank, world, cfg.seed)
         start_step = state["step"]
-        if accelerator.is_main_process:
-            _truncate_metrics(out / METRICS_FILE, start_step)
     elif cfg.latent_map == "link" and cfg.link.pretrain_steps:
         # Fresh LoRA adapters start as the identity, so this is the frozen base model, as intended.
         texts = [f"{question_text(ex.prompt)}\n{ex.target}" for ex in train_set[: max(64, cfg.link.pretrain_steps * 8)]]
@@ -306,10 +250,16 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
                 fh.write(json.dumps(record) + "\n")
 
     if start_step == 0:
-        log({"step": 0, "heldout_loss": heldout_loss(module, heldout, cfg.batch_size, cfg)})
-    history = heldout_history(out / METRICS_FILE)
-    # A run that stopped early and is resumed has nothing left to do: the decision is a function of its history.
-    end = start_step if start_step and flattened(history, cfg.stop) else cfg.steps
+        history = [(0, heldout_loss(module, heldout, cfg.batch_size, cfg))]
+        log({"step": 0, "heldout_loss": history[0][1]})
+        end = cfg.steps
+    else:  # every process reads the same lines, whether or not the main one has truncated the file yet
+        history = [h for h in heldout_history(out / METRICS_FILE) if h[0] <= start_step]
+        # A run that stopped early and is resumed under the same rule has nothing left to do: the decision is a
+        # function of its history. Under a looser rule (resume.BUDGET) it goes on.
+        end = start_step if flattened(history, cfg.stop) else cfg.steps
+        if accelerator.is_main_process:
+            truncate_metrics(out / METRICS_FILE, start_step, going_on=end > start_step)
     bar = tqdm(range(start_step, end), initial=start_step, total=cfg.steps, desc=f"train {cfg.system}",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     last_good = ckpt
