@@ -57,10 +57,27 @@ def test_the_split_task_waits_until_a_latent_channel_passes_a_sum(tmp_path):
     anneal.write_text(json.dumps({"accuracy": 0.05, "stderr": 0.01, "floor": 0.032}))  # inside two stderr
     assert not any(a.task == relay.SPLIT for a in plan_arms(tmp_path))
     anneal.write_text(json.dumps({"accuracy": 0.08, "stderr": 0.012, "floor": 0.032}))
+    # They train under the recipe that crossed (the curriculum here), the split task right after the curriculum.
     arms = plan_arms(tmp_path)
-    assert {a.name for a in arms if a.task == relay.SPLIT} == {"coupled", "half_a", "half_b"}
+    assert {a.name for a in arms if a.task == relay.SPLIT} == {"coupled_anneal", "half_a_anneal", "half_b_anneal"}
     assert {(a.name, a.seed) for a in arms if a.task == relay.CHAIN and a.phase == 5} == {
-        (n, s) for n in ("coupled", "detached", "pause") for s in (1, 2)}
+        (n, s) for n in ("detached_anneal", "pause_anneal") for s in (0, 1, 2)} | {("coupled_anneal", 1),
+                                                                                  ("coupled_anneal", 2)}
+    ids = [a.id for a in arms]
+    assert len(set(ids)) == len(ids)
+    assert ids.index(Arm("coupled_anneal", relay.SPLIT).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
+    cfg = RelayConfig()
+    for name in ("pause", "detached", "half_a"):  # a recipe suffix changes the recipe and nothing else
+        task = relay.SPLIT if name.startswith("half") else relay.CHAIN
+        plain, cured = (to_dict(train_config(Arm(n, task), cfg)) for n in (name, f"{name}_anneal"))
+        assert cured["channel"].pop("anneal") == 0.3 and plain["channel"].pop("anneal") == 0 and plain == cured
+    # Where plain coupled crosses, its controls (planned among the sums' controls) move up, planned once.
+    anneal.unlink()
+    arm.write_text(json.dumps({"accuracy": 0.08, "stderr": 0.012, "floor": 0.032}))
+    arms = plan_arms(tmp_path)
+    ids = [a.id for a in arms]
+    assert len(set(ids)) == len(ids) and {a.name for a in arms if a.task == relay.SPLIT} == {"coupled", "half_a", "half_b"}
+    assert ids.index(Arm("detached", relay.CHAIN).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
 
 
 def test_ladder_reads_the_number_of_digits_from_item_ids():
@@ -236,3 +253,20 @@ def test_controls_run_to_the_cap_and_the_goals_flag_unequal_budgets(tmp_path):
     pause = next(line for line in goals.splitlines() if "coupled - pause =" in line)
     same = next(line for line in goals.splitlines() if "coupled - pause_full =" in line)
     assert pause.endswith("not at equal budgets: trained 500 vs 300 steps") and "equal budgets" not in same
+
+
+def test_the_sums_goals_judge_the_best_latent_recipe_against_its_own_controls(tmp_path):
+    for sub in ("arms", "samples"):
+        (tmp_path / sub).mkdir()
+    for name, right in (("coupled", 0), ("coupled_anneal", 3), ("detached_anneal", 0), ("open", 6)):
+        rec = {"task": relay.CHAIN, "label": f"{name}/s0", "seed": 0, "accuracy": right / 8, "stderr": 0.1,
+               "floor": 0.1, "positions_passed": 6.0 if name != "open" else 80.0, "kv_bytes_passed": 1.0,
+               "steps_trained": 500, "stopped_early": False, "eval_seconds": 1, "latent_steps": 6,
+               "system": "diffmas", "machine": "test"}
+        (tmp_path / "arms" / f"relay_chain_sum--{name}--s0.json").write_text(json.dumps(rec))
+        (tmp_path / "samples" / f"relay_chain_sum--{name}--s0.jsonl").write_text("".join(
+            json.dumps({"id": f"q{i}", "correct": i < right, "extracted": "1"}) + "\n" for i in range(8)))
+    write_report(tmp_path, n_boot=100)
+    goals = (tmp_path / "README.md").read_text().split("## Goals")[1].split("##")[0]
+    assert "relay:chain_sum, coupled_anneal / open accuracy 0.50" in goals
+    assert "coupled_anneal - detached_anneal = +37.5 points" in goals

@@ -21,13 +21,15 @@ validation split, see :class:`RelayConfig`):
   ``text_sft_m`` / ``text_sft_4m``: the same with skyline's adapter on every agent (a trained text channel: the
   writer's message is its SFT'd answer), planned once skyline has finished;
 - on ``split:chain_sum``: ``coupled`` and each writer alone (``half_a``, ``half_b``);
+- a recipe suffix (``_anneal``, ``_ae``; :data:`RECIPES`) trains a bottlenecked arm under that recipe instead of
+  the config's: the split task and the sums' controls use the one under which coupled passed a sum;
 - on ``relay:digits``: ``coupled`` and ``pause`` for m in 1, 2, 4, 8, 16 (the capacity ladder, per k).
 
 Arms are listed in phases, the decisive ones first (coupled, open, the ladder at m = 6, blind; then, because coupled
 collapsed on the sums, detached and pause on the digits, the text channels on the digits and the curriculum on the
-sums), then the controls,
-then training seeds 1 and 2 where the claims are (the digits' coupled, detached and pause; open on the sums), then
-the m sweep; the split task and the sums' latent seeds only once a latents-only recipe passes a sum. Every finished
+sums; once a latents-only recipe passes a sum, the split task and the sums' latent controls under it), then the
+controls, then training seeds 1 and 2 where the claims are (the digits' coupled, detached and pause; open on the
+sums), then the m sweep, then the sums' latent seeds under the recipe that passed. Every finished
 arm writes ``docs/arms/<id>.json``, its per-item outcomes and its held-out loss curve; the report is rebuilt after
 each.
 """
@@ -96,15 +98,24 @@ class Arm:
         return f"{self.name}{m}/s{self.seed}"
 
 
+RECIPES = {"_anneal": {"channel.anneal": 0.3}, "_ae": {"channel.autoencode_steps": 60}}
+"""Training recipes other than the config's, as arm-name suffixes: the bottleneck curriculum (the prompt columns
+fade from the reader's view over the first 30% of the steps) and 60 steps of autoencoding pre-training."""
+BOTTLENECKED = ("coupled", "detached", "pause", "half_a", "half_b")
+"""The arms a recipe suffix applies to: ``pause_anneal`` is pause trained under the curriculum."""
+
+
 def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
     """(system, TrainConfig overrides) of an arm by name; text arms (``text_mas``, ``text_sft``) are only evaluated."""
+    for suffix, recipe in RECIPES.items():
+        if name.endswith(suffix) and name.removesuffix(suffix) in BOTTLENECKED:
+            system, changes = arm_settings(name.removesuffix(suffix), cfg)
+            return system, {**changes, **recipe}
     latents = {"trace": "latents"}
     recipe = {"channel.autoencode_steps": cfg.autoencode_steps, "channel.anneal": cfg.anneal}
     return {
         "open": ("diffmas", {"trace": "keep"}),
         "coupled": ("diffmas", {**latents, **recipe}),
-        "coupled_ae": ("diffmas", {**latents, **recipe, "channel.autoencode_steps": 60}),
-        "coupled_anneal": ("diffmas", {**latents, **recipe, "channel.anneal": 0.3}),
         "coupled_long": ("diffmas", {**latents, **recipe, "steps": 3 * cfg.max_steps}),
         "detached": ("diffmas", {**latents, **recipe, "grad_mode": "detached"}),
         "pause": ("diffmas", {**latents, **recipe, "latent_map": "pause"}),
@@ -140,6 +151,12 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # The curriculum on the sums goes before detached_full: once the prompt columns had faded (step 150) its
     # held-out loss fell below the blind reader's (0.79 at step 200 vs 0.92), the first sign of a sum crossing.
     arms += [Arm("pause_full", DIGITS, phase=2), Arm("coupled_anneal", CHAIN), Arm("detached_full", DIGITS, phase=2)]
+    # Splitting a sum between two writers, and the sums' latent controls, ask something only once a latents-only
+    # recipe passes a sum at all; they train under that recipe. The split task's goal is open, so they go first.
+    recipe = sum_recipe(docs) if docs is not None else None
+    if recipe is not None:
+        arms += [Arm(n + recipe, SPLIT, phase=5) for n in ("coupled", "half_a", "half_b")]
+        arms += [Arm(n + recipe, CHAIN, phase=5) for n in ("detached", "pause")]
     # Coupled on the digits was still improving fast at the 500-step cap (held-out loss 1.06 at step 425, 0.75 at
     # 500): three times the cap, same stopping rule, says how much of the ladder the cap decided.
     arms += [Arm("coupled_long", DIGITS, phase=2)]
@@ -150,12 +167,10 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     arms += [Arm(n, DIGITS, s, phase=3) for s in (1, 2) for n in ("coupled", "detached", "pause")]
     arms += [Arm("open", CHAIN, s, phase=3) for s in (1, 2)]
     arms += [Arm(n, DIGITS, phase=4, latent_steps=m) for m in SWEEP for n in ("coupled", "pause")]
-    # Splitting a sum between two writers, and seeds of the sums' latent controls, ask something only once a
-    # latents-only channel passes a sum at all.
-    if docs is not None and sums_cross_the_channel(docs):
-        arms += [Arm(n, SPLIT, phase=5) for n in ("coupled", "half_a", "half_b")]
-        arms += [Arm(n, CHAIN, s, phase=5) for s in (1, 2) for n in ("coupled", "detached", "pause")]
-    return arms
+    if recipe is not None:
+        arms += [Arm(n + recipe, CHAIN, s, phase=5) for s in (1, 2) for n in ("coupled", "detached", "pause")]
+    unique = {a.id: a for a in reversed(arms)}  # an arm planned twice (plain coupled's controls) keeps its first place
+    return [a for a in arms if unique[a.id] is a]
 
 
 def _trained_text(task: str, docs: Path | None) -> list[Arm]:
@@ -165,19 +180,18 @@ def _trained_text(task: str, docs: Path | None) -> list[Arm]:
     return [Arm(n, task, phase=2) for n in ("text_sft_m", "text_sft_4m")]
 
 
-LATENT_SUM_ARMS = ("coupled", "coupled_anneal", "coupled_ae")
-
-
-def sums_cross_the_channel(docs: Path) -> bool:
-    """Whether a latents-only recipe on relay:chain_sum answers above its task's floor by more than two standard
-    errors (a finished arm's result in ``docs/arms``)."""
-    for name in LATENT_SUM_ARMS:
-        path = docs / "arms" / f"{Arm(name, CHAIN).id}.json"
+def sum_recipe(docs: Path) -> str | None:
+    """The recipe (``""``: the config's, or a :data:`RECIPES` suffix) under which coupled answers relay:chain_sum
+    above its task's floor by more than two standard errors, the most accurate where several do (finished arms'
+    results in ``docs/arms``); None while none does."""
+    crossed = {}
+    for suffix in ("", *RECIPES):
+        path = docs / "arms" / f"{Arm('coupled' + suffix, CHAIN).id}.json"
         if path.is_file():
             rec = json.loads(path.read_text())
             if rec["accuracy"] - 2 * rec["stderr"] > (rec.get("floor") or 0.0):
-                return True
-    return False
+                crossed[suffix] = rec["accuracy"]
+    return max(crossed, key=crossed.get) if crossed else None
 
 
 def train_config(arm: Arm, cfg: RelayConfig, device: str = "cpu"):
