@@ -190,7 +190,9 @@ def train(
     eval_every: Optional[int] = typer.Option(None, help="Held-out loss every N steps (0: start and end only)."),
     heldout_examples: Optional[int] = typer.Option(None, help="Held-out (validation) examples."),
     device: Optional[str] = typer.Option(None),
-    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out. Only the budget may "
+                                            "change: the steps, the batch split, the stopping rule "
+                                            "(turned off, a run that stopped on a plateau goes on)."),
 ) -> None:
     """Train DiffMAS (or the single_sft baseline) with LoRA; runs unchanged under `accelerate launch`."""
     from diffmas.config import load_config
