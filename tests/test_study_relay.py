@@ -12,7 +12,7 @@ from diffmas.config import to_dict
 from diffmas.experiments import relay
 from diffmas.experiments.relay import (Arm, RelayConfig, arm_settings, continued_from, plan_arms, run_study,
                                       train_config)
-from diffmas.experiments.relay_report import Rung, _step_seconds, digit_places, ladder, write_report
+from diffmas.experiments.relay_report import Rung, _step_seconds, digit_places, ladder, sum_closeness, write_report
 from diffmas.tasks import get_task
 from diffmas.train.resume import INHERITED
 from diffmas.prompts import load_topology
@@ -270,3 +270,12 @@ def test_the_sums_goals_judge_the_best_latent_recipe_against_its_own_controls(tm
     goals = (tmp_path / "README.md").read_text().split("## Goals")[1].split("##")[0]
     assert "relay:chain_sum, coupled_anneal / open accuracy 0.50" in goals
     assert "coupled_anneal - detached_anneal = +37.5 points" in goals
+
+
+def test_sum_closeness_counts_exact_answers_per_number_of_terms_the_sign_and_near_misses():
+    # The first evaluation items of relay:chain_sum: 0 - 2 = -2, 84 - 12 = 72, 6 - 9 = -3, 76 - 32 + 75 - 32 = 87.
+    answers = [("chain_sum-1000000", "-2"), ("chain_sum-1000001", "75"), ("chain_sum-1000002", "3"),
+               ("chain_sum-1000003", None), ("not-an-item", "1")]
+    counts = sum_closeness(relay.CHAIN, answers)
+    assert counts["2 terms"] == (1, 3) and counts["4 terms"] == (0, 1) and "3 terms" not in counts
+    assert counts["sign"] == (2, 4) and counts["within 5"] == (2, 4)  # an answer that is no number is wrong

@@ -149,6 +149,44 @@ def _places_table(answers_by_arm: dict[str, list[tuple[str, str | None]]]) -> li
     return lines + [""]
 
 
+NEAR = 5
+"""An answer within this much of the sum counts as near (the sums of 2-4 terms of 1-2 digits span a few hundred)."""
+
+
+def sum_closeness(task: str, answers: list[tuple[str, str | None]]) -> dict[str, tuple[int, int]]:
+    """How close the answers came on a sum task: (right, items) for the exact answer per number of terms, for the
+    sign, and for an answer within :data:`NEAR` of the sum. ``answers``: (item id, extracted answer) pairs of the
+    task's evaluation items (the first ones it loads; other ids are left out); an answer that is not a number
+    counts as wrong."""
+    items = {e.id: e for e in get_task(task).load(max(len({i for i, _ in answers}), 1))}
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for item, answer in answers:
+        if item not in items:
+            continue
+        gold = int(items[item].answer)
+        try:
+            said = int(answer or "")
+        except ValueError:
+            said = None
+        for key, right in ((f"{items[item].meta['num_terms']} terms", said == gold),
+                           ("sign", said is not None and (said < 0) == (gold < 0)),
+                           (f"within {NEAR}", said is not None and abs(said - gold) <= NEAR)):
+            counts[key][0] += right
+            counts[key][1] += 1
+    return {key: (right, n) for key, (right, n) in counts.items()}
+
+
+def _closeness_table(task: str, answers_by_arm: dict[str, list[tuple[str, str | None]]]) -> list[str]:
+    rows = {key: sum_closeness(task, answers) for key, answers in answers_by_arm.items()}
+    columns = sorted({c for r in rows.values() for c in r if c.endswith("terms")}) + ["sign", f"within {NEAR}"]
+    lines = ["How close the answers came (share, items): exact per number of terms, the sign right, within "
+             f"{NEAR} of the sum:", "", "| arm | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for key, row in rows.items():
+        lines.append(f"| {key} | " + " | ".join(f"{row[c][0] / row[c][1]:.2f} ({row[c][1]})" if c in row else "–"
+                                               for c in columns) + " |")
+    return lines + [""]
+
+
 def _channel(rec: dict) -> tuple[float, str]:
     """What an arm passes to the final agent: (positions, a label): m latent positions, the text message's tokens
     (mean over items, at most its cap), or nothing for the single agent that reads the number itself."""
@@ -289,7 +327,14 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             text += ["Paired differences (arm minus baseline), one table per baseline:", ""]
             for base in dict.fromkeys(c.baseline for c in comps[task]):
                 text += [markdown_table([c for c in comps[task] if c.baseline == base]), ""]
-        if task == "relay:digits":
+        answers: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
+        for rec in records:
+            if rec["task"] == task:
+                stem = f"{task.replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
+                answers[arm_key(rec)] += [(s["id"], s.get("extracted")) for s in samples[stem]]
+        if task != "relay:digits":
+            text += _closeness_table(task, dict(sorted(answers.items())))
+        else:
             channel = {arm_key(r): _channel(r) for r in records if r["task"] == task}
             plot = _capacity_plot({f"{key}, {channel[key][1]}": seeds for key, seeds in outcomes[task].items()}, docs)
             ladders = {key: ladder(seeds) for key, seeds in sorted(outcomes[task].items())}
@@ -306,14 +351,11 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                 per = f"{bits / positions:.2f}" if positions else "–"
                 text.append(f"| {key} | " + " | ".join(cells) + f" | {bits:.1f} ({per}) |")
             text += ["", f"![capacity]({plot.name})", ""] if plot else [""]
-            answers: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
             sent: dict[str, list[dict]] = defaultdict(list)
             for rec in records:
-                if rec["task"] == task:
-                    stem = f"{task.replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
-                    answers[arm_key(rec)] += [(s["id"], s.get("extracted")) for s in samples[stem]]
-                    if rec["system"] in TEXT and all("messages" in s for s in samples[stem]):
-                        sent[arm_key(rec)] += samples[stem]
+                stem = f"{task.replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
+                if rec["task"] == task and rec["system"] in TEXT and all("messages" in s for s in samples[stem]):
+                    sent[arm_key(rec)] += samples[stem]
             text += _places_table(answers) + _messages_table(sent)
     curves = _curves(records, docs)
     if curves:
