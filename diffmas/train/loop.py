@@ -40,6 +40,7 @@ from diffmas.train.objectives import (StepNorm, StepPlan, heldout_targets, plan_
                                       step_loss)
 from diffmas.train.resume import METRICS_FILE, flattened, heldout_history, prepare_out, truncate_metrics
 
+
 class TrajectoryLoss(torch.nn.Module):
     """The rollout as a module, so DDP wraps one forward whose graph covers the whole trajectory."""
 
@@ -253,11 +254,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         history = [(0, heldout_loss(module, heldout, cfg.batch_size, cfg))]
         log({"step": 0, "heldout_loss": history[0][1]})
         end = cfg.steps
-    else:  # every process reads the same lines, whether or not the main one has truncated the file yet
+    else:
         history = [h for h in heldout_history(out / METRICS_FILE) if h[0] <= start_step]
         # A run that stopped early and is resumed under the same rule has nothing left to do: the decision is a
         # function of its history. Under a looser rule (resume.BUDGET) it goes on.
         end = start_step if flattened(history, cfg.stop) else cfg.steps
+        accelerator.wait_for_everyone()  # every process has read the file before the main one rewrites it
         if accelerator.is_main_process:
             truncate_metrics(out / METRICS_FILE, start_step, going_on=end > start_step)
     bar = tqdm(range(start_step, end), initial=start_step, total=cfg.steps, desc=f"train {cfg.system}",
