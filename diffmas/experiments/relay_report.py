@@ -43,13 +43,18 @@ def arm_key(rec: dict) -> str:
     return rec["label"].split("/")[0]
 
 
+def run_id(rec: dict) -> str:
+    """A finished arm's id (``Arm.id``): the name of its samples and curve files."""
+    return f"{rec['task'].replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
+
+
 def _load(docs: Path) -> tuple[list[dict], dict[str, dict[str, dict[int, dict[str, bool]]]], dict[str, list[dict]]]:
     """The finished arms' records, their per-item outcomes by task, arm and seed, and their kept samples by run."""
     arms = [json.loads(p.read_text()) for p in sorted((docs / "arms").glob("*.json"))]
     outcomes: dict = defaultdict(lambda: defaultdict(dict))
     samples: dict = {}
     for rec in arms:
-        stem = f"{rec['task'].replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
+        stem = run_id(rec)
         samples[stem] = [json.loads(line) for line in (docs / "samples" / f"{stem}.jsonl").read_text().splitlines()]
         outcomes[rec["task"]][arm_key(rec)][rec["seed"]] = {s["id"]: bool(s["correct"]) for s in samples[stem]}
     return arms, outcomes, samples
@@ -228,7 +233,7 @@ def _capacity_plot(arms: dict[str, dict], docs: Path) -> Path | None:
 def _curves(records: list[dict], docs: Path) -> Path | None:
     runs: dict[str, list] = {}
     for rec in records:
-        path = docs / "curves" / f"{rec['task'].replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}.jsonl"
+        path = docs / "curves" / f"{run_id(rec)}.jsonl"
         if path.is_file():  # text arms are not trained
             runs.setdefault(rec["task"], []).append((rec["label"], path))
     return plot_heldout(runs, docs / "heldout_loss.png", "validation split")
@@ -238,7 +243,7 @@ def _step_seconds(rec: dict, docs: Path) -> float:
     """The seconds an arm's training steps took, from its curve: every process that trained it counts (a run's own
     ``train_seconds`` holds only the last one's, after a resume), held-out evaluations do not, nor the steps a
     continued run copied from another (counted there); 0 for text arms."""
-    path = docs / "curves" / f"{rec['task'].replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}.jsonl"
+    path = docs / "curves" / f"{run_id(rec)}.jsonl"
     if not path.is_file():
         return 0.0
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -330,8 +335,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
         answers: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
         for rec in records:
             if rec["task"] == task:
-                stem = f"{task.replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
-                answers[arm_key(rec)] += [(s["id"], s.get("extracted")) for s in samples[stem]]
+                answers[arm_key(rec)] += [(s["id"], s.get("extracted")) for s in samples[run_id(rec)]]
         if task != "relay:digits":
             text += _closeness_table(task, dict(sorted(answers.items())))
         else:
@@ -353,9 +357,9 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             text += ["", f"![capacity]({plot.name})", ""] if plot else [""]
             sent: dict[str, list[dict]] = defaultdict(list)
             for rec in records:
-                stem = f"{task.replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
-                if rec["task"] == task and rec["system"] in TEXT and all("messages" in s for s in samples[stem]):
-                    sent[arm_key(rec)] += samples[stem]
+                kept = samples[run_id(rec)]
+                if rec["task"] == task and rec["system"] in TEXT and all("messages" in s for s in kept):
+                    sent[arm_key(rec)] += kept
             text += _places_table(answers) + _messages_table(sent)
     curves = _curves(records, docs)
     if curves:
