@@ -279,3 +279,23 @@ def test_sum_closeness_counts_exact_answers_per_number_of_terms_the_sign_and_nea
     counts = sum_closeness(relay.CHAIN, answers)
     assert counts["2 terms"] == (1, 3) and counts["4 terms"] == (0, 1) and "3 terms" not in counts
     assert counts["sign"] == (2, 4) and counts["within 5"] == (2, 4)  # an answer that is no number is wrong
+
+
+def test_the_split_report_pairs_the_share_of_answers_near_the_sum(tmp_path):
+    # Neither arm is ever exact; coupled's answers land within 5 of the sum, half_a's 20 off: only the finer
+    # measure can tell them apart.
+    items = get_task(relay.SPLIT).load(8)
+    for sub in ("arms", "samples"):
+        (tmp_path / sub).mkdir()
+    for name, off in (("coupled_anneal", 3), ("half_a_anneal", 20)):
+        rec = {"task": relay.SPLIT, "label": f"{name}/s0", "seed": 0, "accuracy": 0.0, "stderr": 0.0,
+               "floor": 0.1, "positions_passed": 12.0, "kv_bytes_passed": 1.0, "steps_trained": 500,
+               "stopped_early": False, "eval_seconds": 1, "latent_steps": 6, "system": "diffmas", "machine": "test"}
+        (tmp_path / "arms" / f"split_chain_sum--{name}--s0.json").write_text(json.dumps(rec))
+        (tmp_path / "samples" / f"split_chain_sum--{name}--s0.jsonl").write_text("".join(
+            json.dumps({"id": e.id, "correct": False, "extracted": str(int(e.answer) + off)}) + "\n" for e in items))
+    results = write_report(tmp_path, n_boot=100)
+    near = {(c["arm"], c["baseline"]): c for c in results["near_comparisons"][relay.SPLIT]}
+    assert near[("coupled_anneal", "half_a_anneal")]["diff"] == pytest.approx(1.0)
+    assert near[("coupled_anneal", "half_a_anneal")]["ci_low"] > 0
+    assert "| coupled_anneal - half_a_anneal | 8 | 1 vs 1 | 1.000 / 0.000 | +100.0" in (tmp_path / "README.md").read_text()

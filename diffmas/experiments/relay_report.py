@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffmas.eval.compare import Comparison, compare, markdown_table
+from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
 from diffmas.experiments.curves import plot_heldout
 from diffmas.experiments.relay import RECIPES, TEXT
 from diffmas.train.resume import INHERITED
@@ -158,13 +158,12 @@ NEAR = 5
 """An answer within this much of the sum counts as near (the sums of 2-4 terms of 1-2 digits span a few hundred)."""
 
 
-def sum_closeness(task: str, answers: list[tuple[str, str | None]]) -> dict[str, tuple[int, int]]:
-    """How close the answers came on a sum task: (right, items) for the exact answer per number of terms, for the
-    sign, and for an answer within :data:`NEAR` of the sum. ``answers``: (item id, extracted answer) pairs of the
-    task's evaluation items (the first ones it loads; other ids are left out); an answer that is not a number
-    counts as wrong."""
+def _judged(task: str, answers: list[tuple[str, str | None]]) -> list[tuple[str, dict[str, bool]]]:
+    """Each answer of a sum task judged three ways: (item id, {"<n> terms": exact, "sign": sign right, "within
+    NEAR": near the sum}). ``answers``: (item id, extracted answer) pairs of the task's evaluation items (the first
+    ones it loads; other ids are left out); an answer that is not a number counts as wrong."""
     items = {e.id: e for e in get_task(task).load(max(len({i for i, _ in answers}), 1))}
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    judged = []
     for item, answer in answers:
         if item not in items:
             continue
@@ -173,12 +172,41 @@ def sum_closeness(task: str, answers: list[tuple[str, str | None]]) -> dict[str,
             said = int(answer or "")
         except ValueError:
             said = None
-        for key, right in ((f"{items[item].meta['num_terms']} terms", said == gold),
-                           ("sign", said is not None and (said < 0) == (gold < 0)),
-                           (f"within {NEAR}", said is not None and abs(said - gold) <= NEAR)):
+        judged.append((item, {f"{items[item].meta['num_terms']} terms": said == gold,
+                              "sign": said is not None and (said < 0) == (gold < 0),
+                              f"within {NEAR}": said is not None and abs(said - gold) <= NEAR}))
+    return judged
+
+
+def sum_closeness(task: str, answers: list[tuple[str, str | None]]) -> dict[str, tuple[int, int]]:
+    """How close the answers came on a sum task: (right, items) for the exact answer per number of terms, for the
+    sign, and for an answer within :data:`NEAR` of the sum (see :func:`_judged`)."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for _, verdicts in _judged(task, answers):
+        for key, right in verdicts.items():
             counts[key][0] += right
             counts[key][1] += 1
     return {key: (right, n) for key, (right, n) in counts.items()}
+
+
+def near_outcomes(task: str, runs: dict[int, list[tuple[str, str | None]]]) -> dict[int, dict[str, bool]]:
+    """Per training seed, per item: was the answer within :data:`NEAR` of the sum (the outcomes ``compare`` pairs)."""
+    return {seed: {item: v[f"within {NEAR}"] for item, v in _judged(task, answers)} for seed, answers in runs.items()}
+
+
+def _near_table(comps: list[Comparison]) -> list[str]:
+    """Paired differences in the share of answers near the sum: finer than exact answers, which a channel that
+    carries a sum's size but not its last digit never gets right."""
+    if not comps:
+        return []
+    lines = [f"Paired differences in the share of answers within {NEAR} of the sum (95% paired bootstrap interval; "
+             "a finer measure than exact answers, which the goals are judged on):", "",
+             f"| arm - baseline | n | seeds | share within {NEAR} (arm / baseline) | diff pp [95% CI] | verdict |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {c.arm} - {c.baseline} | {c.n_items} | {c.n_seeds_arm} vs {c.n_seeds_base} | {c.acc_arm:.3f} / "
+              f"{c.acc_base:.3f} | {100 * c.diff:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}] | {c.verdict} |"
+              for c in comps]
+    return lines + [""]
 
 
 def _closeness_table(task: str, answers_by_arm: dict[str, list[tuple[str, str | None]]]) -> list[str]:
@@ -308,6 +336,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
         found = outcomes.get(task, {})
         comps[task] = [compare({a: found[a], b: found[b]}, b, n_boot=n_boot)[0]
                        for a, b in pairs if a in found and b in found]
+    near_comps: dict[str, list[Comparison]] = {}
     hours = sum(a["train_hours"] for task in by_arm.values() for a in task.values())
     text = ["# Relay study: results so far", "",
             "Built by `make study-relay` (`diffmas study-relay`) from the finished arms in `arms/`; the plan and "
@@ -337,7 +366,15 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             if rec["task"] == task:
                 answers[arm_key(rec)] += [(s["id"], s.get("extracted")) for s in samples[run_id(rec)]]
         if task != "relay:digits":
-            text += _closeness_table(task, dict(sorted(answers.items())))
+            near = defaultdict(dict)
+            for rec in records:
+                if rec["task"] == task:
+                    near[arm_key(rec)].update(near_outcomes(task, {rec["seed"]: [
+                        (s["id"], s.get("extracted")) for s in samples[run_id(rec)]]}))
+            near_comps[task] = [compare({a: near[a], b: near[b]}, b, n_boot=n_boot)[0]
+                                for a, b in PAIRS.get(task, [])
+                                if a in near and b in near and common_items(near[a], near[b])]
+            text += _closeness_table(task, dict(sorted(answers.items()))) + _near_table(near_comps[task])
         else:
             channel = {arm_key(r): _channel(r) for r in records if r["task"] == task}
             plot = _capacity_plot({f"{key}, {channel[key][1]}": seeds for key, seeds in outcomes[task].items()}, docs)
@@ -372,6 +409,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
         text += [f"Machine: {records[-1]['machine']}. Config of each run: `arms/<id>.json`.", ""]
     results = {"arms": records and [{k: v for k, v in r.items() if k != "config"} for r in records],
                "by_arm": by_arm, "comparisons": {t: [_summary(c) for c in cs] for t, cs in comps.items()},
+               "near_comparisons": {t: [_summary(c) for c in cs] for t, cs in near_comps.items()},
                "core_hours": hours}
     (docs / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (docs / "README.md").write_text("\n".join(text))
