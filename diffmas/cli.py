@@ -273,6 +273,10 @@ def eval_(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     shuffle_trace: bool = typer.Option(False, "--shuffle-trace", help="Control: each question reads the writers' "
                                                                       "trace of another question of the set."),
+    shuffle_part: Optional[str] = typer.Option(None, "--shuffle-part", metavar="PART",
+                                               help="Control on a split task: only this part of each question "
+                                                    "(e.g. part:b) comes from another question of the set; the "
+                                                    "writers that see it work on that part, the others on their own."),
     report: bool = typer.Option(False, "--report", help="Only re-render table, plots and each dir's report.html."),
     dirs: Optional[list[Path]] = typer.Argument(None, metavar="DIR", help="With --report: result dirs to merge.",
                                               show_default=False),
@@ -303,7 +307,7 @@ def eval_(
             seeds=tuple(range(seeds)), batch_size=batch_size, max_new_tokens=max_new_tokens,
             writer_max_new_tokens=writer_max_new_tokens, topology=topology, latent_steps=latent_steps, device=device,
             dtype=dtype, source=source, temperature=temperature, top_p=top_p, show_progress=not no_progress,
-            shuffle_trace=shuffle_trace, realign=realign, think=think, trace=trace,
+            shuffle_trace=shuffle_trace, shuffle_part=shuffle_part, realign=realign, think=think, trace=trace,
             text_context_limit=text_context_limit, budget_from=budget_from)
         if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: the main process reports (same results)
             return

@@ -11,10 +11,12 @@ import pytest
 import yaml
 
 from diffmas.adapters import read_adapter_meta
+from diffmas.backbone import load_backbone
 from diffmas.config import StopConfig, load_config
 from diffmas.errors import DiffMASError
 from diffmas.eval.results import constant_floor
-from diffmas.eval.runner import run_eval
+from diffmas.decode import DecodeConfig
+from diffmas.eval.runner import gold_target, run_eval
 from diffmas.prompts import DUO, RELAY, SPLIT
 from diffmas.systems import build_system
 from diffmas.tasks import get_task
@@ -212,3 +214,34 @@ def test_text_sft_is_text_mas_on_a_borrowed_single_sft_adapter(tmp_path, tiny_mo
     nll = {(s["system"], s["id"]): s["gold_nll_sum"] for s in samples}
     ids = {s["id"] for s in samples}
     assert len(ids) == 3 and all(nll[("sft", i)] != nll[("text_mas", i)] for i in ids)  # the adapter is on
+
+
+def test_a_shuffled_part_swaps_only_the_writer_that_sees_it(tmp_path, tiny_model_dir):
+    with pytest.raises(DiffMASError, match="no parts"):
+        run_eval(["latent_mas"], ["relay:chain_sum"], tmp_path / "bad", model=str(tiny_model_dir), limit=2,
+                 device="cpu", show_progress=False, shuffle_part="part:b")
+    results = run_eval(["latent_mas"], ["split:chain_sum"], tmp_path / "eval", model=str(tiny_model_dir), limit=4,
+                       max_new_tokens=2, latent_steps=1, trace="latents", device="cpu", show_progress=False,
+                       shuffle_part="part:b")
+    assert results["config"]["shuffle_part"] == "part:b"
+    samples = {s["id"]: s for s in map(json.loads, (tmp_path / "eval" / "samples.jsonl").read_text().splitlines())}
+    task = get_task("split:chain_sum")
+    examples = {ex.id: ex for ex in task.load(4)}
+    views = {item: task.views(ex) for item, ex in examples.items()}
+    system = build_system("latent_mas", load_backbone(str(tiny_model_dir), "cpu"), latent_steps=1, trace="latents",
+                          default_topology="split")
+    cfg = DecodeConfig(max_new_tokens=2)
+    for item, s in samples.items():
+        partner = views[s["trace_from"]]
+        assert s["trace_from"] != item
+
+        def nll(writers: dict) -> float:
+            return system.run([views[item]], cfg, writer_prompts=[writers],
+                              targets=[gold_target(examples[item])])[0]["gold_nll_sum"]
+
+        # Writer a worked on its own part, writer b on the partner's: neither the unshuffled nor the fully
+        # shuffled trace gives this gold NLL. (fp32: batch 4 vs 1 moves it by <= 1e-5; the random model's
+        # latents move it by >= 1e-4.)
+        swapped, own, other = nll({**views[item], "part:b": partner["part:b"]}), nll(views[item]), nll(partner)
+        assert s["gold_nll_sum"] == pytest.approx(swapped, abs=2e-5)
+        assert abs(s["gold_nll_sum"] - own) > 5e-5 and abs(s["gold_nll_sum"] - other) > 5e-5

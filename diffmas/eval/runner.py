@@ -59,6 +59,7 @@ def run_eval(
     top_p: float = 1.0,
     show_progress: bool = True,
     shuffle_trace: bool = False,
+    shuffle_part: str | None = None,
     realign: bool = True,
     think: bool = False,
     trace: str | None = None,
@@ -72,7 +73,10 @@ def run_eval(
     ``text_context_limit``: see :class:`diffmas.rollout.RolloutSpec`. ``budget_from`` (a multi-agent system's
     label in this evaluation, or an earlier evaluation's folder, ``DIR`` or ``DIR:LABEL``) gives ``single@budget``
     entries (or, when there are none, every single-agent system) that system's summed ``thinking_budget`` as
-    their answer budget: the "full thinking budget" baseline.
+    their answer budget: the "full thinking budget" baseline. ``shuffle_trace``: every writer of question i works
+    on another question of the set; ``shuffle_part`` (e.g. ``part:b``): only that part of each question's views
+    comes from the other question, so the writers that see it work on another question's part and the rest on
+    their own (which writer's information an answer follows).
 
     Returns the results.json contents (also written to ``out``).
     """
@@ -83,6 +87,8 @@ def run_eval(
         raise DiffMASError("--source names one task's data: give a single --task with it")
     if limit is not None and limit < 1:
         raise DiffMASError("--limit must be >= 1")
+    if shuffle_trace and shuffle_part:
+        raise DiffMASError("give --shuffle-trace (every writer) or --shuffle-part (the writers of one part), not both")
     if batch_size < 1 or not seeds or len(set(seeds)) != len(seeds):
         raise DiffMASError("need batch size >= 1 and distinct seeds")
     try:
@@ -94,7 +100,7 @@ def run_eval(
         "seeds": list(seeds), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
         "writer_max_new_tokens": writer_max_new_tokens, "topology": topology, "latent_steps": latent_steps,
         "device": str(resolve_device(device)), "dtype": dtype, "source": source, "temperature": temperature,
-        "top_p": top_p, "shuffle_trace": shuffle_trace, "realign": realign, "think": think, "trace": trace,
+        "top_p": top_p, "shuffle_trace": shuffle_trace, "shuffle_part": shuffle_part, "realign": realign, "think": think, "trace": trace,
         "text_context_limit": text_context_limit, "budget_from": budget_from,
     }
     build_args = dict(topology=topology, latent_steps=latent_steps, writer_max_new_tokens=writer_max_new_tokens,
@@ -109,6 +115,11 @@ def run_eval(
     for name in config["tasks"]:
         task = get_task(name)
         loaded[name] = (task, task.load(limit, source))
+        if shuffle_part is not None:
+            parts = sorted(k for k in task.views(loaded[name][1][0]) if k.startswith("part:"))
+            if shuffle_part not in parts:
+                raise DiffMASError(f"--shuffle-part {shuffle_part}: task {name} has "
+                                   + (f"the parts {', '.join(parts)}" if parts else "no parts (only split tasks do)"))
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(out, config)
     rank, world, barrier, device = _shard(device)  # (0, 1, no-op, device) outside `accelerate launch`
@@ -145,7 +156,7 @@ def run_eval(
                 for seed in seeds:
                     bar.set_description(f"{entry.label} {task.name} seed {seed}")
                     _run_one(system, entry.label, task, seed, examples, log, batch_size, answer_budget,
-                             temperature, bar, shuffle_trace, shard=(rank, world), top_p=top_p)
+                             temperature, bar, shuffle_trace, shuffle_part, shard=(rank, world), top_p=top_p)
     barrier()
     if rank == 0:
         log = merge_rank_logs(out)
@@ -217,16 +228,17 @@ def _record(label: str, task: Task, seed: int, ex: Example, rec: dict, max_new_t
 
 def _run_one(system: System, label: str, task: Task, seed: int, examples: list[Example], log: SampleLog,
              batch_size: int, max_new_tokens: int, temperature: float, bar: tqdm, shuffle_trace: bool = False,
-             shard: tuple[int, int] = (0, 1), top_p: float = 1.0) -> None:
+             shuffle_part: str | None = None, shard: tuple[int, int] = (0, 1), top_p: float = 1.0) -> None:
     """Run the pending examples of one (system, task, seed), appending each finished batch to ``log``.
 
     With ``shuffle_trace`` the writers of question i work on another question of the set (the control that
-    asks whether the trace carries question-specific information); each record names that question.
+    asks whether the trace carries question-specific information); with ``shuffle_part`` only that view comes
+    from the other question. Each record names that question.
     Every record also gets the gold-target NLL (see :func:`gold_target`), from the same writers' trace.
     """
     prompts = [task.views(ex) for ex in examples]
     targets = [gold_target(ex) for ex in examples]
-    partners = trace_partners(len(examples), seed) if shuffle_trace else None
+    partners = trace_partners(len(examples), seed) if shuffle_trace or shuffle_part else None
     # Batches are cut from the full example list (length-sorted), not from what is pending, and a batch that a
     # kill left half-written is rerun whole: a resumed run computes exactly what an uninterrupted one does (same
     # padding, so the same floating-point sums, and with sampling the same random streams).
@@ -240,7 +252,10 @@ def _run_one(system: System, label: str, task: Task, seed: int, examples: list[E
             continue
         # One stream per batch: with a single seed per call, row r of every batch would draw the same numbers.
         cfg = DecodeConfig(max_new_tokens, temperature, top_p, seed=seed * 1_000_003 + number)
-        writer_prompts = [prompts[partners[i]] for i in batch] if partners else None
+        writer_prompts = None
+        if partners:
+            writer_prompts = [{**prompts[i], shuffle_part: prompts[partners[i]][shuffle_part]} if shuffle_part
+                              else prompts[partners[i]] for i in batch]
         records = system.run([prompts[i] for i in batch], cfg, batch_size, writer_prompts=writer_prompts,
                              targets=[targets[i] for i in batch])
         if partners:
