@@ -299,3 +299,16 @@ def test_the_split_report_pairs_the_share_of_answers_near_the_sum(tmp_path):
     assert near[("coupled_anneal", "half_a_anneal")]["diff"] == pytest.approx(1.0)
     assert near[("coupled_anneal", "half_a_anneal")]["ci_low"] > 0
     assert "| coupled_anneal - half_a_anneal | 8 | 1 vs 1 | 1.000 / 0.000 | +100.0" in (tmp_path / "README.md").read_text()
+
+
+def test_the_digits_seeds_come_before_the_other_controls_and_each_full_control_waits_for_its_stopped_run(tmp_path):
+    (tmp_path / "arms").mkdir()
+    ids = [a.id for a in plan_arms(tmp_path)]
+    assert ids.index(Arm("pause", relay.DIGITS, 2).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
+    assert ids.index(Arm("coupled_long", relay.DIGITS).id) < ids.index(Arm("skyline", relay.CHAIN).id)
+    assert Arm("pause_full", relay.DIGITS, 1).id not in ids  # its stopped run has not finished
+    (tmp_path / "arms" / f"{Arm('pause', relay.DIGITS, 1).id}.json").write_text("{}")
+    ids = [a.id for a in plan_arms(tmp_path)]
+    assert Arm("pause_full", relay.DIGITS, 1).id in ids and Arm("detached_full", relay.DIGITS, 1).id not in ids
+    assert ids.index(Arm("pause_full", relay.DIGITS, 1).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
+    assert continued_from(Arm("pause_full", relay.DIGITS, 1)).id == Arm("pause", relay.DIGITS, 1).id

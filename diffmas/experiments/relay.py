@@ -27,9 +27,10 @@ validation split, see :class:`RelayConfig`):
 
 Arms are listed in phases, the decisive ones first (coupled, open, the ladder at m = 6, blind; then, because coupled
 collapsed on the sums, detached and pause on the digits, the text channels on the digits and the curriculum on the
-sums; once a latents-only recipe passes a sum, the split task and the sums' latent controls under it), then the
-controls, then training seeds 1 and 2 where the claims are (the digits' coupled, detached and pause; open on the
-sums), then the m sweep, then the sums' latent seeds under the recipe that passed. Every finished
+sums; once a latents-only recipe passes a sum, the split task and the sums' latent controls under it), then
+training seeds 1 and 2 of the digits' coupled, detached and pause (and their ``*_full`` runs to the cap), then
+``coupled_long``, the m sweep, open's seeds on the sums, the sums' other controls, and the sums' latent seeds under
+the recipe that passed. Every finished
 arm writes ``docs/arms/<id>.json``, its per-item outcomes and its held-out loss curve; the report is rebuilt after
 each.
 """
@@ -157,16 +158,17 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     if recipe is not None:
         arms += [Arm(n + recipe, SPLIT, phase=5) for n in ("coupled", "half_a", "half_b")]
         arms += [Arm(n + recipe, CHAIN, phase=5) for n in ("detached", "pause")]
+    # Training seeds where the claims are, before the rest of the controls: the digits' coupled and its controls at
+    # equal budgets (each ``*_full`` continues its flat-stopped run of the same seed, so waits for it).
+    arms += [Arm(n, DIGITS, s, phase=3) for s in (1, 2) for n in ("coupled", "detached", "pause")]
+    arms += _after_parent([Arm(n, DIGITS, s, phase=3) for s in (1, 2) for n in ("detached_full", "pause_full")], docs)
     # Coupled on the digits was still improving fast at the 500-step cap (held-out loss 1.06 at step 425, 0.75 at
     # 500): three times the cap, same stopping rule, says how much of the ladder the cap decided.
     arms += [Arm("coupled_long", DIGITS, phase=2)]
+    arms += [Arm(n, DIGITS, phase=4, latent_steps=m) for m in SWEEP for n in ("coupled", "pause")]
+    arms += [Arm("open", CHAIN, s, phase=3) for s in (1, 2)]
     arms += [Arm(n, CHAIN, phase=2) for n in ("detached", "pause", "skyline", "text_m", "text_4m", "coupled_ae")]
     arms += _trained_text(CHAIN, docs)
-    # Training seeds where the claims are: the controls on the digits (where the channel carries information), and
-    # the open trace on the sums.
-    arms += [Arm(n, DIGITS, s, phase=3) for s in (1, 2) for n in ("coupled", "detached", "pause")]
-    arms += [Arm("open", CHAIN, s, phase=3) for s in (1, 2)]
-    arms += [Arm(n, DIGITS, phase=4, latent_steps=m) for m in SWEEP for n in ("coupled", "pause")]
     if recipe is not None:
         arms += [Arm(n + recipe, CHAIN, s, phase=5) for s in (1, 2) for n in ("coupled", "detached", "pause")]
     unique = {a.id: a for a in reversed(arms)}  # an arm planned twice (plain coupled's controls) keeps its first place
@@ -178,6 +180,11 @@ def _trained_text(task: str, docs: Path | None) -> list[Arm]:
     if docs is None or not (docs / "arms" / f"{Arm('skyline', task).id}.json").is_file():
         return []
     return [Arm(n, task, phase=2) for n in ("text_sft_m", "text_sft_4m")]
+
+
+def _after_parent(arms: list[Arm], docs: Path | None) -> list[Arm]:
+    """The ``*_full`` arms among ``arms`` whose stopped run (:func:`continued_from`) has finished in ``docs``."""
+    return [a for a in arms if docs is not None and (docs / "arms" / f"{continued_from(a).id}.json").is_file()]
 
 
 def sum_recipe(docs: Path) -> str | None:
