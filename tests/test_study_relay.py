@@ -298,7 +298,8 @@ def test_the_split_report_pairs_the_share_of_answers_near_the_sum(tmp_path):
     near = {(c["arm"], c["baseline"]): c for c in results["near_comparisons"][relay.SPLIT]}
     assert near[("coupled_anneal", "half_a_anneal")]["diff"] == pytest.approx(1.0)
     assert near[("coupled_anneal", "half_a_anneal")]["ci_low"] > 0
-    assert "| coupled_anneal - half_a_anneal | 8 | 1 vs 1 | 1.000 / 0.000 | +100.0" in (tmp_path / "README.md").read_text()
+    readme = (tmp_path / "README.md").read_text()
+    assert "| coupled_anneal - half_a_anneal | 8 | 1 vs 1 | 1.000 / 0.000 | +100.0" in readme
 
 
 def test_the_digits_seeds_come_before_the_other_controls_and_each_full_control_waits_for_its_stopped_run(tmp_path):

@@ -100,8 +100,8 @@ def run_eval(
         "seeds": list(seeds), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
         "writer_max_new_tokens": writer_max_new_tokens, "topology": topology, "latent_steps": latent_steps,
         "device": str(resolve_device(device)), "dtype": dtype, "source": source, "temperature": temperature,
-        "top_p": top_p, "shuffle_trace": shuffle_trace, "shuffle_part": shuffle_part, "realign": realign, "think": think, "trace": trace,
-        "text_context_limit": text_context_limit, "budget_from": budget_from,
+        "top_p": top_p, "shuffle_trace": shuffle_trace, "shuffle_part": shuffle_part, "realign": realign,
+        "think": think, "trace": trace, "text_context_limit": text_context_limit, "budget_from": budget_from,
     }
     build_args = dict(topology=topology, latent_steps=latent_steps, writer_max_new_tokens=writer_max_new_tokens,
                       realign=realign, think=think, trace=trace, text_context_limit=text_context_limit,
