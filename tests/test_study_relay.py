@@ -236,8 +236,6 @@ def test_controls_run_to_the_cap_and_the_goals_flag_unequal_budgets(tmp_path):
     assert full["pause_full"].stop.min_steps == full["detached_full"].stop.min_steps == cfg.max_steps
     assert full["pause_full"].latent_map == "pause" and full["detached_full"].grad_mode == "detached"
     assert full["pause"].stop.min_steps == cfg.min_steps
-    ids = [a.id for a in plan_arms()]
-    assert ids.index(Arm("pause_full", relay.DIGITS).id) < ids.index(Arm("coupled_anneal", relay.CHAIN).id)
     for sub in ("arms", "samples"):
         (tmp_path / sub).mkdir()
     for name, steps, right in (("coupled", 500, 6), ("pause", 300, 1), ("pause_full", 500, 2)):
@@ -302,14 +300,40 @@ def test_the_split_report_pairs_the_share_of_answers_near_the_sum(tmp_path):
     assert "| coupled_anneal - half_a_anneal | 8 | 1 vs 1 | 1.000 / 0.000 | +100.0" in readme
 
 
-def test_the_digits_seeds_come_before_the_other_controls_and_each_full_control_waits_for_its_stopped_run(tmp_path):
-    (tmp_path / "arms").mkdir()
-    ids = [a.id for a in plan_arms(tmp_path)]
+def test_the_digits_seeds_come_before_the_other_controls():
+    ids = [a.id for a in plan_arms()]
     assert ids.index(Arm("pause", relay.DIGITS, 2).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
     assert ids.index(Arm("coupled_long", relay.DIGITS).id) < ids.index(Arm("skyline", relay.CHAIN).id)
-    assert Arm("pause_full", relay.DIGITS, 1).id not in ids  # its stopped run has not finished
-    (tmp_path / "arms" / f"{Arm('pause', relay.DIGITS, 1).id}.json").write_text("{}")
-    ids = [a.id for a in plan_arms(tmp_path)]
-    assert Arm("pause_full", relay.DIGITS, 1).id in ids and Arm("detached_full", relay.DIGITS, 1).id not in ids
-    assert ids.index(Arm("pause_full", relay.DIGITS, 1).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
-    assert continued_from(Arm("pause_full", relay.DIGITS, 1)).id == Arm("pause", relay.DIGITS, 1).id
+
+
+@pytest.mark.parametrize("control, task, seed", [("pause", relay.DIGITS, 1), ("half_a_anneal", relay.SPLIT, 0)])
+def test_a_control_the_flat_rule_stopped_before_coupled_is_run_on_to_the_cap_right_after_it(tmp_path, control, task,
+                                                                                             seed):
+    (tmp_path / "arms").mkdir()
+    coupled = "coupled_anneal" if control.endswith("_anneal") else "coupled"
+    # The split task's arms are planned once the curriculum has passed a sum.
+    (tmp_path / "arms" / f"{Arm('coupled_anneal', relay.CHAIN).id}.json").write_text(json.dumps(
+        {"accuracy": 0.12, "stderr": 0.015, "floor": 0.032, "stopped_early": False, "steps_trained": 500}))
+    full = Arm(f"{control}_full", task, seed)
+
+    def finish(name: str, steps: int, stopped: bool) -> None:
+        (tmp_path / "arms" / f"{Arm(name, task, seed).id}.json").write_text(json.dumps(
+            {"stopped_early": stopped, "steps_trained": steps}))
+
+    def planned() -> list[str]:
+        return [a.id for a in plan_arms(tmp_path)]
+
+    finish(control, 300, True)
+    assert full.id not in planned()  # coupled has not finished: whether it trains longer is not known yet
+    finish(coupled, 300, True)
+    assert full.id not in planned()  # both stopped at the same step: equal budgets already
+    finish(coupled, 500, False)
+    ids = planned()
+    assert ids.index(full.id) == ids.index(Arm(control, task, seed).id) + 1
+    assert continued_from(full).id == Arm(control, task, seed).id
+    cfg = RelayConfig()
+    a, b = to_dict(train_config(full, cfg)), to_dict(train_config(Arm(control, task, seed), cfg))
+    assert a.pop("stop") == {**b.pop("stop"), "min_steps": cfg.max_steps} and a == b
+    finish(control, 500, False)  # one that reached the cap needs no run to it
+    finish(coupled, 1500, False)
+    assert full.id not in planned()

@@ -13,8 +13,9 @@ validation split, see :class:`RelayConfig`):
   ``coupled_ae`` / ``coupled_anneal`` add autoencoding pre-training / the bottleneck curriculum; ``coupled_long``
   trains for three times the step cap (the stopping rule still applies);
 - ``detached``: the same with no gradient into the writer; ``pause``: the same positions fed one learned embedding
-  (gist tokens: the positions still attend to the prompt, but no thought content is fed back); ``*_full``: the
-  same trained to the step cap (the flat-loss rule stops them no earlier), for comparisons at equal budgets;
+  (gist tokens: the positions still attend to the prompt, but no thought content is fed back); ``*_full``: a
+  control (these two, ``half_*``, with any recipe) trained on to the step cap from where the flat-loss rule stopped
+  it, planned right after it when coupled (same recipe and seed) trained longer: comparisons at equal budgets;
 - ``blind``: no channel (m = 0): the floor a trained reader reaches on the prior;
 - ``skyline``: single_sft given the whole question;
 - ``text_m`` / ``text_4m``: an untrained text writer whose message (m or 4m tokens) is all the final agent sees;
@@ -104,10 +105,26 @@ RECIPES = {"_anneal": {"channel.anneal": 0.3}, "_ae": {"channel.autoencode_steps
 fade from the reader's view over the first 30% of the steps) and 60 steps of autoencoding pre-training."""
 BOTTLENECKED = ("coupled", "detached", "pause", "half_a", "half_b")
 """The arms a recipe suffix applies to: ``pause_anneal`` is pause trained under the curriculum."""
+CONTROLS = ("detached", "pause", "half_a", "half_b")
+"""The latents-only arms compared with coupled under the same recipe. ``<control>_full`` (``pause_full``,
+``half_a_anneal_full``) is the control trained to the step cap (the flat-loss rule stops it no earlier): where the
+rule stopped a control on a plateau before coupled stopped, the two compare at equal budgets only so."""
+FULL = "_full"
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """(root arm, recipe suffix) of a bottlenecked arm's name: ``pause_anneal`` -> (``pause``, ``_anneal``)."""
+    for suffix in RECIPES:
+        if name.endswith(suffix) and name.removesuffix(suffix) in BOTTLENECKED:
+            return name.removesuffix(suffix), suffix
+    return name, ""
 
 
 def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
     """(system, TrainConfig overrides) of an arm by name; text arms (``text_mas``, ``text_sft``) are only evaluated."""
+    if name.endswith(FULL) and _split_name(name.removesuffix(FULL))[0] in CONTROLS:
+        system, changes = arm_settings(name.removesuffix(FULL), cfg)
+        return system, {**changes, "stop.min_steps": cfg.max_steps}
     for suffix, recipe in RECIPES.items():
         if name.endswith(suffix) and name.removesuffix(suffix) in BOTTLENECKED:
             system, changes = arm_settings(name.removesuffix(suffix), cfg)
@@ -120,10 +137,6 @@ def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
         "coupled_long": ("diffmas", {**latents, **recipe, "steps": 3 * cfg.max_steps}),
         "detached": ("diffmas", {**latents, **recipe, "grad_mode": "detached"}),
         "pause": ("diffmas", {**latents, **recipe, "latent_map": "pause"}),
-        # The controls for the full cap: the flat-loss rule stopped them at a plateau where coupled went on to cross
-        # a digit (coupled at step 300 scores below pause at 300), so equal budgets need them run to the cap.
-        "detached_full": ("diffmas", {**latents, **recipe, "grad_mode": "detached", "stop.min_steps": cfg.max_steps}),
-        "pause_full": ("diffmas", {**latents, **recipe, "latent_map": "pause", "stop.min_steps": cfg.max_steps}),
         "blind": ("diffmas", {**latents, "latent_steps": 0}),
         "skyline": ("single_sft", {}),
         "text_m": ("text_mas", {}),
@@ -149,19 +162,18 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # Latent against text where the latent channel carries something: the text arms cost an evaluation each, the
     # digits' skyline (which the trained text channel borrows) a short single-agent run.
     arms += [Arm(n, DIGITS, phase=2) for n in ("text_m", "text_4m", "skyline")] + _trained_text(DIGITS, docs)
-    # The curriculum on the sums goes before detached_full: once the prompt columns had faded (step 150) its
-    # held-out loss fell below the blind reader's (0.79 at step 200 vs 0.92), the first sign of a sum crossing.
-    arms += [Arm("pause_full", DIGITS, phase=2), Arm("coupled_anneal", CHAIN), Arm("detached_full", DIGITS, phase=2)]
+    # The curriculum on the sums went before the digits' detached_full (planned by _to_the_cap, which puts each
+    # control's run to the cap right after it): once the prompt columns had faded (step 150) its held-out loss fell
+    # below the blind reader's (0.79 at step 200 vs 0.92), the first sign of a sum crossing.
+    arms += [Arm("coupled_anneal", CHAIN)]
     # Splitting a sum between two writers, and the sums' latent controls, ask something only once a latents-only
     # recipe passes a sum at all; they train under that recipe. The split task's goal is open, so they go first.
     recipe = sum_recipe(docs) if docs is not None else None
     if recipe is not None:
         arms += [Arm(n + recipe, SPLIT, phase=5) for n in ("coupled", "half_a", "half_b")]
         arms += [Arm(n + recipe, CHAIN, phase=5) for n in ("detached", "pause")]
-    # Training seeds where the claims are, before the rest of the controls: the digits' coupled and its controls at
-    # equal budgets (each ``*_full`` continues its flat-stopped run of the same seed, so waits for it).
+    # Training seeds where the claims are, before the rest of the controls: the digits' coupled and its controls.
     arms += [Arm(n, DIGITS, s, phase=3) for s in (1, 2) for n in ("coupled", "detached", "pause")]
-    arms += _after_parent([Arm(n, DIGITS, s, phase=3) for s in (1, 2) for n in ("detached_full", "pause_full")], docs)
     # Coupled on the digits was still improving fast at the 500-step cap (held-out loss 1.06 at step 425, 0.75 at
     # 500): three times the cap, same stopping rule, says how much of the ladder the cap decided.
     arms += [Arm("coupled_long", DIGITS, phase=2)]
@@ -171,8 +183,30 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     arms += _trained_text(CHAIN, docs)
     if recipe is not None:
         arms += [Arm(n + recipe, CHAIN, s, phase=5) for s in (1, 2) for n in ("coupled", "detached", "pause")]
+    arms = _to_the_cap(arms, docs)
     unique = {a.id: a for a in reversed(arms)}  # an arm planned twice (plain coupled's controls) keeps its first place
     return [a for a in arms if unique[a.id] is a]
+
+
+def _finished(arm: Arm, docs: Path | None) -> dict | None:
+    path = None if docs is None else docs / "arms" / f"{arm.id}.json"
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _to_the_cap(arms: list[Arm], docs: Path | None) -> list[Arm]:
+    """``arms`` with, right after each control that the flat-loss rule stopped before its coupled counterpart (same
+    task, seed, recipe and m) stopped, that control trained on to the cap (``<name>_full``, continuing its run)."""
+    out = []
+    for arm in arms:
+        out.append(arm)
+        root, recipe = _split_name(arm.name)
+        if root not in CONTROLS:
+            continue
+        control = _finished(arm, docs)
+        coupled = _finished(Arm("coupled" + recipe, arm.task, arm.seed, latent_steps=arm.latent_steps), docs)
+        if control and coupled and control["stopped_early"] and control["steps_trained"] < coupled["steps_trained"]:
+            out.append(Arm(arm.name + FULL, arm.task, arm.seed, arm.phase, arm.latent_steps))
+    return out
 
 
 def _trained_text(task: str, docs: Path | None) -> list[Arm]:
@@ -180,11 +214,6 @@ def _trained_text(task: str, docs: Path | None) -> list[Arm]:
     if docs is None or not (docs / "arms" / f"{Arm('skyline', task).id}.json").is_file():
         return []
     return [Arm(n, task, phase=2) for n in ("text_sft_m", "text_sft_4m")]
-
-
-def _after_parent(arms: list[Arm], docs: Path | None) -> list[Arm]:
-    """The ``*_full`` arms among ``arms`` whose stopped run (:func:`continued_from`) has finished in ``docs``."""
-    return [a for a in arms if docs is not None and (docs / "arms" / f"{continued_from(a).id}.json").is_file()]
 
 
 def sum_recipe(docs: Path) -> str | None:
@@ -252,9 +281,9 @@ def _kept(sample: dict) -> dict:
 def continued_from(arm: Arm) -> Arm | None:
     """The arm whose run a ``*_full`` arm continues where it stopped (the same settings but the stopping rule: its
     steps are the ``_full`` arm's first ones, so they are not repeated where its checkpoints are at hand)."""
-    if not arm.name.endswith("_full"):
+    if not arm.name.endswith(FULL):
         return None
-    return Arm(arm.name.removesuffix("_full"), arm.task, arm.seed, arm.phase, arm.latent_steps)
+    return Arm(arm.name.removesuffix(FULL), arm.task, arm.seed, arm.phase, arm.latent_steps)
 
 
 def _inherited(metrics: list[dict]) -> dict | None:

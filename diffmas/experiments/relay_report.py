@@ -17,24 +17,29 @@ from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
 from diffmas.experiments.curves import plot_heldout
-from diffmas.experiments.relay import RECIPES, TEXT
+from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, TEXT
 from diffmas.train.resume import INHERITED
 from diffmas.tasks import get_task
 
 # (arm, baseline) pairs whose paired difference the study reports, per task.
 _RECIPES = ("", *RECIPES)
+
+
+def _against_controls(controls: tuple[str, ...], recipes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Coupled against each control under the same recipe, as stopped by the flat-loss rule and run to the cap."""
+    return [(f"coupled{r}", f"{c}{r}{full}") for r in recipes for c in controls for full in ("", FULL)]
+
+
 PAIRS = {
-    "relay:chain_sum": [("coupled", "detached"), ("coupled", "pause"), ("coupled", "blind"), ("coupled", "text_m"),
-                        ("coupled", "text_4m"), ("coupled", "text_sft_m"), ("text_sft_m", "text_m"),
-                        ("coupled", "open"), ("open", "skyline"), ("open", "blind"),
+    "relay:chain_sum": [("coupled", "blind"), ("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"),
+                        ("text_sft_m", "text_m"), ("coupled", "open"), ("open", "skyline"), ("open", "blind"),
                         ("coupled_ae", "coupled"), ("coupled_anneal", "coupled")]
-    + [(f"coupled{r}", f"{b}{r}") for r in RECIPES for b in ("detached", "pause")]
+    + _against_controls(("detached", "pause"), _RECIPES)
     + [(f"coupled{r}", b) for r in RECIPES for b in ("blind", "open")],
-    "split:chain_sum": [(f"coupled{r}", f"{half}{r}") for r in _RECIPES for half in ("half_a", "half_b")],
-    "relay:digits": [("coupled", "detached"), ("coupled", "pause"), ("coupled", "text_m"), ("coupled", "text_4m"),
-                     ("coupled", "text_sft_m"), ("coupled", "text_sft_4m"), ("text_sft_m", "text_m"),
-                     ("coupled", "skyline"), ("coupled_long", "coupled"), ("coupled", "pause_full"),
-                     ("coupled", "detached_full")],
+    "split:chain_sum": _against_controls(("half_a", "half_b"), _RECIPES),
+    "relay:digits": _against_controls(("detached", "pause"), ("",))
+    + [("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"), ("coupled", "text_sft_4m"),
+       ("text_sft_m", "text_m"), ("coupled", "skyline"), ("coupled_long", "coupled")],
 }
 
 
@@ -297,8 +302,7 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
         lines.append(f"- relay:chain_sum, {best} / open accuracy {ratio:.2f} (goal >= 0.9) while passing "
                      f"{share:.3f} of its positions (goal <= 0.1): "
                      + ("met" if ratio >= 0.9 and share <= 0.1 else "not met"))
-    wanted = {(f"coupled{r}", f"{b}{r}") for r in _RECIPES for b in ("detached", "pause", "half_a", "half_b")}
-    wanted |= {("coupled", "text_m"), ("coupled", "text_sft_m"), ("coupled", "pause_full"), ("coupled", "detached_full")}
+    wanted = set(_against_controls(CONTROLS, _RECIPES)) | {("coupled", "text_m"), ("coupled", "text_sft_m")}
     for task, pairs in comps.items():
         for c in pairs:
             if (c.arm, c.baseline) in wanted:
