@@ -337,3 +337,21 @@ def test_a_control_the_flat_rule_stopped_before_coupled_is_run_on_to_the_cap_rig
     finish(control, 500, False)  # one that reached the cap needs no run to it
     finish(coupled, 1500, False)
     assert full.id not in planned()
+
+
+def test_the_goals_say_when_an_unequal_budget_favours_the_baseline(tmp_path):
+    for sub in ("arms", "samples"):
+        (tmp_path / sub).mkdir()
+    for name, steps in (("coupled_anneal", 375), ("half_a_anneal", 325), ("half_a_anneal_full", 500)):
+        rec = {"task": relay.SPLIT, "label": f"{name}/s0", "seed": 0, "accuracy": 0.5, "stderr": 0.1, "floor": 0.1,
+               "positions_passed": 6.0, "kv_bytes_passed": 1.0, "steps_trained": steps, "stopped_early": steps < 500,
+               "eval_seconds": 1, "latent_steps": 6, "system": "diffmas", "machine": "test"}
+        (tmp_path / "arms" / f"split_chain_sum--{name}--s0.json").write_text(json.dumps(rec))
+        (tmp_path / "samples" / f"split_chain_sum--{name}--s0.jsonl").write_text("".join(
+            json.dumps({"id": f"q{i}", "correct": i < 4, "extracted": "1"}) + "\n" for i in range(8)))
+    write_report(tmp_path, n_boot=100)
+    goals = (tmp_path / "README.md").read_text().split("## Goals")[1].split("##")[0].splitlines()
+    stopped = next(line for line in goals if "coupled_anneal - half_a_anneal =" in line)
+    full = next(line for line in goals if "coupled_anneal - half_a_anneal_full =" in line)
+    assert stopped.endswith("; not at equal budgets: trained 375 vs 325 steps")
+    assert full.endswith("; not at equal budgets (in the baseline's favour): trained 375 vs 500 steps")

@@ -309,9 +309,11 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
                 verdict = "above 0: met" if c.ci_low > 0 else "not above 0: no difference detected" \
                     if c.ci_high >= 0 else "below 0"
                 steps = by_arm[task][c.arm]["steps"], by_arm[task][c.baseline]["steps"]
+                # A baseline that trained at least as long as the arm on every seed cannot owe a loss to its budget.
+                favoured = "in the baseline's favour" if max(steps[0], default=0) <= min(steps[1], default=0) else ""
                 unequal = "" if steps[0] == steps[1] or not (any(steps[0]) and any(steps[1])) else (
-                    f"; not at equal budgets: trained {'/'.join(map(str, steps[0]))} vs "
-                    f"{'/'.join(map(str, steps[1]))} steps")
+                    f"; not at equal budgets{' (' + favoured + ')' if favoured else ''}: trained "
+                    f"{'/'.join(map(str, steps[0]))} vs {'/'.join(map(str, steps[1]))} steps")
                 lines.append(f"- {task}: {c.arm} - {c.baseline} = {100 * c.diff:+.1f} points "
                              f"[{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}] (n = {c.n_items}, seeds "
                              f"{c.n_seeds_arm}/{c.n_seeds_base}): interval {verdict}{unequal}")
