@@ -125,10 +125,10 @@ def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
     if name.endswith(FULL) and _split_name(name.removesuffix(FULL))[0] in CONTROLS:
         system, changes = arm_settings(name.removesuffix(FULL), cfg)
         return system, {**changes, "stop.min_steps": cfg.max_steps}
-    for suffix, recipe in RECIPES.items():
-        if name.endswith(suffix) and name.removesuffix(suffix) in BOTTLENECKED:
-            system, changes = arm_settings(name.removesuffix(suffix), cfg)
-            return system, {**changes, **recipe}
+    root, suffix = _split_name(name)
+    if suffix:
+        system, changes = arm_settings(root, cfg)
+        return system, {**changes, **RECIPES[suffix]}
     latents = {"trace": "latents"}
     recipe = {"channel.autoencode_steps": cfg.autoencode_steps, "channel.anneal": cfg.anneal}
     return {
