@@ -15,7 +15,8 @@ validation split, see :class:`RelayConfig`):
 - ``detached``: the same with no gradient into the writer; ``pause``: the same positions fed one learned embedding
   (gist tokens: the positions still attend to the prompt, but no thought content is fed back); ``*_full``: a
   control (these two, ``half_*``, with any recipe) trained on to the step cap from where the flat-loss rule stopped
-  it, planned right after it when coupled (same recipe and seed) trained longer: comparisons at equal budgets;
+  it, planned right after it when coupled (same recipe and seed) trained longer, so that the control trains at
+  least as long as coupled;
 - ``blind``: no channel (m = 0): the floor a trained reader reaches on the prior;
 - ``skyline``: single_sft given the whole question;
 - ``text_m`` / ``text_4m``: an untrained text writer whose message (m or 4m tokens) is all the final agent sees;
@@ -108,7 +109,7 @@ BOTTLENECKED = ("coupled", "detached", "pause", "half_a", "half_b")
 CONTROLS = ("detached", "pause", "half_a", "half_b")
 """The latents-only arms compared with coupled under the same recipe. ``<control>_full`` (``pause_full``,
 ``half_a_anneal_full``) is the control trained to the step cap (the flat-loss rule stops it no earlier): where the
-rule stopped a control on a plateau before coupled stopped, the two compare at equal budgets only so."""
+rule stopped a control on a plateau before coupled stopped, the control then trains at least as long as coupled."""
 FULL = "_full"
 
 
@@ -222,11 +223,9 @@ def sum_recipe(docs: Path) -> str | None:
     results in ``docs/arms``); None while none does."""
     crossed = {}
     for suffix in ("", *RECIPES):
-        path = docs / "arms" / f"{Arm('coupled' + suffix, CHAIN).id}.json"
-        if path.is_file():
-            rec = json.loads(path.read_text())
-            if rec["accuracy"] - 2 * rec["stderr"] > (rec.get("floor") or 0.0):
-                crossed[suffix] = rec["accuracy"]
+        rec = _finished(Arm("coupled" + suffix, CHAIN), docs)
+        if rec and rec["accuracy"] - 2 * rec["stderr"] > (rec.get("floor") or 0.0):
+            crossed[suffix] = rec["accuracy"]
     return max(crossed, key=crossed.get) if crossed else None
 
 

@@ -367,16 +367,14 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             text += ["Paired differences (arm minus baseline), one table per baseline:", ""]
             for base in dict.fromkeys(c.baseline for c in comps[task]):
                 text += [markdown_table([c for c in comps[task] if c.baseline == base]), ""]
-        answers: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
+        answers_by_seed: dict[str, dict[int, list]] = defaultdict(dict)  # (item id, extracted answer) pairs
         for rec in records:
             if rec["task"] == task:
-                answers[arm_key(rec)] += [(s["id"], s.get("extracted")) for s in samples[run_id(rec)]]
+                answers_by_seed[arm_key(rec)][rec["seed"]] = [(s["id"], s.get("extracted"))
+                                                              for s in samples[run_id(rec)]]
+        answers = {key: [a for seed in runs.values() for a in seed] for key, runs in answers_by_seed.items()}
         if task != "relay:digits":
-            near = defaultdict(dict)
-            for rec in records:
-                if rec["task"] == task:
-                    near[arm_key(rec)].update(near_outcomes(task, {rec["seed"]: [
-                        (s["id"], s.get("extracted")) for s in samples[run_id(rec)]]}))
+            near = {key: near_outcomes(task, runs) for key, runs in answers_by_seed.items()}
             near_comps[task] = [compare({a: near[a], b: near[b]}, b, n_boot=n_boot)[0]
                                 for a, b in PAIRS.get(task, [])
                                 if a in near and b in near and common_items(near[a], near[b])]
