@@ -53,6 +53,10 @@ def test_the_split_task_waits_until_a_latent_channel_passes_a_sum(tmp_path):
     arm = tmp_path / "arms" / f"{Arm('coupled', relay.CHAIN).id}.json"
     arm.write_text(json.dumps({"accuracy": 0.026, "stderr": 0.007, "floor": 0.032}))  # the measured null
     assert not any(a.task == relay.SPLIT for a in plan_arms(tmp_path))
+    # No plain-recipe controls of a channel that passed nothing (planned while plain coupled's result is unknown).
+    planned = {a.id for a in plan_arms(tmp_path)}
+    assert not {Arm(n, relay.CHAIN).id for n in ("detached", "pause")} & planned
+    assert {Arm(n, relay.CHAIN).id for n in ("detached", "pause")} <= {a.id for a in plan_arms()}
     anneal = tmp_path / "arms" / f"{Arm('coupled_anneal', relay.CHAIN).id}.json"
     anneal.write_text(json.dumps({"accuracy": 0.05, "stderr": 0.01, "floor": 0.032}))  # inside two stderr
     assert not any(a.task == relay.SPLIT for a in plan_arms(tmp_path))
