@@ -12,7 +12,8 @@ from diffmas.config import to_dict
 from diffmas.experiments import relay
 from diffmas.experiments.relay import (Arm, RelayConfig, arm_settings, continued_from, plan_arms, run_study,
                                       train_config)
-from diffmas.experiments.relay_report import Rung, _step_seconds, digit_places, ladder, sum_closeness, write_report
+from diffmas.experiments.relay_answers import Rung, digit_places, ladder, sum_closeness
+from diffmas.experiments.relay_report import _step_seconds, write_report
 from diffmas.tasks import get_task
 from diffmas.train.resume import INHERITED
 from diffmas.prompts import load_topology
