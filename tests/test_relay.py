@@ -143,6 +143,8 @@ def test_relay_training_stops_when_flat_and_a_resume_does_not_continue(tmp_path,
     summary = train(load_config(path), tmp_path / "run")
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] < 40 and metrics[-1].get("stopped_early") and metrics[-1]["step"] == summary["steps"]
+    heldout = [m for m in metrics if "heldout_loss" in m]  # timed apart from the training step (the study's cost)
+    assert heldout[0]["step"] == 0 and all(m["heldout_seconds"] > 0 for m in heldout)
     meta = read_adapter_meta(tmp_path / "run")
     assert (meta["topology"], meta["trace"], meta["steps"]) == ("relay", "latents", summary["steps"])
     again = train(load_config(path), tmp_path / "run", resume=True)

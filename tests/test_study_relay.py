@@ -13,7 +13,7 @@ from diffmas.experiments import relay
 from diffmas.experiments.relay import (Arm, RelayConfig, arm_settings, continued_from, plan_arms, run_study,
                                       train_config)
 from diffmas.experiments.relay_answers import Rung, digit_places, ladder, sum_closeness
-from diffmas.experiments.relay_report import _step_seconds, write_report
+from diffmas.experiments.relay_report import _hours_line, _seconds, write_report
 from diffmas.tasks import get_task
 from diffmas.train.resume import INHERITED
 from diffmas.prompts import load_topology
@@ -182,18 +182,28 @@ def test_the_digits_report_pairs_latent_with_text_counts_bits_per_text_token_and
         "What crossed the text channels")[1]  # only text arms have messages
 
 
-def test_core_hours_count_every_process_that_trained_an_arm(tmp_path):
+def test_core_hours_count_every_process_that_trained_an_arm_and_its_heldout_evaluations(tmp_path):
     # The arm's own train_seconds (5) holds only the process that finished it; its curve holds every step.
     rec = {"task": relay.DIGITS, "label": "coupled/s0", "seed": 0, "train_seconds": 5}
     (tmp_path / "curves").mkdir()
+    curve = tmp_path / "curves" / "relay_digits--coupled--s0.jsonl"
     lines = [{"step": 0, "heldout_loss": 1.0}] + [{"step": i, "loss": 1.0, "seconds": 10.0} for i in (1, 2, 3)]
-    (tmp_path / "curves" / "relay_digits--coupled--s0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    assert _step_seconds(rec, tmp_path) == 30.0
-    assert _step_seconds({**rec, "label": "text_m/s0"}, tmp_path) == 0.0  # text arms have no curve
+    curve.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert _seconds(rec, tmp_path) == (30.0, None)  # a curve from before held-out evaluations were timed
+    assert _seconds({**rec, "label": "text_m/s0"}, tmp_path) == (0.0, None)  # text arms have no curve
+    assert "not counted before." in _hours_line(0.0, [rec], tmp_path)
     # Steps a continued run copied from another are that run's time, counted there.
     lines += [{"step": 4, "loss": 1.0, "seconds": 10.0, INHERITED: "relay_digits--coupled--s0"}]
-    (tmp_path / "curves" / "relay_digits--coupled--s0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    assert _step_seconds(rec, tmp_path) == 30.0
+    curve.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert _seconds(rec, tmp_path) == (30.0, None)
+    lines[0]["heldout_seconds"], lines[3]["heldout_seconds"] = 2.0, 4.0
+    curve.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert _seconds(rec, tmp_path) == (30.0, 6.0)
+    assert "held-out" in _hours_line(0.0, [rec], tmp_path) and "not counted" not in _hours_line(0.0, [rec], tmp_path)
+    other = {**rec, "label": "pause/s0"}
+    (tmp_path / "curves" / "relay_digits--pause--s0.jsonl").write_text(json.dumps({"step": 1, "seconds": 5.0}))
+    assert "Where timed (1 of 2 runs) they added 20%" in _hours_line(0.0, [rec, other], tmp_path)
+
 
 
 def test_a_control_run_to_the_cap_continues_its_stopped_run(tmp_path):

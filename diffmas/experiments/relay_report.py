@@ -116,15 +116,38 @@ def _curves(records: list[dict], docs: Path) -> Path | None:
     return plot_heldout(runs, docs / "heldout_loss.png", "validation split")
 
 
-def _step_seconds(rec: dict, docs: Path) -> float:
-    """The seconds an arm's training steps took, from its curve: every process that trained it counts (a run's own
-    ``train_seconds`` holds only the last one's, after a resume), held-out evaluations do not, nor the steps a
-    continued run copied from another (counted there); 0 for text arms."""
+def _seconds(rec: dict, docs: Path) -> tuple[float, float | None]:
+    """(training steps, held-out evaluations) an arm's process(es) spent, in seconds, from its curve: every process
+    that trained it counts (a run's own ``train_seconds`` holds only the last one's, after a resume), the steps a
+    continued run copied from another do not (counted there). Held-out evaluations: None where the curve did not
+    time them (runs before 2026-12-06). (0, None) for text arms, which have no curve."""
     path = docs / "curves" / f"{run_id(rec)}.jsonl"
     if not path.is_file():
-        return 0.0
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sum(r.get("seconds", 0.0) for r in records if INHERITED not in r)
+        return 0.0, None
+    records = [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+               if INHERITED not in r]
+    heldout = [r["heldout_seconds"] for r in records if "heldout_seconds" in r]
+    return sum(r.get("seconds", 0.0) for r in records), sum(heldout) if heldout else None
+
+
+def _core_seconds(rec: dict, docs: Path) -> float:
+    """Every second an arm cost that was timed: training steps, held-out evaluations, the test evaluation."""
+    steps, heldout = _seconds(rec, docs)
+    return steps + (heldout or 0.0) + rec.get("eval_seconds", 0.0)
+
+
+def _hours_line(hours: float, records: list[dict], docs: Path) -> str:
+    """What the study cost so far, and what that count leaves out."""
+    seconds = [_seconds(r, docs) for r in records]
+    timed = [(steps, heldout) for steps, heldout in seconds if heldout is not None]
+    line = f"Core-hours so far (training steps, test evaluations and held-out evaluations where timed): {hours:.1f}."
+    if len(timed) < sum(steps > 0 for steps, _ in seconds):
+        added = sum(h for _, h in timed) / max(sum(s for s, _ in timed), 1e-9)
+        share = (f" Where timed ({len(timed)} of {len(seconds)} runs) they added {100 * added:.0f}% to the training "
+                 "steps' time.")
+        share = share if timed else ""
+        line += f" Held-out evaluations are timed from 2026-12-06 on and not counted before.{share}"
+    return line
 
 
 def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> list[str]:
@@ -179,7 +202,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                 "kv_bytes": sum(r["kv_bytes_passed"] for r in runs) / len(runs),
                 "steps": [r["steps_trained"] for r in runs], "stopped_early": [r["stopped_early"] for r in runs],
                 "continued": [r.get("continued_from") for r in runs],
-                "train_hours": sum(_step_seconds(r, docs) + r.get("eval_seconds", 0) for r in runs) / 3600,
+                "train_hours": sum(_core_seconds(r, docs) for r in runs) / 3600,
             }
     comps: dict[str, list[Comparison]] = {}
     for task, pairs in PAIRS.items():
@@ -195,7 +218,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             "accuracy on the same items. Intervals are 95% paired bootstrap intervals of the accuracy difference "
             "(items, and training seeds where both sides have 3); an interval that contains 0 is reported as no "
             "difference detected at this n.", "",
-            f"Core-hours so far (training steps + test evaluations; held-out evaluations not counted): {hours:.1f}.", "",
+            _hours_line(hours, records, docs), "",
             "## Goals", "", *_goals(outcomes, by_arm, comps), ""]
     for task in sorted(by_arm):
         text += [f"## {task}", "", "| arm | seeds | accuracy per seed | mean | floor | positions passed | K/V passed "

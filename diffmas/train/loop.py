@@ -250,9 +250,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
             with open(out / METRICS_FILE, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
+    def timed_heldout() -> dict:
+        started = time.perf_counter()
+        loss = heldout_loss(module, heldout, cfg.batch_size, cfg)
+        return {"heldout_loss": loss, "heldout_seconds": time.perf_counter() - started}
+
     if start_step == 0:
-        history = [(0, heldout_loss(module, heldout, cfg.batch_size, cfg))]
-        log({"step": 0, "heldout_loss": history[0][1]})
+        record = {"step": 0, **timed_heldout()}
+        history = [(0, record["heldout_loss"])]
+        log(record)
         end = cfg.steps
     else:
         history = [h for h in heldout_history(out / METRICS_FILE) if h[0] <= start_step]
@@ -302,7 +308,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
             record["stage"] = plan.stage
         done = step + 1 == cfg.steps
         if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            record["heldout_loss"] = heldout_loss(module, heldout, cfg.batch_size, cfg)
+            record.update(timed_heldout())  # its own seconds: "seconds" stays the training step's
             history.append((step + 1, record["heldout_loss"]))
             if not done and flattened(history, cfg.stop):
                 record["stopped_early"] = done = True
