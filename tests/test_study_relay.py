@@ -196,7 +196,10 @@ def test_core_hours_count_every_process_that_trained_an_arm_and_its_heldout_eval
     lines += [{"step": 4, "loss": 1.0, "seconds": 10.0, INHERITED: "relay_digits--coupled--s0"}]
     curve.write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert _seconds(rec, tmp_path) == (30.0, None)
-    lines[0]["heldout_seconds"], lines[3]["heldout_seconds"] = 2.0, 4.0
+    lines[3]["heldout_loss"], lines[3]["heldout_seconds"] = 1.0, 4.0
+    curve.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert _seconds(rec, tmp_path) == (30.0, None)  # not every held-out evaluation timed: none counted
+    lines[0]["heldout_seconds"] = 2.0
     curve.write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert _seconds(rec, tmp_path) == (30.0, 6.0)
     assert "held-out" in _hours_line(0.0, [rec], tmp_path) and "not counted" not in _hours_line(0.0, [rec], tmp_path)

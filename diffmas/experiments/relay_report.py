@@ -119,15 +119,15 @@ def _curves(records: list[dict], docs: Path) -> Path | None:
 def _seconds(rec: dict, docs: Path) -> tuple[float, float | None]:
     """(training steps, held-out evaluations) an arm's process(es) spent, in seconds, from its curve: every process
     that trained it counts (a run's own ``train_seconds`` holds only the last one's, after a resume), the steps a
-    continued run copied from another do not (counted there). Held-out evaluations: None where the curve did not
-    time them (runs before 2026-12-06). (0, None) for text arms, which have no curve."""
+    continued run copied from another do not (counted there). Held-out evaluations: None unless the curve timed
+    every one of them (from 2026-12-06 on). (0, None) for text arms, which have no curve."""
     path = docs / "curves" / f"{run_id(rec)}.jsonl"
     if not path.is_file():
         return 0.0, None
     records = [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
                if INHERITED not in r]
-    heldout = [r["heldout_seconds"] for r in records if "heldout_seconds" in r]
-    return sum(r.get("seconds", 0.0) for r in records), sum(heldout) if heldout else None
+    heldout = [r.get("heldout_seconds") for r in records if "heldout_loss" in r]
+    return sum(r.get("seconds", 0.0) for r in records), None if not heldout or None in heldout else sum(heldout)
 
 
 def _core_seconds(rec: dict, docs: Path) -> float:
