@@ -9,7 +9,7 @@ import math
 import pytest
 
 from diffmas.config import to_dict
-from diffmas.experiments import relay
+from diffmas.experiments import relay, relay_report
 from diffmas.experiments.relay import (Arm, RelayConfig, arm_settings, continued_from, plan_arms, run_study,
                                       train_config)
 from diffmas.experiments.relay_answers import Rung, digit_places, ladder, sum_closeness
@@ -356,6 +356,32 @@ def test_a_control_the_flat_rule_stopped_before_coupled_is_run_on_to_the_cap_rig
     finish(coupled, 1500, False)
     assert full.id not in planned()
 
+
+
+def test_coupled_stopped_before_a_control_it_is_compared_with_is_run_on_to_the_cap_too(tmp_path):
+    (tmp_path / "arms").mkdir()
+
+    def finish(name: str, task: str, steps: int, stopped: bool, **extra) -> None:
+        (tmp_path / "arms" / f"{Arm(name, task).id}.json").write_text(json.dumps(
+            {"stopped_early": stopped, "steps_trained": steps, **extra}))
+
+    def planned() -> list[str]:
+        return [a.id for a in plan_arms(tmp_path)]
+
+    finish("coupled_anneal", relay.CHAIN, 500, False, accuracy=0.12, stderr=0.015, floor=0.032)  # the recipe
+    coupled, full = Arm("coupled_anneal", relay.SPLIT), Arm("coupled_anneal_full", relay.SPLIT)
+    finish("coupled_anneal", relay.SPLIT, 375, True)
+    finish("half_b_anneal", relay.SPLIT, 350, True)
+    assert full.id not in planned()  # the half stopped first: it is the one run on
+    finish("half_b_anneal_full", relay.SPLIT, 500, False)
+    ids = planned()  # the half run on trained longer than coupled: coupled is run on as well, right after it
+    assert ids.index(full.id) == ids.index(coupled.id) + 1 and continued_from(full).id == coupled.id
+    cfg = RelayConfig()
+    a, b = to_dict(train_config(full, cfg)), to_dict(train_config(coupled, cfg))
+    assert a.pop("stop") == {**b.pop("stop"), "min_steps": cfg.max_steps} and a == b
+    assert Arm("coupled_anneal_full", relay.CHAIN).id not in ids  # the sums' coupled reached the cap
+    # Both run on: the report pairs them at equal budgets, and the goals judge that pair too.
+    assert ("coupled_anneal_full", "half_b_anneal_full") in relay_report.PAIRS[relay.SPLIT]
 
 def test_the_goals_say_when_an_unequal_budget_favours_the_baseline(tmp_path):
     for sub in ("arms", "samples"):

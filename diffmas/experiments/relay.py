@@ -13,10 +13,10 @@ validation split, see :class:`RelayConfig`):
   ``coupled_ae`` / ``coupled_anneal`` add autoencoding pre-training / the bottleneck curriculum; ``coupled_long``
   trains for three times the step cap (the stopping rule still applies);
 - ``detached``: the same with no gradient into the writer; ``pause``: the same positions fed one learned embedding
-  (gist tokens: the positions still attend to the prompt, but no thought content is fed back); ``*_full``: a
-  control (these two, ``half_*``, with any recipe) trained on to the step cap from where the flat-loss rule stopped
-  it, planned right after it when coupled (same recipe and seed) trained longer, so that the control trains at
-  least as long as coupled;
+  (gist tokens: the positions still attend to the prompt, but no thought content is fed back); ``*_full``: coupled
+  or a control (these two, ``half_*``, with any recipe) trained on to the step cap from where the flat-loss rule
+  stopped it, planned right after it when the other side of the comparison (same recipe, seed and m) trained
+  longer, so that neither side owes a difference to a shorter budget;
 - ``blind``: no channel (m = 0): the floor a trained reader reaches on the prior;
 - ``skyline``: single_sft given the whole question;
 - ``text_m`` / ``text_4m``: an untrained text writer whose message (m or 4m tokens) is all the final agent sees;
@@ -107,10 +107,12 @@ fade from the reader's view over the first 30% of the steps) and 60 steps of aut
 BOTTLENECKED = ("coupled", "detached", "pause", "half_a", "half_b")
 """The arms a recipe suffix applies to: ``pause_anneal`` is pause trained under the curriculum."""
 CONTROLS = ("detached", "pause", "half_a", "half_b")
-"""The latents-only arms compared with coupled under the same recipe. ``<control>_full`` (``pause_full``,
-``half_a_anneal_full``) is the control trained to the step cap (the flat-loss rule stops it no earlier): where the
-rule stopped a control on a plateau before coupled stopped, the control then trains at least as long as coupled."""
+"""The latents-only arms compared with coupled under the same recipe. ``<arm>_full`` (``pause_full``,
+``coupled_anneal_full``) is coupled or a control trained to the step cap (the flat-loss rule stops it no earlier):
+where the rule stopped one side of the comparison on a plateau before the other side stopped, it is run on."""
 FULL = "_full"
+RUN_ON = ("coupled", *CONTROLS)
+"""The arms (roots, any recipe) that may be run on to the cap: ``<arm>_full``."""
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -123,7 +125,7 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
     """(system, TrainConfig overrides) of an arm by name; text arms (``text_mas``, ``text_sft``) are only evaluated."""
-    if name.endswith(FULL) and _split_name(name.removesuffix(FULL))[0] in CONTROLS:
+    if name.endswith(FULL) and _split_name(name.removesuffix(FULL))[0] in RUN_ON:
         system, changes = arm_settings(name.removesuffix(FULL), cfg)
         return system, {**changes, "stop.min_steps": cfg.max_steps}
     root, suffix = _split_name(name)
@@ -198,17 +200,21 @@ def _finished(arm: Arm, docs: Path | None) -> dict | None:
 
 
 def _to_the_cap(arms: list[Arm], docs: Path | None) -> list[Arm]:
-    """``arms`` with, right after each control that the flat-loss rule stopped before its coupled counterpart (same
-    task, seed, recipe and m) stopped, that control trained on to the cap (``<name>_full``, continuing its run)."""
+    """``arms`` with, right after each arm of a coupled-control comparison (same task, seed, recipe and m) that the
+    flat-loss rule stopped before the other side had trained as long, that arm trained on to the cap
+    (``<name>_full``, continuing its run): a control stopped before coupled (or coupled run on) stopped, or coupled
+    stopped before a control (or a control run on) stopped."""
     out = []
     for arm in arms:
         out.append(arm)
         root, recipe = _split_name(arm.name)
-        if root not in CONTROLS:
+        if root not in RUN_ON or (done := _finished(arm, docs)) is None or not done.get("stopped_early"):
             continue
-        control = _finished(arm, docs)
-        coupled = _finished(Arm("coupled" + recipe, arm.task, arm.seed, latent_steps=arm.latent_steps), docs)
-        if control and coupled and control["stopped_early"] and control["steps_trained"] < coupled["steps_trained"]:
+        same = dict(task=arm.task, seed=arm.seed, latent_steps=arm.latent_steps)
+        others = ["coupled"] if root in CONTROLS else CONTROLS
+        steps = [rec["steps_trained"] for other in others for full in ("", FULL)
+                 if (rec := _finished(Arm(f"{other}{recipe}{full}", **same), docs))]
+        if steps and max(steps) > done["steps_trained"]:
             out.append(Arm(arm.name + FULL, arm.task, arm.seed, arm.phase, arm.latent_steps))
     return out
 

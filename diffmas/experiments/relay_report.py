@@ -24,8 +24,10 @@ _RECIPES = ("", *RECIPES)
 
 
 def _against_controls(controls: tuple[str, ...], recipes: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Coupled against each control under the same recipe, as stopped by the flat-loss rule and run to the cap."""
-    return [(f"coupled{r}", f"{c}{r}{full}") for r in recipes for c in controls for full in ("", FULL)]
+    """Coupled against each control under the same recipe: as the flat-loss rule stopped them, the control run on
+    to the cap, and both run on to the cap."""
+    return [pair for r in recipes for c in controls for pair in (
+        (f"coupled{r}", f"{c}{r}"), (f"coupled{r}", f"{c}{r}{FULL}"), (f"coupled{r}{FULL}", f"{c}{r}{FULL}"))]
 
 
 PAIRS = {
