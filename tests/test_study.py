@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from diffmas.experiments.grounding import (GROUNDED, Arm, StudyConfig, best_grounded, plan_arms, run_study,
                                            train_config)
 from diffmas.experiments.grounding_report import write_report
+from diffmas.experiments import workers
 from diffmas.experiments.workers import claim, snapshot_unfinished, work_through
 
 
@@ -96,6 +100,43 @@ def test_a_stop_snapshots_unfinished_arms_and_a_finished_arm_drops_its_snapshot(
     assert not list((docs / "in-progress").glob("*.jsonl"))
     assert "No arm is training." in (docs / "in-progress" / "README.md").read_text()
 
+
+
+@pytest.mark.parametrize("trees, restarts", [(["t1", "t2"], True), (["t1", "t1"], False), (["t1", None], False),
+                                             ([None, "t2"], False)])
+def test_a_worker_restarts_on_newly_committed_code_between_arms(tmp_path, monkeypatch, trees, restarts):
+    # trees: the package's committed tree when the worker starts and after its first arm (None: unreadable, or
+    # uncommitted changes in the package: no restart onto a half-made edit).
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    seen = iter(trees + trees[-1:] * 3)
+    monkeypatch.setattr(workers, "code_tree", lambda: next(seen))
+    execs = []
+
+    def execv(path, argv):
+        execs.append(argv)
+        raise SystemExit(0)  # exec never returns: the process goes on as the new command
+
+    monkeypatch.setattr(workers.os, "execv", execv)
+
+    class Fake:
+        def __init__(self, id):
+            self.id = id
+
+    ran = []
+
+    def run(arm):
+        ran.append(arm.id)
+        (docs / "arms").mkdir(exist_ok=True)
+        (docs / "arms" / f"{arm.id}.json").write_text("{}")
+        return "done"
+
+    try:
+        work_through(lambda: [Fake("a--s0"), Fake("b--s0")], run, lambda: None, out, docs)
+    except SystemExit:
+        pass
+    assert ran == (["a--s0"] if restarts else ["a--s0", "b--s0"])
+    assert execs == ([[sys.executable, *sys.argv]] if restarts else [])
+    assert not (out / "claims" / "a--s0.claim").exists()  # the finished arm's claim is released before the restart
 
 def test_report_pairs_each_arm_with_both_baselines(tmp_path):
     docs = tmp_path / "docs"

@@ -1,6 +1,7 @@
 """Several one-thread worker processes working through a study's arms: each claims the next arm that is ready
 (an exclusive claim file; a dead worker's claim is taken over), runs it, rebuilds the report, and with
-``commit`` commits the results folder, so a study carries on where it stopped, on a fresh machine too."""
+``commit`` commits the results folder, so a study carries on where it stopped, on a fresh machine too. A worker
+whose package code was changed and committed while it ran an arm restarts itself on that code before the next."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import fcntl
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["claim", "code_version", "commit_docs", "snapshot_unfinished", "work_through"]
+__all__ = ["claim", "code_tree", "code_version", "commit_docs", "restart_on_new_code", "snapshot_unfinished",
+           "work_through"]
 
 
 class ArmLike(Protocol):
@@ -55,6 +58,28 @@ def code_version() -> str:
     return head + ("+dirty" if dirty else "")
 
 
+def code_tree() -> str | None:
+    """The committed tree of the package (its git object id), or None where that cannot be read or the package has
+    uncommitted changes: a worker restarts only onto code that someone committed, never onto a half-made edit."""
+    here = Path(__file__).resolve().parents[1]
+    try:
+        tree = subprocess.run(["git", "rev-parse", "HEAD:./"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True,
+                               check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return None if dirty.stdout.strip() else tree.stdout.strip()
+
+
+def restart_on_new_code(started: str | None) -> None:
+    """Replace this process by a fresh run of the same command (same pid, so its claims stay its own) when the
+    package's committed code differs from ``started`` (the tree it was loaded from)."""
+    now = code_tree()
+    if started is not None and now is not None and now != started:
+        print(f"[study] the code changed ({started[:10]} -> {now[:10]}): restarting on it", flush=True)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def commit_docs(docs: Path, message: str) -> None:
     """Commit the study's results (only ``docs``), serialised between workers."""
     lock = docs / ".git.lock"
@@ -77,6 +102,7 @@ def work_through(plan: Callable[[], Sequence[ArmLike]], run: Callable[[ArmLike],
     """Run arms until none is left to claim. ``plan()`` lists every arm in priority order (it may grow as results
     come in); an arm is done when ``docs/arms/<id>.json`` exists. ``run(arm)`` returns the commit message."""
     docs.mkdir(parents=True, exist_ok=True)
+    started = code_tree()
     done_here = 0
     while max_arms is None or done_here < max_arms:
         pending = [a for a in plan() if not (docs / "arms" / f"{a.id}.json").is_file()]
@@ -95,6 +121,8 @@ def work_through(plan: Callable[[], Sequence[ArmLike]], run: Callable[[ArmLike],
         (docs / IN_PROGRESS / f"{arm.id}.jsonl").unlink(missing_ok=True)
         if commit:
             commit_docs(docs, message)
+        if max_arms is None:  # a bounded run (--max-arms) counts its arms in this process: it keeps its code
+            restart_on_new_code(started)
 
 
 IN_PROGRESS = "in-progress"
