@@ -372,13 +372,22 @@ def compare(
 
 
 def _study(kind: str, out: Path, docs: Path, commit: bool, device: str, max_arms: Optional[int],
-           report_only: bool, snapshot: bool = False) -> None:
+           report_only: bool, snapshot: bool = False, plan: bool = False) -> None:
     import importlib
 
-    from diffmas.experiments.workers import commit_docs, snapshot_unfinished
+    from diffmas.experiments.workers import commit_docs, plan_status, snapshot_unfinished
 
     study_module = importlib.import_module(f"diffmas.experiments.{kind}")
     report_module = importlib.import_module(f"diffmas.experiments.{kind}_report")
+    if plan:
+        rows = plan_status(study_module.plan_arms(docs), out, docs)
+        table = Table("arm", "state", "detail", title=f"{kind} study: the plan, in order")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        states = [state for _, state, _ in rows]
+        console.print(", ".join(f"{states.count(s)} {s}" for s in ("finished", "training", "stopped", "pending")))
+        return
     if snapshot:
         arms = snapshot_unfinished(out, docs)
         console.print(f"snapshot of {len(arms)} unfinished arm(s): {', '.join(arms) or 'none'}")
@@ -395,6 +404,8 @@ def _study(kind: str, out: Path, docs: Path, commit: bool, device: str, max_arms
 COMMIT_OPTION = typer.Option(False, "--commit", help="git-commit the docs folder after every finished arm.")
 MAX_ARMS_OPTION = typer.Option(None, help="Stop after this many arms (default: until none is left).")
 REPORT_ONLY_OPTION = typer.Option(False, "--report-only", help="Only rebuild the report from finished arms.")
+PLAN_OPTION = typer.Option(False, "--plan", help="Only list the plan: every arm in order, finished (accuracy, "
+                           "steps), training (its step), stopped part-way (where it resumes) or pending.")
 SNAPSHOT_OPTION = typer.Option(False, "--snapshot", help="Only copy the curves of arms still training into "
                                "DOCS/in-progress (what a stop commits; with --commit, commit them).")
 
@@ -409,9 +420,10 @@ def study(
     max_arms: Optional[int] = MAX_ARMS_OPTION,
     report_only: bool = REPORT_ONLY_OPTION,
     snapshot: bool = SNAPSHOT_OPTION,
+    plan: bool = PLAN_OPTION,
 ) -> None:
     """The grounding study: train and evaluate every arm, resumable; run two at once for two cores."""
-    _study("grounding", out, docs, commit, device, max_arms, report_only, snapshot)
+    _study("grounding", out, docs, commit, device, max_arms, report_only, snapshot, plan)
 
 
 @app.command("study-relay")
@@ -424,10 +436,11 @@ def study_relay(
     max_arms: Optional[int] = MAX_ARMS_OPTION,
     report_only: bool = REPORT_ONLY_OPTION,
     snapshot: bool = SNAPSHOT_OPTION,
+    plan: bool = PLAN_OPTION,
 ) -> None:
     """The relay study: can a trained latent channel carry a problem the final agent never sees? Resumable; run
     two at once for two cores (make study-relay)."""
-    _study("relay", out, docs, commit, device, max_arms, report_only, snapshot)
+    _study("relay", out, docs, commit, device, max_arms, report_only, snapshot, plan)
 
 
 @app.command()

@@ -91,3 +91,15 @@ def test_help_keeps_long_option_names_whole_in_80_columns():
                  "--activation-checkpointing", "--no-activation-checkpointing"):
         assert name in result.output, result.output
     assert "…" not in result.output
+
+
+def test_a_study_lists_its_plan_without_running_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffmas.cli import app
+
+    result = CliRunner().invoke(app, ["study-relay", "--plan", "--out", str(tmp_path / "runs"), "--docs",
+                                      str(tmp_path / "docs")], env={"COLUMNS": "200"}, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "relay_chain_sum--coupled--s0" in result.output and "pending" in result.output
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing claimed

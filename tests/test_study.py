@@ -138,6 +138,33 @@ def test_a_worker_restarts_on_newly_committed_code_between_arms(tmp_path, monkey
     assert execs == ([[sys.executable, *sys.argv]] if restarts else [])
     assert not (out / "claims" / "a--s0.claim").exists()  # the finished arm's claim is released before the restart
 
+
+def test_the_plan_status_says_where_each_arm_stands(tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+
+    class Fake:
+        def __init__(self, id):
+            self.id = id
+
+    (docs / "arms").mkdir(parents=True)
+    (docs / "arms" / "done--s0.json").write_text(json.dumps({"accuracy": 0.25, "stderr": 0.02, "steps_trained": 300}))
+    curve = "".join(json.dumps(r) + "\n" for r in ({"step": 0, "heldout_loss": 2.0}, {"step": 30, "loss": 1.0}))
+    for arm_id in ("live--s0", "dead--s0", "fresh--s0"):
+        (out / "runs" / arm_id).mkdir(parents=True)
+        (out / "runs" / arm_id / "metrics.jsonl").write_text(curve)
+    (out / "runs" / "dead--s0" / "checkpoints" / "step-000025").mkdir(parents=True)
+    assert claim(out / "claims", "live--s0")  # held by this (live) process
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / "claims" / "dead--s0.claim").write_text(str(dead.pid))
+    rows = workers.plan_status([Fake(i) for i in ("done--s0", "live--s0", "dead--s0", "fresh--s0", "new--s0")], out,
+                               docs)
+    assert rows == [("done--s0", "finished", "accuracy 0.250 ± 0.020, 300 steps"),
+                    ("live--s0", "training", f"step 30 (pid {os.getpid()})"),
+                    ("dead--s0", "stopped", "logged step 30; resumes from step 25"),
+                    ("fresh--s0", "stopped", "logged step 30; restarts from step 0"),
+                    ("new--s0", "pending", "")]
+
 def test_report_pairs_each_arm_with_both_baselines(tmp_path):
     docs = tmp_path / "docs"
     _fake_arm(docs, "sft_answer", 0, 0.25, [True, False, False, False] * 5)

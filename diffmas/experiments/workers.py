@@ -15,13 +15,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["claim", "code_tree", "code_version", "commit_docs", "restart_on_new_code", "snapshot_unfinished",
-           "work_through"]
+__all__ = ["claim", "code_tree", "code_version", "commit_docs", "plan_status", "restart_on_new_code",
+           "snapshot_unfinished", "work_through"]
 
 
 class ArmLike(Protocol):
     @property
     def id(self) -> str: ...
+
+
+def _holder(root: Path, arm_id: str) -> int | None:
+    """The pid of the live process that holds an arm's claim, or None."""
+    try:
+        pid = int((root / f"{arm_id}.claim").read_text() or 0)
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def claim(root: Path, arm_id: str) -> bool:
@@ -160,3 +170,30 @@ def snapshot_unfinished(out: Path, docs: Path) -> list[str]:
         "`../curves/<arm>.jsonl`, and its result `../arms/`. A snapshot is dropped once its arm has finished.\n\n"
         + ("\n".join(table) if rows else "No arm is training.") + "\n")
     return snapshotted
+
+
+def plan_status(plan: Sequence[ArmLike], out: Path, docs: Path) -> list[tuple[str, str, str]]:
+    """Where each planned arm stands, in plan order: (arm id, state, detail). States: ``finished`` (its result in
+    ``docs/arms``), ``training`` (claimed by a live worker), ``stopped`` (trained part-way, no live worker: it
+    resumes from its last checkpoint, or from step 0 without one), ``pending``."""
+    rows = []
+    for arm in plan:
+        result, run = docs / "arms" / f"{arm.id}.json", out / "runs" / arm.id
+        metrics = run / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+            if metrics.is_file() else []
+        step = max((r["step"] for r in records if "step" in r), default=None)
+        checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step-*") if p.name[5:].isdigit()) \
+            if (run / "checkpoints").is_dir() else []
+        if result.is_file():
+            rec = json.loads(result.read_text())
+            rows.append((arm.id, "finished", f"accuracy {rec['accuracy']:.3f} ± {rec['stderr']:.3f}, "
+                                             f"{rec.get('steps_trained', 0)} steps" if "accuracy" in rec else ""))
+        elif (pid := _holder(out / "claims", arm.id)) is not None:
+            rows.append((arm.id, "training", f"step {step if step is not None else 0} (pid {pid})"))
+        elif records:
+            resumes = f"resumes from step {int(checkpoints[-1][5:])}" if checkpoints else "restarts from step 0"
+            rows.append((arm.id, "stopped", f"logged step {step}; {resumes}"))
+        else:
+            rows.append((arm.id, "pending", ""))
+    return rows
