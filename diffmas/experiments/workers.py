@@ -25,12 +25,18 @@ class ArmLike(Protocol):
 
 
 def _holder(root: Path, arm_id: str) -> int | None:
-    """The pid of the live process that holds an arm's claim, or None."""
+    """The pid of the live process that holds an arm's claim (0 while its holder is still writing it), or None
+    where no claim is left or its process is gone."""
     try:
         pid = int((root / f"{arm_id}.claim").read_text() or 0)
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):
         return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
     return pid
 
 
@@ -41,15 +47,10 @@ def claim(root: Path, arm_id: str) -> bool:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        try:
-            pid = int(path.read_text() or 0)
-            os.kill(pid, 0)
+        if _holder(root, arm_id) is not None:
             return False
-        except (ValueError, ProcessLookupError):
-            path.unlink(missing_ok=True)
-            return claim(root, arm_id)
-        except PermissionError:
-            return False
+        path.unlink(missing_ok=True)
+        return claim(root, arm_id)
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     return True
