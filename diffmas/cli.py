@@ -372,15 +372,23 @@ def compare(
 
 
 def _study(kind: str, out: Path, docs: Path, commit: bool, device: str, max_arms: Optional[int],
-           report_only: bool, snapshot: bool = False, plan: bool = False) -> None:
+           report_only: bool, snapshot: bool = False, plan: bool = False, until: str | None = None) -> None:
     import importlib
 
     from diffmas.experiments.workers import commit_docs, plan_status, snapshot_unfinished
 
     study_module = importlib.import_module(f"diffmas.experiments.{kind}")
     report_module = importlib.import_module(f"diffmas.experiments.{kind}_report")
+    deadline = {} if until is None else {"until": _deadline(until)}
     if plan:
-        rows = plan_status(study_module.plan_arms(docs), out, docs)
+        estimate = None
+        if kind == "relay":
+            from diffmas.experiments.relay_cost import estimate_seconds
+
+            def estimate(arm):
+                return estimate_seconds(arm, study_module.RelayConfig(), out, docs)
+
+        rows = plan_status(study_module.plan_arms(docs), out, docs, estimate)
         table = Table("arm", "state", "detail", title=f"{kind} study: the plan, in order")
         for row in rows:
             table.add_row(*row)
@@ -397,8 +405,19 @@ def _study(kind: str, out: Path, docs: Path, commit: bool, device: str, max_arms
     if report_only:
         report_module.write_report(docs)
     else:
-        study_module.run_study(out, docs, device=device, commit=commit, max_arms=max_arms)
+        study_module.run_study(out, docs, device=device, commit=commit, max_arms=max_arms, **deadline)
     console.print(f"report: {docs / 'README.md'}")
+
+
+def _deadline(text: str) -> float:
+    """Seconds since the epoch of an ISO 8601 time (UTC unless it names an offset)."""
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise DiffMASError(f"--until {text!r}: not an ISO 8601 time (e.g. 2026-12-06T07:00)") from None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
 
 
 COMMIT_OPTION = typer.Option(False, "--commit", help="git-commit the docs folder after every finished arm.")
@@ -437,10 +456,13 @@ def study_relay(
     report_only: bool = REPORT_ONLY_OPTION,
     snapshot: bool = SNAPSHOT_OPTION,
     plan: bool = PLAN_OPTION,
+    until: Optional[str] = typer.Option(None, help="Start only arms estimated to finish by this time (ISO 8601, "
+                                        "UTC unless it names an offset, e.g. 2026-12-06T07:00): where the machine "
+                                        "may go away then, an arm still training would be lost."),
 ) -> None:
     """The relay study: can a trained latent channel carry a problem the final agent never sees? Resumable; run
     two at once for two cores (make study-relay)."""
-    _study("relay", out, docs, commit, device, max_arms, report_only, snapshot, plan)
+    _study("relay", out, docs, commit, device, max_arms, report_only, snapshot, plan, until)
 
 
 @app.command()

@@ -164,6 +164,12 @@ def test_the_plan_status_says_where_each_arm_stands(tmp_path):
                     ("dead--s0", "stopped", "logged step 30; resumes from step 25"),
                     ("fresh--s0", "stopped", "logged step 30; restarts from step 0"),
                     ("new--s0", "pending", "")]
+    # With what each would still cost (None: unknown), for the arms not finished or training.
+    costs = {"dead--s0": 5400.0, "new--s0": 9000.0}
+    rows = workers.plan_status([Fake(i) for i in ("done--s0", "dead--s0", "fresh--s0", "new--s0")], out, docs,
+                               lambda arm: costs.get(arm.id))
+    assert [detail for _, _, detail in rows][1:] == ["logged step 30; resumes from step 25; about 1.5 h",
+                                                     "logged step 30; restarts from step 0", "about 2.5 h"]
 
 def test_report_pairs_each_arm_with_both_baselines(tmp_path):
     docs = tmp_path / "docs"

@@ -345,8 +345,11 @@ def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cp
 
 
 def run_study(out: Path, docs: Path, cfg: RelayConfig | None = None, device: str = "cpu", commit: bool = False,
-              max_arms: int | None = None) -> None:
-    """Work through the arms until none is left to claim (resumable; several workers may run at once)."""
+              max_arms: int | None = None, until: float | None = None) -> None:
+    """Work through the arms until none is left to claim (resumable; several workers may run at once). ``until``
+    (a time, seconds since the epoch): start only arms estimated to finish before it (``relay_cost``); an arm
+    nothing finished yet gives a reference for is started regardless."""
+    from diffmas.experiments.relay_cost import estimate_seconds
     from diffmas.experiments.relay_report import write_report
 
     cfg = cfg or RelayConfig()
@@ -358,4 +361,9 @@ def run_study(out: Path, docs: Path, cfg: RelayConfig | None = None, device: str
         return (f"study-relay: {arm.id} finished: accuracy {record['accuracy']:.3f} ± {record['stderr']:.3f} "
                 f"(n = {record['n']}, floor {record['floor']}, {record['steps_trained']} steps)")
 
-    work_through(lambda: plan_arms(docs), run, lambda: write_report(docs), out, docs, commit, max_arms)
+    def fits(arm: Arm) -> bool:
+        cost = estimate_seconds(arm, cfg, out, docs)
+        return cost is None or time.time() + cost <= until
+
+    work_through(lambda: plan_arms(docs), run, lambda: write_report(docs), out, docs, commit, max_arms,
+                 None if until is None else fits)

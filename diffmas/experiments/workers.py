@@ -109,17 +109,26 @@ def commit_docs(docs: Path, message: str) -> None:
 
 
 def work_through(plan: Callable[[], Sequence[ArmLike]], run: Callable[[ArmLike], str], report: Callable[[], object],
-                 out: Path, docs: Path, commit: bool = False, max_arms: int | None = None) -> None:
+                 out: Path, docs: Path, commit: bool = False, max_arms: int | None = None,
+                 fits: Callable[[ArmLike], bool] | None = None) -> None:
     """Run arms until none is left to claim. ``plan()`` lists every arm in priority order (it may grow as results
-    come in); an arm is done when ``docs/arms/<id>.json`` exists. ``run(arm)`` returns the commit message."""
+    come in); an arm is done when ``docs/arms/<id>.json`` exists. ``run(arm)`` returns the commit message.
+    ``fits(arm)``: whether the arm can still finish in the time this worker has (a deadline); an arm that does
+    not is passed over for a later one that does, and the worker stops once no free arm is left that fits."""
     docs.mkdir(parents=True, exist_ok=True)
     started = code_tree()
     done_here = 0
     while max_arms is None or done_here < max_arms:
         pending = [a for a in plan() if not (docs / "arms" / f"{a.id}.json").is_file()]
-        arm = next((a for a in pending if claim(out / "claims", a.id)), None)
+        free = [a for a in pending if _holder(out / "claims", a.id) is None]
+        fitting = [a for a in free if fits is None or fits(a)]
+        arm = next((a for a in fitting if claim(out / "claims", a.id)), None)
         if arm is None:
             if not pending:
+                break
+            if len(fitting) < len(free):
+                print(f"[study] no free arm fits in the time left ({len(free)} left, the next: {free[0].id}): "
+                      "stopping", flush=True)
                 break
             # Everything ready is claimed by another worker (whose results may unlock the next phase).
             time.sleep(60)
@@ -173,10 +182,12 @@ def snapshot_unfinished(out: Path, docs: Path) -> list[str]:
     return snapshotted
 
 
-def plan_status(plan: Sequence[ArmLike], out: Path, docs: Path) -> list[tuple[str, str, str]]:
+def plan_status(plan: Sequence[ArmLike], out: Path, docs: Path,
+                estimate: Callable[[ArmLike], float | None] | None = None) -> list[tuple[str, str, str]]:
     """Where each planned arm stands, in plan order: (arm id, state, detail). States: ``finished`` (its result in
     ``docs/arms``), ``training`` (claimed by a live worker), ``stopped`` (trained part-way, no live worker: it
-    resumes from its last checkpoint, or from step 0 without one), ``pending``."""
+    resumes from its last checkpoint, or from step 0 without one), ``pending``. ``estimate(arm)``: the seconds a
+    stopped or pending arm would still take (None: unknown), shown in hours."""
     rows = []
     for arm in plan:
         result, run = docs / "arms" / f"{arm.id}.json", out / "runs" / arm.id
@@ -192,9 +203,12 @@ def plan_status(plan: Sequence[ArmLike], out: Path, docs: Path) -> list[tuple[st
                                              f"{rec.get('steps_trained', 0)} steps" if "accuracy" in rec else ""))
         elif (pid := _holder(out / "claims", arm.id)) is not None:
             rows.append((arm.id, "training", f"step {step if step is not None else 0} (pid {pid})"))
-        elif records:
-            resumes = f"resumes from step {int(checkpoints[-1][5:])}" if checkpoints else "restarts from step 0"
-            rows.append((arm.id, "stopped", f"logged step {step}; {resumes}"))
         else:
-            rows.append((arm.id, "pending", ""))
+            cost = estimate(arm) if estimate is not None else None
+            left = [] if cost is None else [f"about {cost / 3600:.1f} h"]
+            if records:
+                resumes = f"resumes from step {int(checkpoints[-1][5:])}" if checkpoints else "restarts from step 0"
+                rows.append((arm.id, "stopped", "; ".join([f"logged step {step}", resumes, *left])))
+            else:
+                rows.append((arm.id, "pending", "; ".join(left)))
     return rows

@@ -1,0 +1,103 @@
+"""What an arm of the relay study will cost before it starts, in wall-clock seconds of one one-thread worker,
+estimated from the finished arms' own records (their curves' step and held-out times, their test evaluations).
+
+A session's machine may not come back (weights are never committed), so an arm still training when it goes away
+is lost. With a deadline (``diffmas study-relay --until``) a worker starts only arms whose estimate ends before
+it, taking a later arm of the plan that fits where the next one does not, and stops when none is left that fits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from diffmas.experiments.relay import TEXT, Arm, RelayConfig, arm_settings, continued_from, train_config
+from diffmas.experiments.relay_report import run_id
+from diffmas.train.checkpoint import latest_checkpoint, read_state
+from diffmas.train.resume import INHERITED
+
+HELDOUT_SHARE = 0.4
+"""One held-out evaluation's time as a share of ``eval_every`` training steps' time, where no reference curve timed
+its held-out evaluations (measured 0.36-0.37 on the sums and the split task, 2026-12-06)."""
+MARGIN = 1.15
+"""Estimates are raised by this factor: step times vary with what else the machine runs."""
+
+
+def _finished(docs: Path) -> list[dict]:
+    """The finished arms' records, each with the times its own curve logged (steps a run to the cap copied from the
+    run it continues are counted there): ``step_times`` and ``heldout_times``. Read again only when an arm's result
+    was added or rewritten (a worker asks for every arm of the plan before each claim)."""
+    paths = sorted((docs / "arms").glob("*.json")) if (docs / "arms").is_dir() else []
+    key = (str(docs.resolve()), tuple((p.name, p.stat().st_mtime_ns) for p in paths))
+    if key not in _READ:
+        _READ.clear()
+        _READ[key] = _read(paths, docs)
+    return _READ[key]
+
+
+_READ: dict[tuple, list[dict]] = {}
+
+
+def _read(paths: list[Path], docs: Path) -> list[dict]:
+    found = []
+    for path in paths:
+        rec = json.loads(path.read_text())
+        curve = docs / "curves" / f"{run_id(rec)}.jsonl"
+        logged = [r for r in (json.loads(line) for line in curve.read_text().splitlines() if line.strip())
+                  if INHERITED not in r] if curve.is_file() else []
+        found.append({**rec, "step_times": [r["seconds"] for r in logged if "seconds" in r],
+                      "heldout_times": [r["heldout_seconds"] for r in logged if r.get("heldout_seconds")]})
+    return found
+
+
+def _references(arm: Arm, records: list[dict], trained: bool) -> list[dict]:
+    """The finished arms most like ``arm`` (text arms for a text arm, trained ones with a timed curve for a trained
+    one): the same arm (any seed, its run to the cap included) on the same task, else on any task, else any arm of
+    the task, else any arm at all."""
+    root = arm.name.removesuffix("_full")
+    kind = [r for r in records if (r["system"] not in TEXT) == trained and (not trained or r["step_times"])]
+    for same in (lambda r: r["arm"].removesuffix("_full") == root and r["task"] == arm.task,
+                 lambda r: r["arm"].removesuffix("_full") == root,
+                 lambda r: r["task"] == arm.task,
+                 lambda r: True):
+        found = [r for r in kind if same(r)]
+        if found:
+            return found
+    return []
+
+
+def steps_done(arm: Arm, out: Path) -> int:
+    """Steps that resuming ``arm`` would not repeat: its own latest checkpoint's, else (a run to the cap) that of
+    the run it continues, else 0."""
+    for source in (arm, continued_from(arm)):
+        ckpt = latest_checkpoint(out / "runs" / source.id) if source is not None else None
+        if ckpt is not None:
+            return int(read_state(ckpt)["step"])
+    return 0
+
+
+def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path, docs: Path) -> float | None:
+    """Wall-clock seconds ``arm`` will still take (training from where it would resume, held-out evaluations, the
+    test evaluation), with :data:`MARGIN`; None where no finished arm gives a reference. Conservative where the
+    flat-loss rule may stop the arm early (the step cap is assumed) and for m above its reference's (step time
+    scaled by m)."""
+    records = _finished(docs)
+    system, _ = arm_settings(arm.name, cfg)
+    trained = system not in TEXT
+    refs = _references(arm, records, trained)
+    if not refs:
+        return None
+    evaluation = statistics.median(r.get("eval_seconds", 0) for r in refs)
+    if not trained:
+        return evaluation * MARGIN
+    step = statistics.median(s for r in refs for s in r["step_times"])
+    m, ref_m = arm.latent_steps or cfg.latent_steps, max(r.get("latent_steps") or 1 for r in refs)
+    step *= max(1.0, m / ref_m)
+    timed = [s for r in refs for s in r["heldout_times"]]
+    heldout = statistics.median(timed) * max(1.0, m / ref_m) if timed else HELDOUT_SHARE * cfg.eval_every * step
+    done = steps_done(arm, out)
+    left = max(train_config(arm, cfg).steps - done, 0)
+    evaluations = math.ceil(left / cfg.eval_every) + (done == 0)  # the step-0 held-out loss of a fresh run
+    return (left * step + evaluations * heldout + evaluation) * MARGIN

@@ -1,0 +1,97 @@
+"""What an arm will cost before it starts (from the finished arms' own curves), and workers that start only arms
+that can finish before a deadline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffmas.experiments import relay
+from diffmas.experiments.relay import Arm, RelayConfig
+from diffmas.experiments.relay_cost import MARGIN, estimate_seconds, steps_done
+from diffmas.experiments.workers import work_through
+
+
+def _finished(docs, name, task, step_s, heldout_s, eval_s, m=6, system="diffmas", steps=500):
+    """A finished arm's record and curve: ``steps`` steps of ``step_s`` seconds, held-out every 25 of ``heldout_s``."""
+    arm = Arm(name, task)
+    rec = {"arm": name, "task": task, "seed": 0, "label": arm.label, "system": system, "latent_steps": m,
+           "eval_seconds": eval_s, "steps_trained": steps if system != "text_mas" else 0}
+    (docs / "arms").mkdir(parents=True, exist_ok=True)
+    (docs / "arms" / f"{arm.id}.json").write_text(json.dumps(rec))
+    if system != "text_mas":
+        (docs / "curves").mkdir(exist_ok=True)
+        lines = [{"step": 0, "heldout_loss": 2.0, "heldout_seconds": heldout_s}]
+        for step in range(1, steps + 1):
+            line = {"step": step, "loss": 1.0, "seconds": step_s}
+            lines.append({**line, "heldout_loss": 1.0, "heldout_seconds": heldout_s} if step % 25 == 0 else line)
+        (docs / "curves" / f"{arm.id}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _checkpoint(out, arm_id, step):
+    ckpt = out / "runs" / arm_id / "checkpoints" / f"step-{step:06d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": step}))
+
+
+def test_an_arm_costs_its_references_steps_heldout_evaluations_and_test_evaluation(tmp_path):
+    out, docs, cfg = tmp_path / "out", tmp_path / "docs", RelayConfig()
+    assert estimate_seconds(Arm("coupled", relay.DIGITS, 1), cfg, out, docs) is None  # nothing to go by yet
+    _finished(docs, "coupled", relay.DIGITS, step_s=10.0, heldout_s=100.0, eval_s=400)
+    _finished(docs, "skyline", relay.DIGITS, step_s=4.0, heldout_s=30.0, eval_s=200)
+    _finished(docs, "text_m", relay.DIGITS, step_s=0, heldout_s=0, eval_s=500, system="text_mas")
+    # A fresh seed of coupled: 500 steps, 21 held-out evaluations (step 0 included), the test evaluation.
+    fresh = (500 * 10.0 + 21 * 100.0 + 400) * MARGIN
+    assert estimate_seconds(Arm("coupled", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(fresh)
+    assert estimate_seconds(Arm("text_4m", relay.CHAIN), cfg, out, docs) == pytest.approx(500 * MARGIN)
+    # Resuming from its own checkpoint: only the steps left.
+    _checkpoint(out, Arm("coupled", relay.DIGITS, 1).id, 300)
+    assert steps_done(Arm("coupled", relay.DIGITS, 1), out) == 300
+    assert estimate_seconds(Arm("coupled", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(
+        (200 * 10.0 + 8 * 100.0 + 400) * MARGIN)
+    # A run to the cap continues its stopped run's checkpoint.
+    _checkpoint(out, Arm("pause", relay.DIGITS).id, 325)
+    assert steps_done(Arm("pause_full", relay.DIGITS), out) == 325
+    # More latent steps than the reference: steps and held-out evaluations scale with m (conservative).
+    assert estimate_seconds(Arm("coupled", relay.DIGITS, latent_steps=12), cfg, out, docs) == pytest.approx(
+        (500 * 20.0 + 21 * 200.0 + 400) * MARGIN)
+    # Three times the cap, and no reference of its own name: every trained arm of the task (10 s and 4 s steps).
+    long = estimate_seconds(Arm("coupled_long", relay.DIGITS), cfg, out, docs)
+    assert long == pytest.approx((1500 * 7.0 + 61 * 65.0 + 300) * MARGIN)
+
+
+class Fake:
+    def __init__(self, id):
+        self.id = id
+
+
+def test_a_worker_with_a_deadline_passes_over_arms_that_would_not_finish_and_stops(tmp_path, capsys):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    ran = []
+
+    def run(arm):
+        ran.append(arm.id)
+        (docs / "arms").mkdir(exist_ok=True)
+        (docs / "arms" / f"{arm.id}.json").write_text("{}")
+        return "done"
+
+    plan = [Fake("long--s0"), Fake("short--s0"), Fake("long--s1"), Fake("short--s1")]
+    work_through(lambda: plan, run, lambda: None, out, docs, fits=lambda arm: arm.id.startswith("short"))
+    assert ran == ["short--s0", "short--s1"]
+    assert "no free arm fits in the time left (2 left, the next: long--s0): stopping" in capsys.readouterr().out
+    work_through(lambda: plan, run, lambda: None, out, docs)  # no deadline: the rest, in plan order
+    assert ran == ["short--s0", "short--s1", "long--s0", "long--s1"]
+
+
+def test_the_command_line_reads_the_deadline_and_rejects_a_bad_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffmas.cli import _deadline, app
+
+    assert _deadline("2026-12-06T07:00") == 1796540400.0
+    assert _deadline("2026-12-06T08:00+01:00") == 1796540400.0
+    result = CliRunner().invoke(app, ["study-relay", "--until", "tonight", "--out", str(tmp_path / "runs"),
+                                      "--docs", str(tmp_path / "docs")])
+    assert result.exit_code == 2 and "--until 'tonight': not an ISO 8601 time" in result.output
+    assert not (tmp_path / "runs").exists()
