@@ -15,7 +15,7 @@ from diffmas.experiments.workers import work_through
 
 def _finished(docs, name, task, step_s, heldout_s, eval_s, m=6, system="diffmas", steps=500):
     """A finished arm's record and curve: ``steps`` steps of ``step_s`` seconds, held-out every 25 of ``heldout_s``."""
-    arm = Arm(name, task)
+    arm = Arm(name, task, latent_steps=None if m == 6 else m)
     rec = {"arm": name, "task": task, "seed": 0, "label": arm.label, "system": system, "latent_steps": m,
            "eval_seconds": eval_s, "steps_trained": steps if system != "text_mas" else 0}
     (docs / "arms").mkdir(parents=True, exist_ok=True)
@@ -59,6 +59,10 @@ def test_an_arm_costs_its_references_steps_heldout_evaluations_and_test_evaluati
     # Three times the cap, and no reference of its own name: every trained arm of the task (10 s and 4 s steps).
     long = estimate_seconds(Arm("coupled_long", relay.DIGITS), cfg, out, docs)
     assert long == pytest.approx((1500 * 7.0 + 61 * 65.0 + 300) * MARGIN)
+    # Measured at two m: a line through them (m = 2: 6 s steps, 60 s held-out; m = 6: 10 s, 100 s).
+    _finished(docs, "coupled", relay.DIGITS, step_s=6.0, heldout_s=60.0, eval_s=400, m=2)
+    assert estimate_seconds(Arm("coupled", relay.DIGITS, latent_steps=16), cfg, out, docs) == pytest.approx(
+        (500 * 20.0 + 21 * 200.0 + 400) * MARGIN)
 
 
 class Fake:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import defaultdict
 from pathlib import Path
 
 from diffmas.experiments.relay import TEXT, Arm, RelayConfig, arm_settings, continued_from, train_config
@@ -78,11 +79,26 @@ def steps_done(arm: Arm, out: Path) -> int:
     return 0
 
 
+def _at(m: int, times: dict[int, list[float]]) -> float | None:
+    """A time at ``m`` latent steps from times measured at others: the median where m was measured, else a line
+    through the medians at two or more m (least squares), else the one measured m's median scaled by m (never
+    down: conservative)."""
+    medians = {k: statistics.median(v) for k, v in times.items() if v}
+    if not medians:
+        return None
+    if m in medians:
+        return medians[m]
+    if len(medians) == 1:
+        (k, t), = medians.items()
+        return t * max(1.0, m / k)
+    slope, intercept = statistics.linear_regression(list(medians), list(medians.values()))
+    return max(intercept + slope * m, min(medians.values()))
+
+
 def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path, docs: Path) -> float | None:
     """Wall-clock seconds ``arm`` will still take (training from where it would resume, held-out evaluations, the
     test evaluation), with :data:`MARGIN`; None where no finished arm gives a reference. Conservative where the
-    flat-loss rule may stop the arm early (the step cap is assumed) and for m above its reference's (step time
-    scaled by m)."""
+    flat-loss rule may stop the arm early (the step cap is assumed); step and held-out times follow m (:func:`_at`)."""
     records = _finished(docs)
     system, _ = arm_settings(arm.name, cfg)
     trained = system not in TEXT
@@ -92,11 +108,13 @@ def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path, docs: Path) -> float
     evaluation = statistics.median(r.get("eval_seconds", 0) for r in refs)
     if not trained:
         return evaluation * MARGIN
-    step = statistics.median(s for r in refs for s in r["step_times"])
-    m, ref_m = arm.latent_steps or cfg.latent_steps, max(r.get("latent_steps") or 1 for r in refs)
-    step *= max(1.0, m / ref_m)
-    timed = [s for r in refs for s in r["heldout_times"]]
-    heldout = statistics.median(timed) * max(1.0, m / ref_m) if timed else HELDOUT_SHARE * cfg.eval_every * step
+    steps, heldouts = defaultdict(list), defaultdict(list)
+    for r in refs:
+        steps[r.get("latent_steps") or cfg.latent_steps] += r["step_times"]
+        heldouts[r.get("latent_steps") or cfg.latent_steps] += r["heldout_times"]
+    m = arm.latent_steps or cfg.latent_steps
+    step = _at(m, steps)
+    heldout = _at(m, heldouts) or HELDOUT_SHARE * cfg.eval_every * step
     done = steps_done(arm, out)
     left = max(train_config(arm, cfg).steps - done, 0)
     evaluations = math.ceil(left / cfg.eval_every) + (done == 0)  # the step-0 held-out loss of a fresh run
