@@ -9,7 +9,7 @@ import pytest
 
 from diffmas.experiments import relay
 from diffmas.experiments.relay import Arm, RelayConfig
-from diffmas.experiments.relay_cost import MARGIN, estimate_seconds, steps_done
+from diffmas.experiments.relay_cost import MARGIN, estimate_seconds, remaining_line, steps_done
 from diffmas.experiments.workers import work_through
 
 
@@ -99,3 +99,16 @@ def test_the_command_line_reads_the_deadline_and_rejects_a_bad_one(tmp_path):
                                       "--docs", str(tmp_path / "docs")])
     assert result.exit_code == 2 and "--until 'tonight': not an ISO 8601 time" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_report_says_what_the_rest_of_the_plan_will_cost(tmp_path):
+    docs, cfg = tmp_path / "docs", RelayConfig()
+    _finished(docs, "coupled", relay.DIGITS, step_s=10.0, heldout_s=100.0, eval_s=400)
+    plan = [Arm("coupled", relay.DIGITS), Arm("coupled", relay.DIGITS, 1), Arm("coupled", relay.DIGITS, 2),
+            Arm("text_m", relay.DIGITS)]
+    # Two fresh seeds at (500 * 10 + 21 * 100 + 400) * 1.15 s each; no text arm has finished to go by.
+    assert remaining_line(plan, cfg, docs) == (
+        "Still planned: 3 arms, about 5 core-hours by their estimates (`relay_cost.py`: each from step 0 to its "
+        "step cap, +15%; an upper bound where the flat-loss rule stops an arm early), 1 of them with no finished "
+        "arm to estimate from yet.")
+    assert remaining_line(plan[:1], cfg, docs) == "Nothing more is planned."

@@ -101,6 +101,16 @@ class Arm:
         return f"{self.name}{m}/s{self.seed}"
 
 
+def arm_key(rec: dict) -> str:
+    """An arm's name across training seeds (the m of a sweep arm included)."""
+    return rec["label"].split("/")[0]
+
+
+def run_id(rec: dict) -> str:
+    """A finished arm's id (``Arm.id``): the name of its samples and curve files."""
+    return f"{rec['task'].replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
+
+
 RECIPES = {"_anneal": {"channel.anneal": 0.3}, "_ae": {"channel.autoencode_steps": 60}}
 """Training recipes other than the config's, as arm-name suffixes: the bottleneck curriculum (the prompt columns
 fade from the reader's view over the first 30% of the steps) and 60 steps of autoencoding pre-training."""

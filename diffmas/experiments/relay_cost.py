@@ -14,8 +14,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from diffmas.experiments.relay import TEXT, Arm, RelayConfig, arm_settings, continued_from, train_config
-from diffmas.experiments.relay_report import run_id
+from diffmas.experiments.relay import TEXT, Arm, RelayConfig, arm_settings, continued_from, run_id
 from diffmas.train.checkpoint import latest_checkpoint, read_state
 from diffmas.train.resume import INHERITED
 
@@ -58,9 +57,9 @@ def _references(arm: Arm, records: list[dict], trained: bool) -> list[dict]:
     one): the same arm (any seed, its run to the cap included) on the same task, else on any task, else any arm of
     the task, else any arm at all."""
     root = arm.name.removesuffix("_full")
-    kind = [r for r in records if (r["system"] not in TEXT) == trained and (not trained or r["step_times"])]
-    for same in (lambda r: r["arm"].removesuffix("_full") == root and r["task"] == arm.task,
-                 lambda r: r["arm"].removesuffix("_full") == root,
+    kind = [r for r in records if (r.get("system") not in TEXT) == trained and (not trained or r["step_times"])]
+    for same in (lambda r: r.get("arm", "").removesuffix("_full") == root and r["task"] == arm.task,
+                 lambda r: r.get("arm", "").removesuffix("_full") == root,
                  lambda r: r["task"] == arm.task,
                  lambda r: True):
         found = [r for r in kind if same(r)]
@@ -69,10 +68,10 @@ def _references(arm: Arm, records: list[dict], trained: bool) -> list[dict]:
     return []
 
 
-def steps_done(arm: Arm, out: Path) -> int:
+def steps_done(arm: Arm, out: Path | None) -> int:
     """Steps that resuming ``arm`` would not repeat: its own latest checkpoint's, else (a run to the cap) that of
-    the run it continues, else 0."""
-    for source in (arm, continued_from(arm)):
+    the run it continues, else (or with no runs folder) 0."""
+    for source in (arm, continued_from(arm)) if out is not None else ():
         ckpt = latest_checkpoint(out / "runs" / source.id) if source is not None else None
         if ckpt is not None:
             return int(read_state(ckpt)["step"])
@@ -95,12 +94,12 @@ def _at(m: int, times: dict[int, list[float]]) -> float | None:
     return max(intercept + slope * m, min(medians.values()))
 
 
-def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path, docs: Path) -> float | None:
-    """Wall-clock seconds ``arm`` will still take (training from where it would resume, held-out evaluations, the
-    test evaluation), with :data:`MARGIN`; None where no finished arm gives a reference. Conservative where the
+def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path | None, docs: Path) -> float | None:
+    """Wall-clock seconds ``arm`` will still take (training from where it would resume in ``out``, or from step 0,
+    held-out evaluations, the test evaluation), with :data:`MARGIN`; None where no finished arm gives a reference. Conservative where the
     flat-loss rule may stop the arm early (the step cap is assumed); step and held-out times follow m (:func:`_at`)."""
     records = _finished(docs)
-    system, _ = arm_settings(arm.name, cfg)
+    system, changes = arm_settings(arm.name, cfg)
     trained = system not in TEXT
     refs = _references(arm, records, trained)
     if not refs:
@@ -116,6 +115,20 @@ def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path, docs: Path) -> float
     step = _at(m, steps)
     heldout = _at(m, heldouts) or HELDOUT_SHARE * cfg.eval_every * step
     done = steps_done(arm, out)
-    left = max(train_config(arm, cfg).steps - done, 0)
+    left = max(changes.get("steps", cfg.max_steps) - done, 0)
     evaluations = math.ceil(left / cfg.eval_every) + (done == 0)  # the step-0 held-out loss of a fresh run
     return (left * step + evaluations * heldout + evaluation) * MARGIN
+
+
+def remaining_line(plan: list[Arm], cfg: RelayConfig, docs: Path) -> str:
+    """What the arms of ``plan`` not finished yet will cost, by their estimates from step 0 (a fresh machine)."""
+    pending = [a for a in plan if not (docs / "arms" / f"{a.id}.json").is_file()]
+    costs = [estimate_seconds(a, cfg, None, docs) for a in pending]
+    known = [c for c in costs if c is not None]
+    if not pending:
+        return "Nothing more is planned."
+    line = (f"Still planned: {len(pending)} arms, about {sum(known) / 3600:.0f} core-hours by their estimates "
+            f"(`relay_cost.py`: each from step 0 to its step cap, +{100 * (MARGIN - 1):.0f}%; an upper bound where "
+            "the flat-loss rule stops an arm early)")
+    unknown = len(costs) - len(known)
+    return line + (f", {unknown} of them with no finished arm to estimate from yet." if unknown else ".")

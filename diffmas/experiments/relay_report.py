@@ -14,9 +14,10 @@ from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
 from diffmas.experiments.curves import plot_heldout
-from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, TEXT
+from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, TEXT, RelayConfig, arm_key, plan_arms, run_id
 from diffmas.experiments.relay_answers import (closeness_table, ladder, messages_table, near_outcomes, near_table,
                                                places_table)
+from diffmas.experiments.relay_cost import remaining_line
 from diffmas.train.resume import INHERITED
 
 # (arm, baseline) pairs whose paired difference the study reports, per task.
@@ -41,16 +42,6 @@ PAIRS = {
     + [("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"), ("coupled", "text_sft_4m"),
        ("text_sft_m", "text_m"), ("coupled", "skyline"), ("coupled_long", "coupled")],
 }
-
-
-def arm_key(rec: dict) -> str:
-    """An arm's name across training seeds (the m of a sweep arm included)."""
-    return rec["label"].split("/")[0]
-
-
-def run_id(rec: dict) -> str:
-    """A finished arm's id (``Arm.id``): the name of its samples and curve files."""
-    return f"{rec['task'].replace(':', '_')}--{arm_key(rec)}--s{rec['seed']}"
 
 
 def _load(docs: Path) -> tuple[list[dict], dict[str, dict[str, dict[int, dict[str, bool]]]], dict[str, list[dict]]]:
@@ -138,6 +129,12 @@ def _core_seconds(rec: dict, docs: Path) -> float:
     return steps + (heldout or 0.0) + rec.get("eval_seconds", 0.0)
 
 
+def _study_config(docs: Path) -> RelayConfig:
+    """The budget the study ran with (saved beside its results by ``run_study``), else the default."""
+    path = docs / "study_config.json"
+    return RelayConfig(**json.loads(path.read_text())) if path.is_file() else RelayConfig()
+
+
 def _hours_line(hours: float, records: list[dict], docs: Path) -> str:
     """What the study cost so far, and what that count leaves out."""
     seconds = [_seconds(r, docs) for r in records]
@@ -220,7 +217,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             "accuracy on the same items. Intervals are 95% paired bootstrap intervals of the accuracy difference "
             "(items, and training seeds where both sides have 3); an interval that contains 0 is reported as no "
             "difference detected at this n.", "",
-            _hours_line(hours, records, docs), "",
+            _hours_line(hours, records, docs) + " " + remaining_line(plan_arms(docs), _study_config(docs), docs), "",
             "## Goals", "", *_goals(outcomes, by_arm, comps), ""]
     for task in sorted(by_arm):
         text += [f"## {task}", "", "| arm | seeds | accuracy per seed | mean | floor | positions passed | K/V passed "
