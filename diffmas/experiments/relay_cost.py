@@ -25,6 +25,10 @@ MARGIN = 1.15
 """Estimates are raised by this factor: step times vary with what else the machine runs."""
 
 
+_READ: dict[tuple, list[dict]] = {}
+"""The last read of a results folder, keyed by its arms' files and their modification times."""
+
+
 def _finished(docs: Path) -> list[dict]:
     """The finished arms' records, each with the times its own curve logged (steps a run to the cap copied from the
     run it continues are counted there): ``step_times`` and ``heldout_times``. Read again only when an arm's result
@@ -35,9 +39,6 @@ def _finished(docs: Path) -> list[dict]:
         _READ.clear()
         _READ[key] = _read(paths, docs)
     return _READ[key]
-
-
-_READ: dict[tuple, list[dict]] = {}
 
 
 def _read(paths: list[Path], docs: Path) -> list[dict]:
@@ -96,8 +97,9 @@ def _at(m: int, times: dict[int, list[float]]) -> float | None:
 
 def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path | None, docs: Path) -> float | None:
     """Wall-clock seconds ``arm`` will still take (training from where it would resume in ``out``, or from step 0,
-    held-out evaluations, the test evaluation), with :data:`MARGIN`; None where no finished arm gives a reference. Conservative where the
-    flat-loss rule may stop the arm early (the step cap is assumed); step and held-out times follow m (:func:`_at`)."""
+    held-out evaluations, the test evaluation), with :data:`MARGIN`; None where no finished arm gives a reference.
+    Conservative where the flat-loss rule may stop the arm early (the step cap is assumed); step and held-out times
+    follow m (:func:`_at`)."""
     records = _finished(docs)
     system, changes = arm_settings(arm.name, cfg)
     trained = system not in TEXT
