@@ -201,3 +201,34 @@ def test_one_arm_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatc
     assert results["arms"][0]["arm"] == "curriculum"
     run_study(tmp_path / "out", tmp_path / "docs", cfg)  # finished arms are not run again
     assert not list((tmp_path / "out" / "claims").glob("*.claim"))
+
+
+def test_the_curves_give_each_arm_one_colour_and_each_seed_one_line_style(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from diffmas.experiments.curves import plot_heldout
+
+    runs = []
+    for label, start in (("coupled/s0", 2.0), ("coupled/s1", 2.2), ("pause/s0", 2.4), ("skyline", 0.5)):
+        path = tmp_path / f"{label.replace('/', '-')}.jsonl"
+        path.write_text("".join(json.dumps({"step": s, "heldout_loss": start / (1 + s)}) + "\n" for s in (0, 1, 2)))
+        runs.append((label, path))
+    drawn = []
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        drawn.extend((line.get_label(), line.get_color(), line.get_linestyle()) for line in ax.get_lines())
+        drawn.append(ax.get_ylim())
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    assert plot_heldout({"t": runs}, tmp_path / "curves.png", "validation") == tmp_path / "curves.png"
+    lines, ylim = {label: (color, style) for label, color, style in drawn[:-1]}, drawn[-1]
+    assert lines["coupled/s0"][0] == lines["coupled/s1"][0] != lines["pause/s0"][0]
+    assert lines["coupled/s0"][1] == "-" and lines["coupled/s1"][1] == "--" and lines["skyline"][1] == "-"
+    assert ylim[1] == pytest.approx(1.1 * 2.4 / 2)  # set by the losses after step 0
+    assert (tmp_path / "curves.png").is_file()

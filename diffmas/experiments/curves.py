@@ -6,9 +6,20 @@ import json
 from pathlib import Path
 
 
+SEED_STYLES = ("-", "--", ":", "-.")
+"""Line style per training seed; the colour says the arm."""
+
+
+def _arm_and_seed(label: str) -> tuple[str, int]:
+    """``coupled/s1`` -> (``coupled``, 1); a label without a seed is seed 0."""
+    arm, _, seed = label.rpartition("/s")
+    return (arm, int(seed)) if arm and seed.isdigit() else (label, 0)
+
+
 def plot_heldout(runs: dict[str, list[tuple[str, Path]]], path: Path, what: str) -> Path | None:
     """Plot, per task of ``runs`` ({task: [(label, metrics.jsonl path)]}), every run's held-out loss against the
-    training step (``what`` names the held-out set in the titles); None when there is no run."""
+    training step (``what`` names the held-out set in the titles), one colour per arm and one line style per seed
+    (labels ``arm/sN``); the panels' height is set by the losses after step 0. None when there is no run."""
     if not any(runs.values()):
         return None
     import matplotlib
@@ -18,11 +29,19 @@ def plot_heldout(runs: dict[str, list[tuple[str, Path]]], path: Path, what: str)
 
     tasks = sorted(task for task, found in runs.items() if found)
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    palette = plt.get_cmap("tab10").colors
     for ax, task in zip(axes[0], tasks):
+        arms = sorted({_arm_and_seed(label)[0] for label, _ in runs[task]})
+        later = []  # losses after the first evaluation, which sets the panel's height
         for label, metrics_path in runs[task]:
             metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()]
             held = [(m["step"], m["heldout_loss"]) for m in metrics if "heldout_loss" in m]
-            ax.plot(*zip(*held), marker=".", label=label)
+            arm, seed = _arm_and_seed(label)
+            ax.plot(*zip(*held), marker=".", label=label, color=palette[arms.index(arm) % len(palette)],
+                    linestyle=SEED_STYLES[seed % len(SEED_STYLES)])
+            later += [loss for step, loss in held if step > 0]
+        if later:  # the untrained step-0 losses (up to ~4) would flatten every difference that matters
+            ax.set_ylim(bottom=min(0.0, min(later)), top=1.1 * max(later))
         ax.set_title(f"{task}: held-out loss ({what})")
         ax.set_xlabel("training step")
         ax.set_ylabel("cross-entropy per target token")
