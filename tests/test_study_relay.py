@@ -383,6 +383,31 @@ def test_coupled_stopped_before_a_control_it_is_compared_with_is_run_on_to_the_c
     # Both run on: the report pairs them at equal budgets, and the goals judge that pair too.
     assert ("coupled_anneal_full", "half_b_anneal_full") in relay_report.PAIRS[relay.SPLIT]
 
+def test_a_seed_the_flat_rule_stopped_before_another_seed_of_the_same_arm_is_run_on_to_the_cap(tmp_path):
+    # Seeds replicate one comparison: coupled at seed 1, stopped on a plateau at 325, trains as long as seed 0 did.
+    (tmp_path / "arms").mkdir()
+
+    def finish(name: str, seed: int, steps: int, stopped: bool) -> None:
+        (tmp_path / "arms" / f"{Arm(name, relay.DIGITS, seed).id}.json").write_text(json.dumps(
+            {"stopped_early": stopped, "steps_trained": steps}))
+
+    def planned() -> list[str]:
+        return [a.id for a in plan_arms(tmp_path)]
+
+    seed1, full = Arm("coupled", relay.DIGITS, 1), Arm("coupled_full", relay.DIGITS, 1)
+    finish("coupled", 1, 325, True)
+    assert full.id not in planned()  # no other seed of coupled has finished
+    finish("coupled", 0, 325, True)
+    assert full.id not in planned()  # seed 0 stopped there too: equal budgets already
+    finish("coupled", 0, 500, False)
+    ids = planned()
+    assert ids.index(full.id) == ids.index(seed1.id) + 1 and continued_from(full).id == seed1.id
+    assert Arm("coupled_full", relay.DIGITS, 0).id not in ids  # seed 0 reached the cap
+    finish("coupled", 0, 300, True)  # the other way round: seed 0 stopped first, and seed 1's run on trained longer
+    finish("coupled_full", 1, 500, False)
+    assert Arm("coupled_full", relay.DIGITS, 0).id in planned()
+
+
 def test_the_goals_say_when_an_unequal_budget_favours_the_baseline(tmp_path):
     for sub in ("arms", "samples"):
         (tmp_path / sub).mkdir()

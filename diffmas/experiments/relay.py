@@ -50,6 +50,8 @@ from diffmas.experiments.workers import code_version, work_through
 from diffmas.train.resume import INHERITED
 
 CHAIN, SPLIT, DIGITS = "relay:chain_sum", "split:chain_sum", "relay:digits"
+SEEDS = (0, 1, 2)
+"""Training seeds where the claims are (seed 0 everywhere else)."""
 TOPOLOGIES = Path(__file__).resolve().parents[2] / "configs" / "topologies"
 """Where the one-writer topologies of the split task's controls live (the study runs from a checkout)."""
 SWEEP = (1, 2, 4, 8, 16)
@@ -186,19 +188,19 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
         arms += [Arm(n + recipe, SPLIT, phase=5) for n in ("coupled", "half_a", "half_b")]
         arms += [Arm(n + recipe, CHAIN, phase=5) for n in ("detached", "pause")]
     # Training seeds where the claims are, before the rest of the controls: the digits' coupled and its controls.
-    arms += [Arm(n, DIGITS, s, phase=3) for s in (1, 2) for n in ("coupled", "detached", "pause")]
+    arms += [Arm(n, DIGITS, s, phase=3) for s in SEEDS[1:] for n in ("coupled", "detached", "pause")]
     # Coupled on the digits was still improving fast at the 500-step cap (held-out loss 1.06 at step 425, 0.75 at
     # 500): three times the cap, same stopping rule, says how much of the ladder the cap decided.
     arms += [Arm("coupled_long", DIGITS, phase=2)]
     arms += [Arm(n, DIGITS, phase=4, latent_steps=m) for m in SWEEP for n in ("coupled", "pause")]
-    arms += [Arm("open", CHAIN, s, phase=3) for s in (1, 2)]
+    arms += [Arm("open", CHAIN, s, phase=3) for s in SEEDS[1:]]
     # The plain recipe's controls on the sums ask something only where plain coupled passed a sum: a control of a
     # channel that carries nothing can only tie it (measured: plain coupled 0.026 against a floor of 0.032).
     controls = ("detached", "pause") if _carries(Arm("coupled", CHAIN), docs) is not False else ()
     arms += [Arm(n, CHAIN, phase=2) for n in (*controls, "skyline", "text_m", "text_4m", "coupled_ae")]
     arms += _trained_text(CHAIN, docs)
     if recipe is not None:
-        arms += [Arm(n + recipe, CHAIN, s, phase=5) for s in (1, 2) for n in ("coupled", "detached", "pause")]
+        arms += [Arm(n + recipe, CHAIN, s, phase=5) for s in SEEDS[1:] for n in ("coupled", "detached", "pause")]
     arms = _to_the_cap(arms, docs)
     unique = {a.id: a for a in reversed(arms)}  # an arm planned twice (plain coupled's controls) keeps its first place
     return [a for a in arms if unique[a.id] is a]
@@ -210,10 +212,10 @@ def _finished(arm: Arm, docs: Path | None) -> dict | None:
 
 
 def _to_the_cap(arms: list[Arm], docs: Path | None) -> list[Arm]:
-    """``arms`` with, right after each arm of a coupled-control comparison (same task, seed, recipe and m) that the
-    flat-loss rule stopped before the other side had trained as long, that arm trained on to the cap
-    (``<name>_full``, continuing its run): a control stopped before coupled (or coupled run on) stopped, or coupled
-    stopped before a control (or a control run on) stopped."""
+    """``arms`` with, right after each arm that the flat-loss rule stopped before an arm it is compared with had
+    trained as long, that arm trained on to the cap (``<name>_full``, continuing its run). Compared: coupled and a
+    control under the same recipe (same task, seed and m; either side as stopped or run on), and the same arm at
+    another training seed (seeds replicate one comparison, so they share its budget)."""
     out = []
     for arm in arms:
         out.append(arm)
@@ -222,8 +224,10 @@ def _to_the_cap(arms: list[Arm], docs: Path | None) -> list[Arm]:
             continue
         same = dict(task=arm.task, seed=arm.seed, latent_steps=arm.latent_steps)
         others = ["coupled"] if root in CONTROLS else CONTROLS
-        steps = [rec["steps_trained"] for other in others for full in ("", FULL)
-                 if (rec := _finished(Arm(f"{other}{recipe}{full}", **same), docs))]
+        compared = [Arm(f"{other}{recipe}{full}", **same) for other in others for full in ("", FULL)]
+        compared += [Arm(arm.name + full, arm.task, seed, latent_steps=arm.latent_steps) for seed in SEEDS
+                     for full in ("", FULL) if seed != arm.seed]
+        steps = [rec["steps_trained"] for other in compared if (rec := _finished(other, docs))]
         if steps and max(steps) > done["steps_trained"]:
             out.append(Arm(arm.name + FULL, arm.task, arm.seed, arm.phase, arm.latent_steps))
     return out
