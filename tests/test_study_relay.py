@@ -424,3 +424,33 @@ def test_the_goals_say_when_an_unequal_budget_favours_the_baseline(tmp_path):
     full = next(line for line in goals if "coupled_anneal - half_a_anneal_full =" in line)
     assert stopped.endswith("; not at equal budgets: trained 375 vs 325 steps")
     assert full.endswith("; not at equal budgets (in the baseline's favour): trained 375 vs 500 steps")
+
+
+def test_an_arm_that_reached_the_cap_pools_with_the_runs_to_the_cap_of_other_seeds(tmp_path):
+    # Seed 0's coupled trained to the cap itself; seed 1's stopped flat at 325 and was run on (coupled_full). Against
+    # the controls run to the cap, the equal-budget pair pools both seeds, and seed 0's run is not counted twice.
+    for sub in ("arms", "samples", "curves"):
+        (tmp_path / sub).mkdir()
+    runs = (("coupled", 0, 500, False, 6), ("coupled", 1, 325, True, 2), ("coupled_full", 1, 500, False, 6),
+            ("detached_full", 0, 500, False, 1), ("detached_full", 1, 500, False, 1))
+    for name, seed, steps, stopped, right in runs:
+        arm = Arm(name, relay.DIGITS, seed)
+        rec = {"arm": name, "task": relay.DIGITS, "label": arm.label, "seed": seed, "accuracy": right / 8,
+               "stderr": 0.1, "floor": 0.03, "positions_passed": 6.0, "kv_bytes_passed": 1.0, "steps_trained": steps,
+               "stopped_early": stopped, "eval_seconds": 100, "latent_steps": 6, "system": "diffmas",
+               "machine": "test", "config": {"steps": 500}}
+        (tmp_path / "arms" / f"{arm.id}.json").write_text(json.dumps(rec))
+        (tmp_path / "samples" / f"{arm.id}.jsonl").write_text("".join(
+            json.dumps({"id": f"digits1-{i}", "correct": i < right, "extracted": "1"}) + "\n" for i in range(8)))
+        (tmp_path / "curves" / f"{arm.id}.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "seconds": 3600}))
+    results = write_report(tmp_path, n_boot=100)
+    digits = results["by_arm"][relay.DIGITS]
+    assert digits["coupled_full"]["seeds"] == [0, 1] and digits["coupled_full"]["per_seed"] == [0.75, 0.75]
+    assert digits["coupled"]["seeds"] == [0, 1] and digits["coupled"]["steps"] == [500, 325]
+    pair = next(c for c in results["comparisons"][relay.DIGITS]
+                if (c["arm"], c["baseline"]) == ("coupled_full", "detached_full"))
+    assert pair["seeds_arm"] == pair["seeds_base"] == 2 and pair["diff"] == pytest.approx(5 / 8)
+    readme = (tmp_path / "README.md").read_text()
+    assert "| coupled_full | 2 | 0.750 / 0.750 |" in readme and "500 (= relay_digits--coupled--s0), 500 |" in readme
+    assert "Core-hours so far (training steps, test evaluations and held-out evaluations where timed): 5.1." \
+        in readme  # five runs' hours (an hour of steps, 100 s of evaluation each), seed 0's coupled once

@@ -36,6 +36,8 @@ def plot_heldout(runs: dict[str, list[tuple[str, Path]]], path: Path, what: str)
         for label, metrics_path in runs[task]:
             metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()]
             held = [(m["step"], m["heldout_loss"]) for m in metrics if "heldout_loss" in m]
+            if not held:
+                continue
             arm, seed = _arm_and_seed(label)
             ax.plot(*zip(*held), marker=".", label=label, color=palette[arms.index(arm) % len(palette)],
                     linestyle=SEED_STYLES[seed % len(SEED_STYLES)])
@@ -45,7 +47,8 @@ def plot_heldout(runs: dict[str, list[tuple[str, Path]]], path: Path, what: str)
         ax.set_title(f"{task}: held-out loss ({what})")
         ax.set_xlabel("training step")
         ax.set_ylabel("cross-entropy per target token")
-        ax.legend(fontsize=6)
+        if ax.get_lines():
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -45,15 +45,37 @@ PAIRS = {
 
 
 def _load(docs: Path) -> tuple[list[dict], dict[str, dict[str, dict[int, dict[str, bool]]]], dict[str, list[dict]]]:
-    """The finished arms' records, their per-item outcomes by task, arm and seed, and their kept samples by run."""
+    """The finished arms' records (with :func:`_as_run_on` entries), their per-item outcomes by task, arm and seed,
+    and their kept samples by run."""
     arms = [json.loads(p.read_text()) for p in sorted((docs / "arms").glob("*.json"))]
+    arms += [alias for rec in arms if (alias := _as_run_on(rec, arms)) is not None]
     outcomes: dict = defaultdict(lambda: defaultdict(dict))
     samples: dict = {}
     for rec in arms:
-        stem = run_id(rec)
-        samples[stem] = [json.loads(line) for line in (docs / "samples" / f"{stem}.jsonl").read_text().splitlines()]
-        outcomes[rec["task"]][arm_key(rec)][rec["seed"]] = {s["id"]: bool(s["correct"]) for s in samples[stem]}
+        stem = rec.get(SAME_RUN, run_id(rec))
+        samples[run_id(rec)] = [json.loads(line) for line in
+                                (docs / "samples" / f"{stem}.jsonl").read_text().splitlines()]
+        outcomes[rec["task"]][arm_key(rec)][rec["seed"]] = {s["id"]: bool(s["correct"]) for s in samples[run_id(rec)]}
     return arms, outcomes, samples
+
+
+SAME_RUN = "same_run_as"
+"""Marks a record that repeats another run's under its ``<arm>_full`` name (:func:`_as_run_on`)."""
+
+
+def _as_run_on(rec: dict, records: list[dict]) -> dict | None:
+    """An arm that trained to its step cap without the flat-loss rule stopping it is its own run to the cap: where
+    ``<arm>_full`` exists at another seed, the same record under that name (marked :data:`SAME_RUN`, no cost of its
+    own), so that the runs to the cap pool over every seed. None where that does not apply."""
+    full = rec.get("arm", "") + FULL
+    m = arm_key(rec).removeprefix(rec.get("arm", ""))
+    if rec.get("arm", "").endswith(FULL) or rec.get("stopped_early") or \
+            rec.get("steps_trained") != rec.get("config", {}).get("steps"):
+        return None
+    named = [r for r in records if r.get("arm") == full and r["task"] == rec["task"] and arm_key(r) == full + m]
+    if not named or any(r["seed"] == rec["seed"] for r in named):
+        return None
+    return {**rec, "arm": full, "label": f"{full}{m}/s{rec['seed']}", SAME_RUN: run_id(rec), "eval_seconds": 0}
 
 
 def _summary(c: Comparison) -> dict:
@@ -192,7 +214,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
     by_arm: dict[str, dict[str, dict]] = defaultdict(dict)
     for task in outcomes:
         for key in outcomes[task]:
-            runs = [r for r in records if r["task"] == task and arm_key(r) == key]
+            runs = sorted((r for r in records if r["task"] == task and arm_key(r) == key), key=lambda r: r["seed"])
             by_arm[task][key] = {
                 "seeds": sorted(r["seed"] for r in runs), "accuracy": sum(r["accuracy"] for r in runs) / len(runs),
                 "per_seed": [round(r["accuracy"], 4) for r in sorted(runs, key=lambda r: r["seed"])],
@@ -200,7 +222,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                 "positions": sum(r["positions_passed"] for r in runs) / len(runs),
                 "kv_bytes": sum(r["kv_bytes_passed"] for r in runs) / len(runs),
                 "steps": [r["steps_trained"] for r in runs], "stopped_early": [r["stopped_early"] for r in runs],
-                "continued": [r.get("continued_from") for r in runs],
+                "continued": [r.get("continued_from") for r in runs], "same_run": [r.get(SAME_RUN) for r in runs],
                 "train_hours": sum(_core_seconds(r, docs) for r in runs) / 3600,
             }
     comps: dict[str, list[Comparison]] = {}
@@ -217,14 +239,16 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             "accuracy on the same items. Intervals are 95% paired bootstrap intervals of the accuracy difference "
             "(items, and training seeds where both sides have 3); an interval that contains 0 is reported as no "
             "difference detected at this n.", "",
-            _hours_line(hours, records, docs) + " " + remaining_line(plan_arms(docs), _study_config(docs), docs), "",
+            _hours_line(hours, [r for r in records if SAME_RUN not in r], docs) + " " + remaining_line(plan_arms(docs), _study_config(docs), docs), "",
             "## Goals", "", *_goals(outcomes, by_arm, comps), ""]
     for task in sorted(by_arm):
         text += [f"## {task}", "", "| arm | seeds | accuracy per seed | mean | floor | positions passed | K/V passed "
                  "| steps (early stop) |", "|---|---|---|---|---|---|---|---|"]
         for key, row in sorted(by_arm[task].items()):
             stops = ", ".join(f"{s}{'*' if e else ''}" + (f" (1-{c['steps']}: {c['run']}'s)" if c else "")
-                              for s, e, c in zip(row["steps"], row["stopped_early"], row["continued"]))
+                              + (f" (= {same})" if same else "")
+                              for s, e, c, same in zip(row["steps"], row["stopped_early"], row["continued"],
+                                                       row["same_run"]))
             floor = "–" if row["floor"] is None else f"{row['floor']:.3f}"
             text.append(f"| {key} | {len(row['seeds'])} | {' / '.join(f'{a:.3f}' for a in row['per_seed'])} | "
                         f"{row['accuracy']:.3f} | {floor} | {row['positions']:.1f} | {row['kv_bytes'] / 1024:.0f} KiB "
