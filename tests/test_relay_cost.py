@@ -1,5 +1,4 @@
-"""What an arm will cost before it starts (from the finished arms' own curves), and workers that start only arms
-that can finish before a deadline."""
+"""What an arm will cost before it starts (from the finished arms' own curves), and the deadline that uses it."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import pytest
 from diffmas.experiments import relay
 from diffmas.experiments.relay import Arm, RelayConfig
 from diffmas.experiments.relay_cost import MARGIN, estimate_seconds, remaining_line, steps_done
-from diffmas.experiments.workers import work_through
 
 
 def _finished(docs, name, task, step_s, heldout_s, eval_s, m=6, system="diffmas", steps=500):
@@ -63,29 +61,6 @@ def test_an_arm_costs_its_references_steps_heldout_evaluations_and_test_evaluati
     _finished(docs, "coupled", relay.DIGITS, step_s=6.0, heldout_s=60.0, eval_s=400, m=2)
     assert estimate_seconds(Arm("coupled", relay.DIGITS, latent_steps=16), cfg, out, docs) == pytest.approx(
         (500 * 20.0 + 21 * 200.0 + 400) * MARGIN)
-
-
-class Fake:
-    def __init__(self, id):
-        self.id = id
-
-
-def test_a_worker_with_a_deadline_passes_over_arms_that_would_not_finish_and_stops(tmp_path, capsys):
-    out, docs = tmp_path / "out", tmp_path / "docs"
-    ran = []
-
-    def run(arm):
-        ran.append(arm.id)
-        (docs / "arms").mkdir(exist_ok=True)
-        (docs / "arms" / f"{arm.id}.json").write_text("{}")
-        return "done"
-
-    plan = [Fake("long--s0"), Fake("short--s0"), Fake("long--s1"), Fake("short--s1")]
-    work_through(lambda: plan, run, lambda: None, out, docs, fits=lambda arm: arm.id.startswith("short"))
-    assert ran == ["short--s0", "short--s1"]
-    assert "no free arm fits in the time left (2 left, the next: long--s0): stopping" in capsys.readouterr().out
-    work_through(lambda: plan, run, lambda: None, out, docs)  # no deadline: the rest, in plan order
-    assert ran == ["short--s0", "short--s1", "long--s0", "long--s1"]
 
 
 def test_the_command_line_reads_the_deadline_and_rejects_a_bad_one(tmp_path):

@@ -102,6 +102,21 @@ def test_a_stop_snapshots_unfinished_arms_and_a_finished_arm_drops_its_snapshot(
 
 
 
+class FakeArm:
+    def __init__(self, id):
+        self.id = id
+
+
+def _finishing(docs: Path, ran: list[str]):
+    """A worker's ``run``: records the arm and writes its result, as run_arm does."""
+    def run(arm):
+        ran.append(arm.id)
+        (docs / "arms").mkdir(exist_ok=True)
+        (docs / "arms" / f"{arm.id}.json").write_text("{}")
+        return "done"
+    return run
+
+
 @pytest.mark.parametrize("trees, restarts", [(["t1", "t2"], True), (["t1", "t1"], False), (["t1", None], False),
                                              ([None, "t2"], False)])
 def test_a_worker_restarts_on_newly_committed_code_between_arms(tmp_path, monkeypatch, trees, restarts):
@@ -117,26 +132,27 @@ def test_a_worker_restarts_on_newly_committed_code_between_arms(tmp_path, monkey
         raise SystemExit(0)  # exec never returns: the process goes on as the new command
 
     monkeypatch.setattr(workers.os, "execv", execv)
-
-    class Fake:
-        def __init__(self, id):
-            self.id = id
-
     ran = []
-
-    def run(arm):
-        ran.append(arm.id)
-        (docs / "arms").mkdir(exist_ok=True)
-        (docs / "arms" / f"{arm.id}.json").write_text("{}")
-        return "done"
-
+    run = _finishing(docs, ran)
     try:
-        work_through(lambda: [Fake("a--s0"), Fake("b--s0")], run, lambda: None, out, docs)
+        work_through(lambda: [FakeArm("a--s0"), FakeArm("b--s0")], run, lambda: None, out, docs)
     except SystemExit:
         pass
     assert ran == (["a--s0"] if restarts else ["a--s0", "b--s0"])
     assert execs == ([[sys.executable, *sys.argv]] if restarts else [])
     assert not (out / "claims" / "a--s0.claim").exists()  # the finished arm's claim is released before the restart
+
+
+def test_a_worker_with_a_deadline_passes_over_arms_that_would_not_finish_and_stops(tmp_path, capsys):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    ran = []
+    plan = [FakeArm("long--s0"), FakeArm("short--s0"), FakeArm("long--s1"), FakeArm("short--s1")]
+    work_through(lambda: plan, _finishing(docs, ran), lambda: None, out, docs,
+                 fits=lambda arm: arm.id.startswith("short"))
+    assert ran == ["short--s0", "short--s1"]
+    assert "no free arm fits in the time left (2 left, the next: long--s0): stopping" in capsys.readouterr().out
+    work_through(lambda: plan, _finishing(docs, ran), lambda: None, out, docs)  # no deadline: the rest, in order
+    assert ran == ["short--s0", "short--s1", "long--s0", "long--s1"]
 
 
 def test_the_plan_status_says_where_each_arm_stands(tmp_path):
