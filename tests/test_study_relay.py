@@ -454,3 +454,9 @@ def test_an_arm_that_reached_the_cap_pools_with_the_runs_to_the_cap_of_other_see
     assert "| coupled_full | 2 | 0.750 / 0.750 |" in readme and "500 (= relay_digits--coupled--s0), 500 |" in readme
     assert "Core-hours so far (training steps, test evaluations and held-out evaluations where timed): 5.1." \
         in readme  # five runs' hours (an hour of steps, 100 s of evaluation each), seed 0's coupled once
+    goals = readme.split("## Goals")[1].split("##")[0]
+    # Both sides at the cap on every seed: equal budgets, although the arm has its cap run at seed 0 by itself.
+    assert "- relay:digits: coupled_full - detached_full = +62.5 points" in goals
+    assert next(line for line in goals.splitlines() if "coupled_full - detached_full" in line).endswith("above 0: met")
+    assert "- relay:digits, coupled_full, k = 1: accuracy 0.750 ± " in goals and "(n = 16; per seed 0.75 / 0.75;" \
+        in goals

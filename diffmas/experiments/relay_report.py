@@ -175,11 +175,12 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
     """The issue's goals, each stated as met, not met, or not measured yet, with the numbers behind it."""
     lines = []
     digits = outcomes.get("relay:digits", {})
-    if "coupled" in digits:
-        k1 = ladder(digits["coupled"]).get(1)
-        if k1 is not None:
-            lines.append(f"- relay:digits, coupled, k = 1: accuracy {k1.accuracy:.3f} ± {k1.stderr:.3f} "
-                         f"(n = {k1.n}; goal >= 0.9, chance 0.1): " + ("met" if k1.accuracy >= 0.9 else "not met"))
+    key = f"coupled{FULL}" if f"coupled{FULL}" in digits else "coupled"  # at the cap, every seed, where run on
+    if key in digits and (k1 := ladder(digits[key]).get(1)) is not None:
+        seeds = {seed: ladder({seed: items})[1].accuracy for seed, items in sorted(digits[key].items())}
+        per_seed = f"; per seed {' / '.join(f'{a:.2f}' for a in seeds.values())}" if len(seeds) > 1 else ""
+        lines.append(f"- relay:digits, {key}, k = 1: accuracy {k1.accuracy:.3f} ± {k1.stderr:.3f} "
+                     f"(n = {k1.n}{per_seed}; goal >= 0.9, chance 0.1): " + ("met" if k1.accuracy >= 0.9 else "not met"))
     chain = by_arm.get("relay:chain_sum", {})
     latent = [f"coupled{r}" for r in _RECIPES if f"coupled{r}" in chain]
     if latent and "open" in chain:  # the best latents-only recipe
@@ -199,7 +200,7 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
                 steps = by_arm[task][c.arm]["steps"], by_arm[task][c.baseline]["steps"]
                 # A baseline that trained at least as long as the arm on every seed cannot owe a loss to its budget.
                 favoured = "in the baseline's favour" if max(steps[0], default=0) <= min(steps[1], default=0) else ""
-                unequal = "" if steps[0] == steps[1] or not (any(steps[0]) and any(steps[1])) else (
+                unequal = "" if set(steps[0]) == set(steps[1]) or not (any(steps[0]) and any(steps[1])) else (
                     f"; not at equal budgets{' (' + favoured + ')' if favoured else ''}: trained "
                     f"{'/'.join(map(str, steps[0]))} vs {'/'.join(map(str, steps[1]))} steps")
                 lines.append(f"- {task}: {c.arm} - {c.baseline} = {100 * c.diff:+.1f} points "
