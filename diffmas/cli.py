@@ -386,7 +386,7 @@ def _study(kind: str, out: Path, docs: Path, commit: bool, device: str, max_arms
             from diffmas.experiments.relay_cost import estimate_seconds
 
             def estimate(arm):
-                return estimate_seconds(arm, study_module.RelayConfig(), out, docs)
+                return estimate_seconds(arm, study_module.study_config(docs), out, docs)
 
         rows = plan_status(study_module.plan_arms(docs), out, docs, estimate)
         table = Table("arm", "state", "detail", title=f"{kind} study: the plan, in order")

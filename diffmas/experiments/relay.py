@@ -358,6 +358,12 @@ def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cp
     return record
 
 
+def study_config(docs: Path) -> RelayConfig:
+    """The budget the study ran with (saved beside its results by :func:`run_study`), else the default."""
+    path = docs / "study_config.json"
+    return RelayConfig(**json.loads(path.read_text())) if path.is_file() else RelayConfig()
+
+
 def run_study(out: Path, docs: Path, cfg: RelayConfig | None = None, device: str = "cpu", commit: bool = False,
               max_arms: int | None = None, until: float | None = None) -> None:
     """Work through the arms until none is left to claim (resumable; several workers may run at once). ``until``

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
 from diffmas.experiments.curves import plot_heldout
-from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, TEXT, RelayConfig, arm_key, plan_arms, run_id
+from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, TEXT, arm_key, plan_arms, run_id, study_config
 from diffmas.experiments.relay_answers import (closeness_table, ladder, messages_table, near_outcomes, near_table,
                                                places_table)
 from diffmas.experiments.relay_cost import remaining_line
@@ -52,10 +52,10 @@ def _load(docs: Path) -> tuple[list[dict], dict[str, dict[str, dict[int, dict[st
     outcomes: dict = defaultdict(lambda: defaultdict(dict))
     samples: dict = {}
     for rec in arms:
-        stem = rec.get(SAME_RUN, run_id(rec))
-        samples[run_id(rec)] = [json.loads(line) for line in
-                                (docs / "samples" / f"{stem}.jsonl").read_text().splitlines()]
-        outcomes[rec["task"]][arm_key(rec)][rec["seed"]] = {s["id"]: bool(s["correct"]) for s in samples[run_id(rec)]}
+        stem = run_id(rec)
+        samples[stem] = samples[rec[SAME_RUN]] if SAME_RUN in rec else \
+            [json.loads(line) for line in (docs / "samples" / f"{stem}.jsonl").read_text().splitlines()]
+        outcomes[rec["task"]][arm_key(rec)][rec["seed"]] = {s["id"]: bool(s["correct"]) for s in samples[stem]}
     return arms, outcomes, samples
 
 
@@ -151,12 +151,6 @@ def _core_seconds(rec: dict, docs: Path) -> float:
     return steps + (heldout or 0.0) + rec.get("eval_seconds", 0.0)
 
 
-def _study_config(docs: Path) -> RelayConfig:
-    """The budget the study ran with (saved beside its results by ``run_study``), else the default."""
-    path = docs / "study_config.json"
-    return RelayConfig(**json.loads(path.read_text())) if path.is_file() else RelayConfig()
-
-
 def _hours_line(hours: float, records: list[dict], docs: Path) -> str:
     """What the study cost so far, and what that count leaves out."""
     seconds = [_seconds(r, docs) for r in records]
@@ -177,10 +171,10 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
     digits = outcomes.get("relay:digits", {})
     key = f"coupled{FULL}" if f"coupled{FULL}" in digits else "coupled"  # at the cap, every seed, where run on
     if key in digits and (k1 := ladder(digits[key]).get(1)) is not None:
-        seeds = {seed: ladder({seed: items})[1].accuracy for seed, items in sorted(digits[key].items())}
-        per_seed = f"; per seed {' / '.join(f'{a:.2f}' for a in seeds.values())}" if len(seeds) > 1 else ""
-        lines.append(f"- relay:digits, {key}, k = 1: accuracy {k1.accuracy:.3f} ± {k1.stderr:.3f} "
-                     f"(n = {k1.n}{per_seed}; goal >= 0.9, chance 0.1): " + ("met" if k1.accuracy >= 0.9 else "not met"))
+        seeds = [ladder({seed: items})[1].accuracy for seed, items in sorted(digits[key].items())]
+        per_seed = f"; per seed {' / '.join(f'{a:.2f}' for a in seeds)}" if len(seeds) > 1 else ""
+        lines.append(f"- relay:digits, {key}, k = 1: accuracy {k1.accuracy:.3f} ± {k1.stderr:.3f} (n = {k1.n}"
+                     f"{per_seed}; goal >= 0.9, chance 0.1): " + ("met" if k1.accuracy >= 0.9 else "not met"))
     chain = by_arm.get("relay:chain_sum", {})
     latent = [f"coupled{r}" for r in _RECIPES if f"coupled{r}" in chain]
     if latent and "open" in chain:  # the best latents-only recipe
@@ -218,7 +212,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             runs = sorted((r for r in records if r["task"] == task and arm_key(r) == key), key=lambda r: r["seed"])
             by_arm[task][key] = {
                 "seeds": sorted(r["seed"] for r in runs), "accuracy": sum(r["accuracy"] for r in runs) / len(runs),
-                "per_seed": [round(r["accuracy"], 4) for r in sorted(runs, key=lambda r: r["seed"])],
+                "per_seed": [round(r["accuracy"], 4) for r in runs],
                 "stderr": [r["stderr"] for r in runs], "floor": runs[0].get("floor"),
                 "positions": sum(r["positions_passed"] for r in runs) / len(runs),
                 "kv_bytes": sum(r["kv_bytes_passed"] for r in runs) / len(runs),
@@ -240,7 +234,8 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             "accuracy on the same items. Intervals are 95% paired bootstrap intervals of the accuracy difference "
             "(items, and training seeds where both sides have 3); an interval that contains 0 is reported as no "
             "difference detected at this n.", "",
-            _hours_line(hours, [r for r in records if SAME_RUN not in r], docs) + " " + remaining_line(plan_arms(docs), _study_config(docs), docs), "",
+            _hours_line(hours, [r for r in records if SAME_RUN not in r], docs) + " "
+            + remaining_line(plan_arms(docs), study_config(docs), docs), "",
             "## Goals", "", *_goals(outcomes, by_arm, comps), ""]
     for task in sorted(by_arm):
         text += [f"## {task}", "", "| arm | seeds | accuracy per seed | mean | floor | positions passed | K/V passed "
