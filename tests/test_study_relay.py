@@ -46,7 +46,8 @@ def test_arms_share_one_budget_and_differ_only_where_named():
         topology = load_topology(train_config(Arm(half, relay.SPLIT), cfg).topology)
         assert len(topology.writers) == 1 and topology.final.sees == "none"
     seeds = {(a.name, a.task) for a in arms if a.seed > 0}  # where the claims are
-    assert seeds == {(n, relay.DIGITS) for n in ("coupled", "detached", "pause")} | {("open", relay.CHAIN)}
+    assert seeds == {(n, relay.DIGITS) for n in ("coupled", "detached", "pause", "coupled_anneal")} | {
+        ("open", relay.CHAIN)}
 
 
 def test_the_split_task_waits_until_a_latent_channel_passes_a_sum(tmp_path):
@@ -320,6 +321,10 @@ def test_the_split_report_pairs_the_share_of_answers_near_the_sum(tmp_path):
 
 def test_the_digits_seeds_come_before_the_other_controls():
     ids = [a.id for a in plan_arms()]
+    # The curriculum on the digits at two seeds, between seed 1 and seed 2 of the plain recipe.
+    curriculum = [ids.index(Arm("coupled_anneal", relay.DIGITS, seed).id) for seed in (0, 1)]
+    assert ids.index(Arm("pause", relay.DIGITS, 1).id) < min(curriculum)
+    assert max(curriculum) < ids.index(Arm("coupled", relay.DIGITS, 2).id)
     assert ids.index(Arm("pause", relay.DIGITS, 2).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
     assert ids.index(Arm("coupled_long", relay.DIGITS).id) < ids.index(Arm("skyline", relay.CHAIN).id)
 
@@ -460,3 +465,26 @@ def test_an_arm_that_reached_the_cap_pools_with_the_runs_to_the_cap_of_other_see
     assert next(line for line in goals.splitlines() if "coupled_full - detached_full" in line).endswith("above 0: met")
     assert "- relay:digits, coupled_full, k = 1: accuracy 0.750 ± " in goals and "(n = 16; per seed 0.75 / 0.75;" \
         in goals
+
+
+def test_the_digits_goal_is_judged_for_coupled_under_each_recipe_and_the_recipes_are_paired(tmp_path):
+    for sub in ("arms", "samples", "curves"):
+        (tmp_path / sub).mkdir()
+    for name, right in (("coupled", 1), ("coupled_anneal", 8)):
+        arm = Arm(name, relay.DIGITS)
+        rec = {"arm": name, "task": relay.DIGITS, "label": arm.label, "seed": 0, "accuracy": right / 8,
+               "stderr": 0.1, "floor": 0.03, "positions_passed": 6.0, "kv_bytes_passed": 1.0, "steps_trained": 500,
+               "stopped_early": False, "eval_seconds": 100, "latent_steps": 6, "system": "diffmas",
+               "machine": "test", "config": {"steps": 500}}
+        (tmp_path / "arms" / f"{arm.id}.json").write_text(json.dumps(rec))
+        (tmp_path / "samples" / f"{arm.id}.jsonl").write_text("".join(
+            json.dumps({"id": f"digits1-{i}", "correct": i < right, "extracted": "1"}) + "\n" for i in range(8)))
+        (tmp_path / "curves" / f"{arm.id}.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "seconds": 60}))
+    results = write_report(tmp_path, n_boot=100)
+    goals = (tmp_path / "README.md").read_text().split("## Goals")[1].split("##")[0]
+    assert "- relay:digits, coupled, k = 1: accuracy 0.125 ± " in goals and goals.count("): not met") == 1
+    assert "- relay:digits, coupled_anneal, k = 1: accuracy 1.000 ± 0.000 (n = 8; goal >= 0.9, chance 0.1): met" \
+        in goals
+    pair = next(c for c in results["comparisons"][relay.DIGITS] if (c["arm"], c["baseline"]) ==
+                ("coupled_anneal", "coupled"))
+    assert pair["diff"] == pytest.approx(7 / 8)

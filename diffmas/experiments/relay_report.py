@@ -40,7 +40,8 @@ PAIRS = {
     "split:chain_sum": _against_controls(("half_a", "half_b"), _RECIPES),
     "relay:digits": _against_controls(("detached", "pause"), ("",))
     + [("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"), ("coupled", "text_sft_4m"),
-       ("text_sft_m", "text_m"), ("coupled", "skyline"), ("coupled_long", "coupled")],
+       ("text_sft_m", "text_m"), ("coupled", "skyline"), ("coupled_long", "coupled"),
+       ("coupled_anneal", "coupled"), (f"coupled_anneal{FULL}", f"coupled{FULL}")],
 }
 
 
@@ -169,8 +170,10 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
     """The issue's goals, each stated as met, not met, or not measured yet, with the numbers behind it."""
     lines = []
     digits = outcomes.get("relay:digits", {})
-    key = f"coupled{FULL}" if f"coupled{FULL}" in digits else "coupled"  # at the cap, every seed, where run on
-    if key in digits and (k1 := ladder(digits[key]).get(1)) is not None:
+    for recipe in _RECIPES:  # coupled under each recipe trained on the digits
+        key = f"coupled{recipe}{FULL}" if f"coupled{recipe}{FULL}" in digits else f"coupled{recipe}"  # at the cap
+        if key not in digits or (k1 := ladder(digits[key]).get(1)) is None:
+            continue
         seeds = [ladder({seed: items})[1].accuracy for seed, items in sorted(digits[key].items())]
         per_seed = f"; per seed {' / '.join(f'{a:.2f}' for a in seeds)}" if len(seeds) > 1 else ""
         lines.append(f"- relay:digits, {key}, k = 1: accuracy {k1.accuracy:.3f} ± {k1.stderr:.3f} (n = {k1.n}"
