@@ -63,6 +63,19 @@ def test_an_arm_costs_its_references_steps_heldout_evaluations_and_test_evaluati
         (500 * 20.0 + 21 * 200.0 + 400) * MARGIN)
 
 
+def test_a_recipe_not_run_on_a_task_yet_costs_what_the_arm_under_another_recipe_costs_there(tmp_path):
+    out, docs, cfg = tmp_path / "out", tmp_path / "docs", RelayConfig()
+    _finished(docs, "coupled", relay.DIGITS, step_s=6.0, heldout_s=60.0, eval_s=300)
+    _finished(docs, "coupled_anneal", relay.CHAIN, step_s=12.0, heldout_s=120.0, eval_s=900)
+    # The task's prompts set a step's cost: the digits' coupled, not the sums' curriculum.
+    assert estimate_seconds(Arm("coupled_anneal", relay.DIGITS), cfg, out, docs) == pytest.approx(
+        (500 * 6.0 + 21 * 60.0 + 300) * MARGIN)
+    # Under its own recipe where that has run on the task.
+    _finished(docs, "coupled_anneal", relay.DIGITS, step_s=7.0, heldout_s=70.0, eval_s=300)
+    assert estimate_seconds(Arm("coupled_anneal", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(
+        (500 * 7.0 + 21 * 70.0 + 300) * MARGIN)
+
+
 def test_the_command_line_reads_the_deadline_and_rejects_a_bad_one(tmp_path):
     from typer.testing import CliRunner
 

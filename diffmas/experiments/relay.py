@@ -127,7 +127,7 @@ RUN_ON = ("coupled", *CONTROLS)
 """The arms (roots, any recipe) that may be run on to the cap: ``<arm>_full``."""
 
 
-def _split_name(name: str) -> tuple[str, str]:
+def split_name(name: str) -> tuple[str, str]:
     """(root arm, recipe suffix) of a bottlenecked arm's name: ``pause_anneal`` -> (``pause``, ``_anneal``)."""
     for suffix in RECIPES:
         if name.endswith(suffix) and name.removesuffix(suffix) in BOTTLENECKED:
@@ -137,10 +137,10 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
     """(system, TrainConfig overrides) of an arm by name; text arms (``text_mas``, ``text_sft``) are only evaluated."""
-    if name.endswith(FULL) and _split_name(name.removesuffix(FULL))[0] in RUN_ON:
+    if name.endswith(FULL) and split_name(name.removesuffix(FULL))[0] in RUN_ON:
         system, changes = arm_settings(name.removesuffix(FULL), cfg)
         return system, {**changes, "stop.min_steps": cfg.max_steps}
-    root, suffix = _split_name(name)
+    root, suffix = split_name(name)
     if suffix:
         system, changes = arm_settings(root, cfg)
         return system, {**changes, **RECIPES[suffix]}
@@ -225,7 +225,7 @@ def _to_the_cap(arms: list[Arm], docs: Path | None) -> list[Arm]:
     out = []
     for arm in arms:
         out.append(arm)
-        root, recipe = _split_name(arm.name)
+        root, recipe = split_name(arm.name)
         if root not in RUN_ON or (done := _finished(arm, docs)) is None or not done.get("stopped_early"):
             continue
         same = dict(task=arm.task, seed=arm.seed, latent_steps=arm.latent_steps)

@@ -14,7 +14,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from diffmas.experiments.relay import TEXT, Arm, RelayConfig, arm_settings, continued_from, run_id
+from diffmas.experiments.relay import FULL, TEXT, Arm, RelayConfig, arm_settings, continued_from, run_id, split_name
 from diffmas.train.checkpoint import latest_checkpoint, read_state
 from diffmas.train.resume import INHERITED
 
@@ -55,12 +55,15 @@ def _read(paths: list[Path], docs: Path) -> list[dict]:
 
 def _references(arm: Arm, records: list[dict], trained: bool) -> list[dict]:
     """The finished arms most like ``arm`` (text arms for a text arm, trained ones with a timed curve for a trained
-    one): the same arm (any seed, its run to the cap included) on the same task, else on any task, else any arm of
-    the task, else any arm at all."""
-    root = arm.name.removesuffix("_full")
+    one): the same arm (any seed, its run to the cap included) on the same task, else the same arm under another
+    recipe on the task (a recipe changes what the reader may see, not what a step computes; the task's prompts do),
+    else the same arm on any task, else any arm of the task, else any arm at all."""
+    root = arm.name.removesuffix(FULL)
     kind = [r for r in records if (r.get("system") not in TEXT) == trained and (not trained or r["step_times"])]
-    for same in (lambda r: r.get("arm", "").removesuffix("_full") == root and r["task"] == arm.task,
-                 lambda r: r.get("arm", "").removesuffix("_full") == root,
+    for same in (lambda r: r.get("arm", "").removesuffix(FULL) == root and r["task"] == arm.task,
+                 lambda r: split_name(r.get("arm", "").removesuffix(FULL))[0] == split_name(root)[0]
+                 and r["task"] == arm.task,
+                 lambda r: r.get("arm", "").removesuffix(FULL) == root,
                  lambda r: r["task"] == arm.task,
                  lambda r: True):
         found = [r for r in kind if same(r)]
