@@ -22,7 +22,7 @@ from diffmas.systems import build_system
 from diffmas.tasks import get_task
 from diffmas.train.data import TrainExample, build_datasets
 from diffmas.experiments.presets import train_once
-from diffmas.train.loop import train
+from diffmas.train.loop import TrajectoryLoss, attach_trainable, heldout_loss, train
 from diffmas.train.objectives import AUTOENCODE_INSTRUCTION, plan_step, reveal_at
 from diffmas.train.resume import INHERITED, flattened
 from diffmas.tasks.relay import split_expression
@@ -119,6 +119,18 @@ def test_flattened_stops_when_the_window_improves_by_less_than_the_tolerance():
     rising = [(0, 2.0), (10, 1.0), (20, 0.9), (30, 0.95), (40, 1.0)]
     assert flattened(rising, stop)  # getting worse is not improving
 
+
+def test_the_heldout_loss_is_a_token_mean_over_all_items_whatever_the_batch(tiny_model_dir):
+    # The stopping rule compares a run's held-out losses with each other and a study's runs with one another: the
+    # loss must not depend on how the items are batched (answers of 1-6 digits: uneven token counts per batch).
+    cfg = load_config(None, {"model.name": str(tiny_model_dir), "model.device": "cpu", "data.task": "relay:digits",
+                             "data.heldout_examples": 5, "latent_steps": 2, "trace": "latents"})
+    _, heldout = build_datasets(cfg, 2)
+    assert len({len(ex.target) for ex in heldout}) > 1
+    backbone = load_backbone(cfg.model.name, "cpu", cfg.model.dtype)
+    module = TrajectoryLoss(backbone, attach_trainable(backbone, cfg), cfg)
+    one, two, five = (heldout_loss(module, heldout, batch, cfg) for batch in (1, 2, 5))
+    assert two == pytest.approx(one, rel=1e-6) and five == pytest.approx(one, rel=1e-6)  # float32 rounding
 
 def test_channel_options_need_a_bottleneck_and_a_reader_that_sees_nothing(tmp_path):
     with pytest.raises(DiffMASError, match="trace 'latents'"):

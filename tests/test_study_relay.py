@@ -28,6 +28,8 @@ def test_arms_share_one_budget_and_differ_only_where_named():
     assert len({(c.batch_size, c.lr, c.steps, c.stop.min_steps, c.data.heldout_examples)
                 for i, c in trained.items() if "coupled_long" not in i and "_full" not in i}) == 1
     assert all(c.stop.enabled and c.eval_every for c in trained.values())
+    # fp32 everywhere: 'auto' would train under bf16 autocast on a CPU with native bf16 and in fp32 elsewhere.
+    assert {c.mixed_precision for c in trained.values()} == {"no"}
     chain = {a.name: trained[a.id] for a in arms if a.task == relay.CHAIN and a.seed == 0 and a.id in trained}
     assert chain["open"].trace == "keep" and chain["coupled"].trace == "latents"
     assert chain["detached"].grad_mode == "detached" and chain["pause"].latent_map == "pause"
@@ -122,6 +124,7 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     coupled = json.loads((docs / "arms" / f"{arms[0].id}.json").read_text())
     assert coupled["n"] == 6 and coupled["positions_passed"] == 2 and 0 < coupled["steps_trained"] <= 4
     assert coupled["config"]["trace"] == "latents" and coupled["config"]["stop"]["enabled"]
+    assert coupled["mixed_precision"] == "no"  # fp32 on any machine, as resolved where it trained
     assert coupled["kv_bytes_passed"] == 2 * (2 * 2 * 2 * 16 * 4)  # positions x (K+V x layers x heads x dim x fp32)
     text = json.loads((docs / "arms" / f"{arms[1].id}.json").read_text())
     assert text["steps_trained"] == 0 and text["positions_passed"] <= 2  # the message alone, at most m tokens

@@ -272,7 +272,7 @@ def test_resume_keeps_the_global_batch_whatever_its_split(tmp_path, tiny_model_d
     cfg = load_config(_config_file(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2))
     loop.train(cfg, tmp_path / "full")
     state = json.loads((tmp_path / "full" / "checkpoints" / "step-000002" / "state.json").read_text())
-    assert state == {"step": 2, "data_position": 8, "num_processes": 1}
+    assert state == {"step": 2, "data_position": 8, "num_processes": 1, "mixed_precision": "no"}
     # Same global batch (4 = 2 x 2 micro-batches): allowed, and the curve continues (same data order).
     split = _resume_copy(tmp_path / "full", tmp_path / "split", 2)
     loop.train(load_config(_config_file(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2, batch_size=2,
@@ -284,6 +284,22 @@ def test_resume_keeps_the_global_batch_whatever_its_split(tmp_path, tiny_model_d
     with pytest.raises(DiffMASError, match=r"global batch of 4 .* this run's is 2") as err:
         loop.train(load_config(_config_file(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2, batch_size=2)),
                    other, resume=True)
+    assert "\n" not in str(err.value)
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == snapshot
+
+
+def test_resume_refuses_another_precision_than_the_checkpoint_trained_under(tmp_path, tiny_model_dir):
+    # mixed_precision 'auto' resolves per machine (bf16 where the CPU has it natively): the same config resumed on
+    # another machine would change precision mid-run. Simulated: a checkpoint written under bf16, resumed in fp32.
+    cfg = load_config(_config_file(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2))
+    loop.train(cfg, tmp_path / "full")
+    other = _resume_copy(tmp_path / "full", tmp_path / "other", 2)
+    state_file = other / "checkpoints" / "step-000002" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "mixed_precision": "bf16"}))
+    snapshot = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    with pytest.raises(DiffMASError, match=r"trained under mixed precision 'bf16', this run would compute under "
+                                           r"'no'.*set mixed_precision: bf16") as err:
+        loop.train(cfg, other, resume=True)
     assert "\n" not in str(err.value)
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == snapshot
 

@@ -74,6 +74,9 @@ class RelayConfig:
     max_new_tokens: int = 24
     eval_batch_size: int = 16
     model: str = "smollm2-135m-instruct"
+    mixed_precision: str = "no"
+    """fp32 on every machine: ``auto`` would pick bf16 autocast where the CPU computes it natively, so arms trained
+    on different machines would differ in precision (it did, 2026-12-06: docs/study-relay/checks/bf16-autocast)."""
     autoencode_steps: int = 0
     anneal: float = 0.0
     """The recipe of the bottlenecked arms (coupled, detached, pause, half_*): autoencoding pre-training steps and
@@ -267,7 +270,7 @@ def train_config(arm: Arm, cfg: RelayConfig, device: str = "cpu"):
     overrides = {
         "system": system, "latent_steps": steps, "steps": cfg.max_steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
         "seed": arm.seed, "checkpoint_every": cfg.eval_every, "eval_every": cfg.eval_every,
-        "mixed_precision": "auto", "model.name": cfg.model, "model.device": device,
+        "mixed_precision": cfg.mixed_precision, "model.name": cfg.model, "model.device": device,
         "data.task": arm.task, "data.heldout_examples": cfg.heldout, "stop.enabled": True,
         "stop.min_steps": cfg.min_steps, "lora.rank": 16, "lora.alpha": 32, **changes,
     }
@@ -323,6 +326,13 @@ def _inherited(metrics: list[dict]) -> dict | None:
     return {"run": copied[-1][INHERITED], "steps": copied[-1]["step"]} if copied else None
 
 
+def _precision(run: Path | None) -> str | None:
+    """The precision a trained run computed in, as resolved on its machine (saved with its adapters)."""
+    from diffmas.adapters import read_adapter_meta
+
+    return None if run is None else read_adapter_meta(run).get("mixed_precision")
+
+
 def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cpu") -> dict:
     """Train (unless a text arm) and evaluate one arm; writes docs/arms/<id>.json, its samples and its curve."""
     system, _ = arm_settings(arm.name, cfg)
@@ -350,7 +360,7 @@ def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cp
         "steps_trained": held[-1]["step"] if held else 0,
         "stopped_early": bool(metrics and metrics[-1].get("stopped_early")),
         "heldout_loss_end": held[-1]["heldout_loss"] if held else None,
-        "continued_from": _inherited(metrics),
+        "continued_from": _inherited(metrics), "mixed_precision": _precision(run),
         "train_seconds": round(train_s), "eval_seconds": round(time.time() - started),
         "config": to_dict(tcfg) if tcfg else results["config"]["systems"][0]["settings"],
         "machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "code": code_version(),

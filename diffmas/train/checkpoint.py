@@ -124,7 +124,8 @@ def save_checkpoint(out: Path, step: int, data_position: int, backbone: Backbone
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         save_config(config, tmp / "config.yaml")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "data_position": data_position,
-                                                  "num_processes": accelerator.num_processes}))
+                                                  "num_processes": accelerator.num_processes,
+                                                  "mixed_precision": accelerator.mixed_precision}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()
@@ -152,12 +153,16 @@ def read_state(path: Path) -> dict:
                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
-def check_resume(path: Path, global_batch: int, num_processes: int) -> dict:
-    """The checkpoint's state, after checking that this run continues its data order exactly.
+def check_resume(path: Path, global_batch: int, num_processes: int, mixed_precision: str | None = None) -> dict:
+    """The checkpoint's state, after checking that this run continues its data order exactly and computes as the
+    checkpoint's run did.
 
     The data order depends only on the global batch (every process builds the same global batch and takes
     its share of it), so a different process count is fine when the global batch is the same; a different
-    global batch would silently skip or repeat examples and is an error.
+    global batch would silently skip or repeat examples and is an error. So is another precision than the one
+    the checkpoint trained under (``mixed_precision``: this run's, resolved): ``auto`` resolves per machine, and a
+    run resumed on another machine would change precision mid-run under the same config. (Checkpoints written
+    before the precision was recorded are not checked.)
     """
     state = read_state(path)
     step, position = state.get("step"), state.get("data_position")
@@ -170,6 +175,12 @@ def check_resume(path: Path, global_batch: int, num_processes: int) -> dict:
             f"({state.get('num_processes', '?')} process(es)); this run's is {global_batch} ({num_processes} "
             f"process(es) x batch_size x grad_accum): keep the global batch (batch_size x grad_accum x processes) "
             f"or start a new run")
+    saved = state.get("mixed_precision")
+    if mixed_precision is not None and saved is not None and saved != mixed_precision:
+        raise DiffMASError(
+            f"--resume: checkpoint {path.name} was trained under mixed precision '{saved}', this run would compute "
+            f"under '{mixed_precision}' (mixed_precision 'auto' resolves per machine): set mixed_precision: "
+            f"{saved} to continue it as it was trained, or start a new run")
     return state
 
 

@@ -211,7 +211,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     micro = cfg.batch_size * world  # examples per micro-batch over all processes
     global_batch = micro * cfg.grad_accum
     if ckpt is not None:  # before anything is loaded: a resume that would change the data order fails at once
-        check_resume(ckpt, global_batch, world)
+        check_resume(ckpt, global_batch, world, accelerator.mixed_precision)
 
     # Data first: a method that the data cannot support fails before the model is even loaded.
     train_set, heldout = build_datasets(cfg, cfg.steps * global_batch)
