@@ -1,4 +1,4 @@
-"""python benchmarks/run_all.py --out docs/benchmarks   (runs P1..P10, then writes docs/benchmarks.md)
+"""python benchmarks/run_all.py --out docs/benchmarks   (runs P1..P11, then writes docs/benchmarks.md)
 
 Each benchmark runs in its own process, one after the other (never two at once: they would time each other), with
 the same thread count. Their JSONs land in ``--out``; this script then renders docs/benchmarks.md from them.
@@ -21,10 +21,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCHES = {"P1": "bench_rollout.py", "P2": "bench_tokens.py", "P3": "bench_train_step.py",
            "P4": "bench_memory.py", "P5": "bench_scaling.py", "P6": "bench_throughput.py", "P7": "bench_serve.py",
-           "P8": "bench_allocator.py", "P9": "profile_train_step.py", "P10": "bench_shared_prefix.py"}
+           "P8": "bench_allocator.py", "P9": "profile_train_step.py", "P10": "bench_shared_prefix.py",
+           "P11": "bench_heldout.py"}
 DOC_DIR = ROOT / "docs"  # set by render(): links in the page are relative to it
 JSONS = {"P1": "rollout", "P2": "tokens", "P3": "train_step", "P4": "memory", "P5": "scaling", "P6": "throughput",
-         "P7": "serve", "P8": "allocator", "P9": "profile", "P10": "shared_prefix"}
+         "P7": "serve", "P8": "allocator", "P9": "profile", "P10": "shared_prefix", "P11": "heldout"}
 
 
 def f(x: float, digits: int = 2) -> str:
@@ -406,6 +407,31 @@ prompt attends to the trace too.
 """
 
 
+def section_p11(d: dict[str, Any], out: Path) -> str:
+    rows = []
+    for arm, r in d["results"].items():
+        base = next(iter(r["seconds"]))
+        for key, t in r["seconds"].items():
+            wall, cpu = (r["ratio"][key]["wall"], r["ratio"][key]["cpu"]) if key in r["ratio"] else (None, None)
+            rows.append([arm, key, f(statistics.mean(t["wall"]), 1),
+                         "1" if wall is None else f"**{f(wall['ratio_of_medians'])}**",
+                         "" if wall is None else f"{f(wall['min_ratio'])}-{f(wall['max_ratio'])}",
+                         "1" if cpu is None else f(cpu["ratio_of_medians"]),
+                         f"{abs(r['loss'][key] - r['loss'][base]):.1e}"])
+    return f"""## P11 — the held-out loss at larger batches
+
+`python benchmarks/bench_heldout.py --out {os.path.relpath(out, ROOT)}` — {machine_line(d['machine'])}
+
+The library's held-out loss (`diffmas.train.loop.heldout_loss`: teacher-forced, no gradient, fp32) at the relay
+study's settings (m = 6, latents only, LoRA r = 16) on the same {d['items']} validation items at several batch sizes,
+interleaved, {d['reps']} paired repetitions after a warm-up. The study computes it at the training batch (8) on 200
+items every 25 steps, which costs about 40-50% on top of the training steps' time (its report).
+
+{md_table(["arm", "held-out batch", "wall s (mean)", "wall / batch 8", "range", "CPU / batch 8",
+           "abs(loss - loss at batch 8)"], rows)}
+"""
+
+
 def section_gpu(gpu: Path) -> str:
     """The one-off GPU run (``scripts/gpu-checks.sh``), from the files it left in ``gpu``."""
     parts = []
@@ -448,7 +474,8 @@ def section_gpu(gpu: Path) -> str:
 
 
 SECTIONS = {"P1": section_p1, "P2": section_p2, "P3": section_p3, "P4": section_p4, "P5": section_p5,
-            "P6": section_p6, "P7": section_p7, "P8": section_p8, "P9": section_p9, "P10": section_p10}
+            "P6": section_p6, "P7": section_p7, "P8": section_p8, "P9": section_p9, "P10": section_p10,
+            "P11": section_p11}
 
 
 def render(out: Path, doc: Path, notes: Path) -> None:
