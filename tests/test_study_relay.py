@@ -491,3 +491,27 @@ def test_the_digits_goal_is_judged_for_coupled_under_each_recipe_and_the_recipes
     pair = next(c for c in results["comparisons"][relay.DIGITS] if (c["arm"], c["baseline"]) ==
                 ("coupled_anneal", "coupled"))
     assert pair["diff"] == pytest.approx(7 / 8)
+
+
+def test_the_report_counts_the_precision_of_the_trained_runs_and_flags_a_run_not_in_fp32(tmp_path):
+    for sub in ("arms", "samples", "curves"):
+        (tmp_path / sub).mkdir()
+    for name, precision in (("coupled", "no"), ("detached", "no"), ("pause", "bf16"), ("skyline", None)):
+        arm = Arm(name, relay.DIGITS)
+        rec = {"arm": name, "task": relay.DIGITS, "label": arm.label, "seed": 0, "accuracy": 0.5, "stderr": 0.1,
+               "floor": 0.03, "positions_passed": 6.0, "kv_bytes_passed": 1.0, "steps_trained": 500,
+               "stopped_early": False, "eval_seconds": 100, "latent_steps": 6, "system": "diffmas",
+               "machine": "test", "config": {"steps": 500}}
+        if precision is not None:
+            rec["mixed_precision"] = precision
+        (tmp_path / "arms" / f"{arm.id}.json").write_text(json.dumps(rec))
+        (tmp_path / "samples" / f"{arm.id}.jsonl").write_text("".join(
+            json.dumps({"id": f"digits1-{i}", "correct": i < 4, "extracted": "1"}) + "\n" for i in range(8)))
+        (tmp_path / "curves" / f"{arm.id}.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "seconds": 60}))
+    write_report(tmp_path, n_boot=100)
+    line = next(line for line in (tmp_path / "README.md").read_text().splitlines() if line.startswith("Precision"))
+    assert line.startswith("Precision of the trained runs: bf16 autocast: 1, fp32: 2, not recorded: 1.")
+    assert "predate the record" in line and "**Not every run trained in fp32" in line
+    (tmp_path / "arms" / f"{Arm('pause', relay.DIGITS).id}.json").unlink()
+    write_report(tmp_path, n_boot=100)
+    assert "Not every run" not in (tmp_path / "README.md").read_text()

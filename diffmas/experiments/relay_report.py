@@ -9,7 +9,7 @@ digits ladder: accuracy per number of digits k, one line per m) and the held-out
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
@@ -152,6 +152,21 @@ def _core_seconds(rec: dict, docs: Path) -> float:
     return steps + (heldout or 0.0) + rec.get("eval_seconds", 0.0)
 
 
+def _precision_line(records: list[dict]) -> str:
+    """How many trained runs computed in which precision (as resolved on their machine): arms in different
+    precisions are not comparable, so a mix must be visible."""
+    trained = [r for r in records if r.get("steps_trained")]
+    counts = Counter(r.get("mixed_precision", "not recorded") for r in trained)
+    names = {"no": "fp32", "bf16": "bf16 autocast"}
+    found = ", ".join(f"{names.get(k, k)}: {n}" for k, n in sorted(counts.items()))
+    line = f"Precision of the trained runs: {found}."
+    if "not recorded" in counts:
+        line += " Runs that did not record it predate the record (PLAN.md, Precision)."
+    if set(counts) - {"no", "not recorded"}:
+        line += " **Not every run trained in fp32, the study's precision: those arms are not comparable.**"
+    return line
+
+
 def _hours_line(hours: float, records: list[dict], docs: Path) -> str:
     """What the study cost so far, and what that count leaves out."""
     seconds = [_seconds(r, docs) for r in records]
@@ -239,6 +254,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             "difference detected at this n.", "",
             _hours_line(hours, [r for r in records if SAME_RUN not in r], docs) + " "
             + remaining_line(plan_arms(docs), study_config(docs), docs), "",
+            _precision_line([r for r in records if SAME_RUN not in r]), "",
             "## Goals", "", *_goals(outcomes, by_arm, comps), ""]
     for task in sorted(by_arm):
         text += [f"## {task}", "", "| arm | seeds | accuracy per seed | mean | floor | positions passed | K/V passed "
