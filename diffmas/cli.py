@@ -172,7 +172,10 @@ def train(
     seed: Optional[int] = typer.Option(None),
     checkpoint_every: Optional[int] = typer.Option(None),
     activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing"),
-    mixed_precision: Optional[str] = typer.Option(None, help="no | bf16"),
+    mixed_precision: Optional[str] = typer.Option(
+        None, help="no | bf16 | auto (bf16 where the device computes it natively: resolves per machine, so runs "
+                   "on different machines may differ in precision; a resume in another one than its checkpoint's "
+                   "is refused)"),
     think: Optional[bool] = typer.Option(None, "--think/--no-think",
                                          help="Prompts with enable_thinking on (Qwen3-like templates; default off)."),
     realign: Optional[bool] = typer.Option(None, "--realign/--no-realign",
