@@ -434,23 +434,29 @@ def test_the_goals_say_when_an_unequal_budget_favours_the_baseline(tmp_path):
     assert full.endswith("; not at equal budgets (in the baseline's favour): trained 375 vs 500 steps")
 
 
+def _digits_arm(docs, name, seed=0, steps=500, stopped=False, right=4, hours=1.0, **extra):
+    """A finished relay:digits arm in ``docs``: its record, 8 items of which the first ``right`` are correct, and a
+    one-step curve of ``hours`` of training."""
+    for sub in ("arms", "samples", "curves"):
+        (docs / sub).mkdir(exist_ok=True)
+    arm = Arm(name, relay.DIGITS, seed)
+    rec = {"arm": name, "task": relay.DIGITS, "label": arm.label, "seed": seed, "accuracy": right / 8, "stderr": 0.1,
+           "floor": 0.03, "positions_passed": 6.0, "kv_bytes_passed": 1.0, "steps_trained": steps,
+           "stopped_early": stopped, "eval_seconds": 100, "latent_steps": 6, "system": "diffmas", "machine": "test",
+           "config": {"steps": 500}, **extra}
+    (docs / "arms" / f"{arm.id}.json").write_text(json.dumps(rec))
+    (docs / "samples" / f"{arm.id}.jsonl").write_text("".join(
+        json.dumps({"id": f"digits1-{i}", "correct": i < right, "extracted": "1"}) + "\n" for i in range(8)))
+    (docs / "curves" / f"{arm.id}.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "seconds": 3600 * hours}))
+
+
 def test_an_arm_that_reached_the_cap_pools_with_the_runs_to_the_cap_of_other_seeds(tmp_path):
     # Seed 0's coupled trained to the cap itself; seed 1's stopped flat at 325 and was run on (coupled_full). Against
     # the controls run to the cap, the equal-budget pair pools both seeds, and seed 0's run is not counted twice.
-    for sub in ("arms", "samples", "curves"):
-        (tmp_path / sub).mkdir()
     runs = (("coupled", 0, 500, False, 6), ("coupled", 1, 325, True, 2), ("coupled_full", 1, 500, False, 6),
             ("detached_full", 0, 500, False, 1), ("detached_full", 1, 500, False, 1))
     for name, seed, steps, stopped, right in runs:
-        arm = Arm(name, relay.DIGITS, seed)
-        rec = {"arm": name, "task": relay.DIGITS, "label": arm.label, "seed": seed, "accuracy": right / 8,
-               "stderr": 0.1, "floor": 0.03, "positions_passed": 6.0, "kv_bytes_passed": 1.0, "steps_trained": steps,
-               "stopped_early": stopped, "eval_seconds": 100, "latent_steps": 6, "system": "diffmas",
-               "machine": "test", "config": {"steps": 500}}
-        (tmp_path / "arms" / f"{arm.id}.json").write_text(json.dumps(rec))
-        (tmp_path / "samples" / f"{arm.id}.jsonl").write_text("".join(
-            json.dumps({"id": f"digits1-{i}", "correct": i < right, "extracted": "1"}) + "\n" for i in range(8)))
-        (tmp_path / "curves" / f"{arm.id}.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "seconds": 3600}))
+        _digits_arm(tmp_path, name, seed, steps, stopped, right)
     results = write_report(tmp_path, n_boot=100)
     digits = results["by_arm"][relay.DIGITS]
     assert digits["coupled_full"]["seeds"] == [0, 1] and digits["coupled_full"]["per_seed"] == [0.75, 0.75]
@@ -471,18 +477,8 @@ def test_an_arm_that_reached_the_cap_pools_with_the_runs_to_the_cap_of_other_see
 
 
 def test_the_digits_goal_is_judged_for_coupled_under_each_recipe_and_the_recipes_are_paired(tmp_path):
-    for sub in ("arms", "samples", "curves"):
-        (tmp_path / sub).mkdir()
     for name, right in (("coupled", 1), ("coupled_anneal", 8)):
-        arm = Arm(name, relay.DIGITS)
-        rec = {"arm": name, "task": relay.DIGITS, "label": arm.label, "seed": 0, "accuracy": right / 8,
-               "stderr": 0.1, "floor": 0.03, "positions_passed": 6.0, "kv_bytes_passed": 1.0, "steps_trained": 500,
-               "stopped_early": False, "eval_seconds": 100, "latent_steps": 6, "system": "diffmas",
-               "machine": "test", "config": {"steps": 500}}
-        (tmp_path / "arms" / f"{arm.id}.json").write_text(json.dumps(rec))
-        (tmp_path / "samples" / f"{arm.id}.jsonl").write_text("".join(
-            json.dumps({"id": f"digits1-{i}", "correct": i < right, "extracted": "1"}) + "\n" for i in range(8)))
-        (tmp_path / "curves" / f"{arm.id}.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "seconds": 60}))
+        _digits_arm(tmp_path, name, right=right)
     results = write_report(tmp_path, n_boot=100)
     goals = (tmp_path / "README.md").read_text().split("## Goals")[1].split("##")[0]
     assert "- relay:digits, coupled, k = 1: accuracy 0.125 ± " in goals and goals.count("): not met") == 1
@@ -494,20 +490,9 @@ def test_the_digits_goal_is_judged_for_coupled_under_each_recipe_and_the_recipes
 
 
 def test_the_report_counts_the_precision_of_the_trained_runs_and_flags_a_run_not_in_fp32(tmp_path):
-    for sub in ("arms", "samples", "curves"):
-        (tmp_path / sub).mkdir()
-    for name, precision in (("coupled", "no"), ("detached", "no"), ("pause", "bf16"), ("skyline", None)):
-        arm = Arm(name, relay.DIGITS)
-        rec = {"arm": name, "task": relay.DIGITS, "label": arm.label, "seed": 0, "accuracy": 0.5, "stderr": 0.1,
-               "floor": 0.03, "positions_passed": 6.0, "kv_bytes_passed": 1.0, "steps_trained": 500,
-               "stopped_early": False, "eval_seconds": 100, "latent_steps": 6, "system": "diffmas",
-               "machine": "test", "config": {"steps": 500}}
-        if precision is not None:
-            rec["mixed_precision"] = precision
-        (tmp_path / "arms" / f"{arm.id}.json").write_text(json.dumps(rec))
-        (tmp_path / "samples" / f"{arm.id}.jsonl").write_text("".join(
-            json.dumps({"id": f"digits1-{i}", "correct": i < 4, "extracted": "1"}) + "\n" for i in range(8)))
-        (tmp_path / "curves" / f"{arm.id}.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "seconds": 60}))
+    for name, precision in (("coupled", "no"), ("detached", "no"), ("pause", "bf16")):
+        _digits_arm(tmp_path, name, mixed_precision=precision)
+    _digits_arm(tmp_path, "skyline")  # finished before runs recorded their precision
     write_report(tmp_path, n_boot=100)
     line = next(line for line in (tmp_path / "README.md").read_text().splitlines() if line.startswith("Precision"))
     assert line.startswith("Precision of the trained runs: bf16 autocast: 1, fp32: 2, not recorded: 1.")
