@@ -193,10 +193,10 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # Training seeds where the claims are, before the rest of the controls: the digits' coupled and its controls.
     seeds = [[Arm(n, DIGITS, s, phase=3) for n in ("coupled", "detached", "pause")] for s in SEEDS[1:]]
     # The plain recipe passed a digit at seed 0 in a sudden drop of the held-out loss between steps 425 and 500 and
-    # at seed 1 not by the cap (flat at 1.10 from step 350): the digits' claims hang on when that drop comes. The
-    # curriculum, the only recipe that passed a sum, is the issue's other recipe for coupled; at two seeds it says
-    # whether it makes the crossing reliable before seed 2, coupled_long and the m sweep spend ~50 core-hours on
-    # the plain one.
+    # at seed 1 not by step 425 (held-out flat at 1.097 from step 350, in fp32 and in bf16 alike): the digits' claims
+    # hang on when that drop comes. The curriculum, the only recipe that passed a sum, is the issue's other recipe
+    # for coupled; at two seeds it says whether it makes the crossing reliable before seed 2, coupled_long and the m
+    # sweep spend ~50 core-hours on the plain one.
     arms += seeds[0] + [Arm("coupled_anneal", DIGITS, s, phase=3) for s in SEEDS[:2]] + seeds[1]
     # Coupled on the digits was still improving fast at the 500-step cap (held-out loss 1.06 at step 425, 0.75 at
     # 500): three times the cap, same stopping rule, says how much of the ladder the cap decided.
