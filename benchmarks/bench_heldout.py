@@ -6,8 +6,8 @@ no activations kept, a held-out batch can be wider: the single-token latent step
 more rows. This times the library's own held-out loss (`diffmas.train.loop.heldout_loss`, the study's config:
 `diffmas.experiments.relay.train_config`, m = 6, LoRA r = 16, fp32) on the same items at several batch sizes,
 interleaved, and reports each against batch 8 (wall and this process's CPU time, which another job on the machine
-disturbs less) with the difference in the loss (the token mean does not depend on the batch: a test checks it in
-float64).
+disturbs less) with the difference in the loss (the token mean does not depend on the batch:
+tests/test_relay.py checks it to float32 rounding on a tiny model).
 """
 
 from __future__ import annotations

@@ -56,8 +56,9 @@ def _read(paths: list[Path], docs: Path) -> list[dict]:
 def _references(arm: Arm, records: list[dict], trained: bool) -> list[dict]:
     """The finished arms most like ``arm`` (text arms for a text arm, trained ones with a timed curve for a trained
     one): the same arm (any seed, its run to the cap included) on the same task, else the same arm under another
-    recipe on the task (a recipe changes what the reader may see, not what a step computes; the task's prompts do),
-    else the same arm on any task, else any arm of the task, else any arm at all."""
+    recipe on the task (the task's prompts set most of a step's cost; a recipe changes what the reader may see, and
+    autoencoding only its first steps' targets), else the same arm on any task, else any arm of the task, else any
+    arm at all."""
     root = arm.name.removesuffix(FULL)
     kind = [r for r in records if (r.get("system") not in TEXT) == trained and (not trained or r["step_times"])]
     for same in (lambda r: r.get("arm", "").removesuffix(FULL) == root and r["task"] == arm.task,
