@@ -324,9 +324,10 @@ def test_the_split_report_pairs_the_share_of_answers_near_the_sum(tmp_path):
 
 def test_the_digits_seeds_come_before_the_other_controls():
     ids = [a.id for a in plan_arms()]
-    # The curriculum on the digits at two seeds, between seed 1 and seed 2 of the plain recipe.
+    # The curriculum on the digits at two seeds, after seed 1's coupled and detached, before its pause and seed 2.
     curriculum = [ids.index(Arm("coupled_anneal", relay.DIGITS, seed).id) for seed in (0, 1)]
-    assert ids.index(Arm("pause", relay.DIGITS, 1).id) < min(curriculum)
+    assert ids.index(Arm("detached", relay.DIGITS, 1).id) < min(curriculum)
+    assert max(curriculum) < ids.index(Arm("pause", relay.DIGITS, 1).id)
     assert max(curriculum) < ids.index(Arm("coupled", relay.DIGITS, 2).id)
     assert ids.index(Arm("pause", relay.DIGITS, 2).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
     assert ids.index(Arm("coupled_long", relay.DIGITS).id) < ids.index(Arm("skyline", relay.CHAIN).id)
