@@ -42,6 +42,9 @@ def test_arms_share_one_budget_and_differ_only_where_named():
     digits = {a.name: trained[a.id] for a in arms if a.task == relay.DIGITS and a.phase == 1}
     assert digits["detached"].grad_mode == "detached" and digits["pause"].latent_map == "pause"
     assert digits["coupled"].grad_mode == "coupled" and digits["coupled"].latent_map != "pause"
+    frozen = trained[Arm("frozen", relay.DIGITS).id]  # only the reader trains: the writer has its own, detached adapter
+    assert frozen.grad_mode == "detached" and frozen.lora.layout == "per-agent" and digits["coupled"].lora.layout == "shared"
+    assert frozen.channel == digits["coupled"].channel and frozen.trace == "latents"
     sweep = [trained[a.id] for a in arms if a.phase == 4]
     assert sorted({c.latent_steps for c in sweep}) == list(relay.SWEEP)
     for half in ("half_a", "half_b"):
@@ -326,7 +329,7 @@ def test_the_digits_seeds_come_before_the_other_controls():
     ids = [a.id for a in plan_arms()]
     # The curriculum on the digits at two seeds, after seed 1's coupled and detached, before its pause and seed 2.
     curriculum = [ids.index(Arm("coupled_anneal", relay.DIGITS, seed).id) for seed in (0, 1)]
-    assert ids.index(Arm("detached", relay.DIGITS, 1).id) < min(curriculum)
+    assert ids.index(Arm("detached", relay.DIGITS, 1).id) < ids.index(Arm("frozen", relay.DIGITS).id) < min(curriculum)
     assert max(curriculum) < ids.index(Arm("pause", relay.DIGITS, 1).id)
     assert max(curriculum) < ids.index(Arm("coupled", relay.DIGITS, 2).id)
     assert ids.index(Arm("pause", relay.DIGITS, 2).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)

@@ -15,7 +15,8 @@ import torch
 import yaml
 from conftest import make_backbone
 
-from diffmas.adapters import LoraSettings, attach_lora, trainable_parameters
+from diffmas.adapters import LoraSettings, attach_lora, load_adapters, trainable_parameters
+from diffmas.backbone import load_backbone
 from diffmas.config import TrainConfig, load_config
 from diffmas.decode import DecodeConfig
 from diffmas.errors import DiffMASError
@@ -112,6 +113,19 @@ def test_steps_change_every_trainable_parameter_and_no_base_weight():
     for name, p in backbone.model.named_parameters():
         changed = not torch.equal(p.detach(), before[name])
         assert changed == ("lora_" in name), name
+
+
+def test_a_detached_writer_with_its_own_adapter_leaves_training_untrained(tmp_path, tiny_model_dir):
+    # The relay study's frozen arm: only the reader learns; the writer must stay the base model (LoRA B = 0).
+    cfg = load_config(_config_file(tmp_path, tiny_model_dir, steps=3, checkpoint_every=3, grad_mode="detached",
+                                   lora={"rank": 4, "dropout": 0.0, "layout": "per-agent"}))
+    loop.train(cfg, tmp_path / "run")
+    backbone = load_backbone(str(tiny_model_dir))
+    roles = load_adapters(backbone, tmp_path / "run")
+    topo = load_topology(cfg.topology)
+    moved = {role: sum(float(p.abs().sum()) for n, p in backbone.model.named_parameters()
+                       if "lora_B" in n and n.endswith(f".{adapter}.weight")) for role, adapter in roles.items()}
+    assert moved[topo.writers[0].role] == 0 and moved[topo.final.role] > 0
 
 
 def _config_file(tmp_path: Path, model_dir: Path, **overrides) -> Path:

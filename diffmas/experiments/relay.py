@@ -12,7 +12,9 @@ validation split, see :class:`RelayConfig`):
 - ``coupled``: latents only, gradient through the channel into the writer (the recipe of :class:`RelayConfig`);
   ``coupled_ae`` / ``coupled_anneal`` add autoencoding pre-training / the bottleneck curriculum; ``coupled_long``
   trains for three times the step cap (the stopping rule still applies);
-- ``detached``: the same with no gradient into the writer; ``pause``: the same positions fed one learned embedding
+- ``detached``: the same with no gradient into the writer (its adapter, shared with the reader, still changes
+  through the reader's loss); ``frozen``: the writer keeps the untrained model (its own adapter, detached, stays at
+  B = 0), only the reader trains; ``pause``: the same positions fed one learned embedding
   (gist tokens: the positions still attend to the prompt, but no thought content is fed back); ``*_full``: coupled
   or a control (these two, ``half_*``, with any recipe) trained on to the step cap from where the flat-loss rule
   stopped it, planned right after it when the other side of the comparison (same recipe, seed and m) trained
@@ -119,9 +121,9 @@ def run_id(rec: dict) -> str:
 RECIPES = {"_anneal": {"channel.anneal": 0.3}, "_ae": {"channel.autoencode_steps": 60}}
 """Training recipes other than the config's, as arm-name suffixes: the bottleneck curriculum (the prompt columns
 fade from the reader's view over the first 30% of the steps) and 60 steps of autoencoding pre-training."""
-BOTTLENECKED = ("coupled", "detached", "pause", "half_a", "half_b")
+BOTTLENECKED = ("coupled", "detached", "frozen", "pause", "half_a", "half_b")
 """The arms a recipe suffix applies to: ``pause_anneal`` is pause trained under the curriculum."""
-CONTROLS = ("detached", "pause", "half_a", "half_b")
+CONTROLS = ("detached", "frozen", "pause", "half_a", "half_b")
 """The latents-only arms compared with coupled under the same recipe. ``<arm>_full`` (``pause_full``,
 ``coupled_anneal_full``) is coupled or a control trained to the step cap (the flat-loss rule stops it no earlier):
 where the rule stopped one side of the comparison on a plateau before the other side stopped, it is run on."""
@@ -154,6 +156,7 @@ def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
         "coupled": ("diffmas", {**latents, **recipe}),
         "coupled_long": ("diffmas", {**latents, **recipe, "steps": 3 * cfg.max_steps}),
         "detached": ("diffmas", {**latents, **recipe, "grad_mode": "detached"}),
+        "frozen": ("diffmas", {**latents, **recipe, "grad_mode": "detached", "lora.layout": "per-agent"}),
         "pause": ("diffmas", {**latents, **recipe, "latent_map": "pause"}),
         "blind": ("diffmas", {**latents, "latent_steps": 0}),
         "skyline": ("single_sft", {}),
@@ -200,7 +203,10 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # Seed 1's plain coupled passed no digit even at the cap (fp32), so its pause control can only tie it: the
     # curriculum, which may, goes before it (detached at seed 1 keeps its place: it was a third trained).
     curriculum = [Arm("coupled_anneal", DIGITS, s, phase=3) for s in SEEDS[:2]]
-    arms += seeds[0][:2] + curriculum + seeds[0][2:] + seeds[1]
+    # Linear probes read the number's length and first three digits from an untrained writer's six latent
+    # positions (checks/latent-probe.md), while trained readers repeat at most the length and one digit: whether a
+    # reader learns to read a channel that holds still (the untrained writer) says which side limits the ladder.
+    arms += seeds[0][:2] + [Arm("frozen", DIGITS, phase=2)] + curriculum + seeds[0][2:] + seeds[1]
     # Coupled on the digits was still improving fast at the 500-step cap (held-out loss 1.06 at step 425, 0.75 at
     # 500): three times the cap, same stopping rule, says how much of the ladder the cap decided.
     arms += [Arm("coupled_long", DIGITS, phase=2)]
