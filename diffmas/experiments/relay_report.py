@@ -292,7 +292,9 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             ks = sorted({k for rungs in ladders.values() for k in rungs})
             text += ["Exact repeats per number of digits k (accuracy ± stderr, n items x seeds); bits: the most "
                      "information about the number that reached the answer at any k, a lower bound by Fano's "
-                     "inequality (log2 10 = 3.3 bits at k = 1; 0 at chance):", "",
+                     "inequality (log2 10 = 3.3 bits at k = 1; 0 at chance). It is what readers learned to repeat: "
+                     "the latent positions themselves hold more ([checks/latent-probe.md](checks/latent-probe.md)).",
+                     "",
                      "| arm | " + " | ".join(f"k={k}" for k in ks) + " | bits (per position) |",
                      "|---|" + "---|" * (len(ks) + 1)]
             for key, rungs in ladders.items():
