@@ -16,7 +16,7 @@ validation split, see :class:`RelayConfig`):
   through the reader's loss); ``frozen``: the writer keeps the untrained model (its own adapter, detached, stays at
   B = 0), only the reader trains; ``pause``: the same positions fed one learned embedding
   (gist tokens: the positions still attend to the prompt, but no thought content is fed back); ``*_full``: coupled
-  or a control (these two, ``half_*``, with any recipe) trained on to the step cap from where the flat-loss rule
+  or a control (detached, frozen, pause, ``half_*``, with any recipe) trained on to the step cap from where the flat-loss rule
   stopped it, planned right after it when the other side of the comparison (same recipe, seed and m) trained
   longer, so that neither side owes a difference to a shorter budget;
 - ``blind``: no channel (m = 0): the floor a trained reader reaches on the prior;
@@ -196,7 +196,7 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # Training seeds where the claims are, before the rest of the controls: the digits' coupled and its controls.
     seeds = [[Arm(n, DIGITS, s, phase=3) for n in ("coupled", "detached", "pause")] for s in SEEDS[1:]]
     # The plain recipe passed a digit at seed 0 in a sudden drop of the held-out loss between steps 425 and 500 and
-    # at seed 1 not by step 425 (held-out flat at 1.097 from step 350, in fp32 and in bf16 alike): the digits' claims
+    # at seed 1 not by the cap (held-out flat at 1.097 from step 350, in fp32 and in bf16 alike): the digits' claims
     # hang on when that drop comes. The curriculum, the only recipe that passed a sum, is the issue's other recipe
     # for coupled; at two seeds it says whether it makes the crossing reliable before seed 2, coupled_long and the m
     # sweep spend ~50 core-hours on the plain one.

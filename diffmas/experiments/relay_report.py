@@ -41,7 +41,8 @@ PAIRS = {
     "relay:digits": _against_controls(("detached", "frozen", "pause"), ("",))
     + [("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"), ("coupled", "text_sft_4m"),
        ("text_sft_m", "text_m"), ("coupled", "skyline"), ("coupled_long", "coupled"),
-       ("coupled_anneal", "coupled"), (f"coupled_anneal{FULL}", f"coupled{FULL}")],
+       ("coupled_anneal", "coupled"), (f"coupled_anneal{FULL}", f"coupled{FULL}"),
+       ("coupled_anneal", "text_sft_m"), ("coupled_anneal", "text_sft_4m")],
 }
 
 
@@ -203,7 +204,8 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
         lines.append(f"- relay:chain_sum, {best} / open accuracy {ratio:.2f} (goal >= 0.9) while passing "
                      f"{share:.3f} of its positions (goal <= 0.1): "
                      + ("met" if ratio >= 0.9 and share <= 0.1 else "not met"))
-    wanted = set(_against_controls(CONTROLS, _RECIPES)) | {("coupled", "text_m"), ("coupled", "text_sft_m")}
+    wanted = set(_against_controls(CONTROLS, _RECIPES)) | {("coupled", "text_m")} | {
+        (f"coupled{r}", "text_sft_m") for r in _RECIPES}  # latent against trained text, under each recipe
     for task, pairs in comps.items():
         for c in pairs:
             if (c.arm, c.baseline) in wanted:
