@@ -46,14 +46,19 @@ def test_arms_share_one_budget_and_differ_only_where_named():
     assert frozen.grad_mode == "detached" and frozen.lora.layout == "per-agent"
     assert digits["coupled"].lora.layout == "shared"
     assert frozen.channel == digits["coupled"].channel and frozen.trace == "latents"
-    sweep = [trained[a.id] for a in arms if a.phase == 4]
-    assert sorted({c.latent_steps for c in sweep}) == list(relay.SWEEP)
+    sweep = [(a.name, trained[a.id]) for a in arms if a.phase == 4]
+    assert sorted({c.latent_steps for _, c in sweep}) == list(relay.SWEEP)
+    # The ladder runs under the recipe that read the digits (the curriculum), coupled and pause alike.
+    assert {n for n, _ in sweep} == {"coupled_anneal", "pause_anneal"}
+    assert all(c.channel.anneal > 0 for _, c in sweep)
+    frozen_anneal = trained[Arm("frozen_anneal", relay.DIGITS).id]
+    assert frozen_anneal.lora.layout == "per-agent" and frozen_anneal.channel.anneal > 0
     for half in ("half_a", "half_b"):
         topology = load_topology(train_config(Arm(half, relay.SPLIT), cfg).topology)
         assert len(topology.writers) == 1 and topology.final.sees == "none"
     seeds = {(a.name, a.task) for a in arms if a.seed > 0}  # where the claims are
-    assert seeds == {(n, relay.DIGITS) for n in ("coupled", "detached", "pause", "coupled_anneal")} | {
-        ("open", relay.CHAIN)}
+    assert seeds == {(n, relay.DIGITS) for n in ("coupled", "detached", "pause", "coupled_anneal", "detached_anneal",
+                                                 "pause_anneal")} | {("open", relay.CHAIN)}
 
 
 def test_the_split_task_waits_until_a_latent_channel_passes_a_sum(tmp_path):
@@ -332,8 +337,16 @@ def test_the_digits_seeds_come_before_the_other_controls():
     curriculum = [ids.index(Arm("coupled_anneal", relay.DIGITS, seed).id) for seed in (0, 1)]
     frozen = ids.index(Arm("frozen", relay.DIGITS).id)
     assert ids.index(Arm("detached", relay.DIGITS, 1).id) < frozen < min(curriculum)
-    assert max(curriculum) < ids.index(Arm("pause", relay.DIGITS, 1).id)
-    assert max(curriculum) < ids.index(Arm("coupled", relay.DIGITS, 2).id)
+    # Then the curriculum's controls at seed 0, its seeds, and the m sweep under it, before the plain recipe's
+    # remaining seeds.
+    controls = [ids.index(Arm(n, relay.DIGITS).id) for n in ("detached_anneal", "pause_anneal", "frozen_anneal")]
+    assert max(curriculum) < min(controls) and controls == sorted(controls)
+    seeds = [ids.index(Arm(n, relay.DIGITS, s).id) for s in (1, 2) for n in ("detached_anneal", "pause_anneal")]
+    seeds.append(ids.index(Arm("coupled_anneal", relay.DIGITS, 2).id))
+    sweep = [ids.index(Arm(n, relay.DIGITS, latent_steps=m).id) for m in relay.SWEEP
+             for n in ("coupled_anneal", "pause_anneal")]
+    assert max(controls) < min(seeds) and max(seeds) < min(sweep)
+    assert max(sweep) < ids.index(Arm("pause", relay.DIGITS, 1).id) < ids.index(Arm("coupled", relay.DIGITS, 2).id)
     assert ids.index(Arm("pause", relay.DIGITS, 2).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
     assert ids.index(Arm("coupled_long", relay.DIGITS).id) < ids.index(Arm("skyline", relay.CHAIN).id)
 
@@ -518,3 +531,16 @@ def test_the_report_counts_the_precision_of_the_trained_runs_and_flags_a_run_not
     (tmp_path / "arms" / f"{Arm('pause', relay.DIGITS).id}.json").unlink()
     write_report(tmp_path, n_boot=100)
     assert "Not every run" not in (tmp_path / "README.md").read_text()
+
+
+def test_the_digits_curriculum_is_paired_with_its_own_controls_and_judged(tmp_path):
+    # The digits' claims moved to the curriculum (plan change 13): its controls are paired and judged under it.
+    for name, right in (("coupled_anneal", 8), ("detached_anneal", 2), ("frozen_anneal", 1), ("pause_anneal", 3)):
+        _digits_arm(tmp_path, name, right=right)
+    results = write_report(tmp_path, n_boot=100)
+    pairs = {(c["arm"], c["baseline"]): c["diff"] for c in results["comparisons"][relay.DIGITS]}
+    assert pairs[("coupled_anneal", "detached_anneal")] == pytest.approx(6 / 8)
+    assert pairs[("coupled_anneal", "frozen_anneal")] == pytest.approx(7 / 8)
+    assert pairs[("coupled_anneal", "pause_anneal")] == pytest.approx(5 / 8)
+    goals = (tmp_path / "README.md").read_text().split("## Goals")[1]
+    assert "relay:digits: coupled_anneal - detached_anneal = +75.0 points" in goals

@@ -27,16 +27,16 @@ validation split, see :class:`RelayConfig`):
 - on ``split:chain_sum``: ``coupled`` and each writer alone (``half_a``, ``half_b``);
 - a recipe suffix (``_anneal``, ``_ae``; :data:`RECIPES`) trains a bottlenecked arm under that recipe instead of
   the config's: the split task and the sums' controls use the one under which coupled passed a sum;
-- on ``relay:digits``: ``coupled`` and ``pause`` for m in 1, 2, 4, 8, 16 (the capacity ladder, per k).
+- on ``relay:digits``: ``coupled_anneal`` and ``pause_anneal`` for m in 1, 2, 4, 8, 16 (the capacity ladder, per k).
 
 Arms are listed in phases, the decisive ones first (coupled, open, the ladder at m = 6, blind; then, because coupled
 collapsed on the sums, detached and pause on the digits, the text channels on the digits and the curriculum on the
 sums; once a latents-only recipe passes a sum, the split task and the sums' latent controls under it), then
-training seeds 1 and 2 of the digits' coupled, detached and pause (and their ``*_full`` runs to the cap; between
-the two seeds, coupled under the curriculum on the digits at seeds 0 and 1), then ``coupled_long``, the m sweep,
-open's seeds on the sums, the sums' other controls, and the sums' latent seeds under the recipe that passed. Every
-finished arm writes ``docs/arms/<id>.json``, its per-item outcomes and its held-out loss curve; the report is
-rebuilt after each.
+seed 1 of the digits' coupled and detached (and their ``*_full`` runs to the cap), ``frozen``, the curriculum on the
+digits at seeds 0 and 1, its controls (detached, pause, frozen) and seeds, and the m sweep under it; then the plain
+recipe's remaining seeds on the digits, ``coupled_long``, open's seeds on the sums, the sums' other controls, and
+the sums' latent seeds under the recipe that passed. Every finished arm writes ``docs/arms/<id>.json``, its
+per-item outcomes and its held-out loss curve; the report is rebuilt after each.
 """
 
 from __future__ import annotations
@@ -206,11 +206,20 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # Linear probes read the number's length and first three digits from an untrained writer's six latent
     # positions (checks/latent-probe.md), while trained readers repeat at most the length and one digit: whether a
     # reader learns to read a channel that holds still (the untrained writer) says which side limits the ladder.
-    arms += seeds[0][:2] + [Arm("frozen", DIGITS, phase=2)] + curriculum + seeds[0][2:] + seeds[1]
+    arms += seeds[0][:2] + [Arm("frozen", DIGITS, phase=2)] + curriculum
+    # The curriculum answered 0.990 at seed 0 where the plain recipe answered 0.224 (seed 0) and 0.020 (seed 1): the
+    # digits' claims move to it. Its controls first (does the writer's gradient matter, does the thoughts' content,
+    # does the writer need training at all), then its seeds, then the m sweep under it (the ladder asks how much m
+    # positions carry, so it uses the recipe that reads them best); the plain recipe's remaining seeds and
+    # coupled_long after.
+    controls = ("detached_anneal", "pause_anneal", "frozen_anneal")
+    arms += [Arm(n, DIGITS, phase=3) for n in controls]
+    arms += [Arm(n, DIGITS, s, phase=3) for s in SEEDS[1:] for n in ("coupled_anneal", *controls[:2])]
+    arms += [Arm(n, DIGITS, phase=4, latent_steps=m) for m in SWEEP for n in ("coupled_anneal", "pause_anneal")]
+    arms += seeds[0][2:] + seeds[1]
     # Coupled on the digits was still improving fast at the 500-step cap (held-out loss 1.06 at step 425, 0.75 at
     # 500): three times the cap, same stopping rule, says how much of the ladder the cap decided.
     arms += [Arm("coupled_long", DIGITS, phase=2)]
-    arms += [Arm(n, DIGITS, phase=4, latent_steps=m) for m in SWEEP for n in ("coupled", "pause")]
     arms += [Arm("open", CHAIN, s, phase=3) for s in SEEDS[1:]]
     # The plain recipe's controls on the sums ask something only where plain coupled passed a sum: a control of a
     # channel that carries nothing can only tie it (measured: plain coupled 0.026 against a floor of 0.032).

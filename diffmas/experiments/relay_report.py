@@ -38,7 +38,7 @@ PAIRS = {
     + _against_controls(("detached", "pause"), _RECIPES)
     + [(f"coupled{r}", b) for r in RECIPES for b in ("blind", "open")],
     "split:chain_sum": _against_controls(("half_a", "half_b"), _RECIPES),
-    "relay:digits": _against_controls(("detached", "frozen", "pause"), ("",))
+    "relay:digits": _against_controls(("detached", "frozen", "pause"), _RECIPES)
     + [("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"), ("coupled", "text_sft_4m"),
        ("text_sft_m", "text_m"), ("coupled", "skyline"), ("coupled_long", "coupled"),
        ("coupled_anneal", "coupled"), (f"coupled_anneal{FULL}", f"coupled{FULL}"),
