@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -320,6 +321,45 @@ def eval_(
     # Piped output gets a wide console: the default 80 columns would wrap every number.
     (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
     console.print(f"results: {where}; plots: {', '.join(map(str, plots))}; HTML: {', '.join(map(str, pages))}")
+
+
+@app.command()
+@user_errors
+def probe(
+    system: str = typer.Option("diffmas", help="A multi-agent system: diffmas | latent_mas."),
+    adapter: Optional[str] = typer.Option(None, help="Trainer output dir (diffmas)."),
+    task: str = typer.Option("relay:digits", help="A generated task (fresh items are drawn from it)."),
+    topology: Optional[str] = typer.Option(None, help="Default: the task's (relay) or the adapter's."),
+    latent_steps: Optional[int] = typer.Option(None, help="Default: the adapter's (diffmas) or 10."),
+    trace: str = typer.Option("latents", help="Must leave every row the same width: latents."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Embedded alias, local folder, or hub id."),
+    n: int = typer.Option(1500, help="Items: two thirds fitted, one third scored."),
+    layers: Optional[str] = typer.Option(None, help="Comma list of layers (default: every 4th and the last)."),
+    seed: int = typer.Option(0, help="The item draw, the fit/score split and the shuffled control."),
+    batch_size: int = typer.Option(25),
+    out: Optional[Path] = typer.Option(None, help="Write the probes as JSON here."),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Linear probes: what of the answer the final agent's view of the channel holds (docs: diffmas.eval.probe)."""
+    from diffmas.backbone import load_backbone
+    from diffmas.eval.probe import probe_channel, probe_table, save_probe
+    from diffmas.systems import build_system, get_kind
+    from diffmas.tasks import get_task
+
+    get_kind(system)
+    task_ = get_task(task)
+    chosen = [int(x) for x in layers.split(",")] if layers else None
+    sys_ = build_system(system, load_backbone(model, device), topology=topology, latent_steps=latent_steps,
+                        adapter=adapter, trace=trace, default_topology=getattr(task_, "topology", None))
+    started = time.time()
+    probes = probe_channel(sys_, task_, n=n, layers=chosen, seed=seed, batch_size=batch_size)
+    print("\n".join(probe_table(probes)), flush=True)
+    if out is not None:
+        settings = dict(system=system, adapter=adapter, task=task, topology=sys_.spec.topology.name,
+                        latent_steps=sys_.spec.latent_steps, trace=trace, model=model, n=n, seed=seed,
+                        seconds=round(time.time() - started))
+        save_probe(out, probes, settings)
+        console.print(f"probes: {out}")
 
 
 @app.command()

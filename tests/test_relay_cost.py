@@ -100,3 +100,15 @@ def test_the_report_says_what_the_rest_of_the_plan_will_cost(tmp_path):
         "step cap, +15%; an upper bound where the flat-loss rule stops an arm early), 1 of them with no finished "
         "arm to estimate from yet.")
     assert remaining_line(plan[:1], cfg, docs) == "Nothing more is planned."
+
+
+def test_an_arm_whose_channel_is_probed_costs_the_probes_measured_time_too(tmp_path):
+    out, docs, cfg = tmp_path / "out", tmp_path / "docs", RelayConfig()
+    _finished(docs, "coupled", relay.DIGITS, step_s=10.0, heldout_s=100.0, eval_s=400)
+    _finished(docs, "skyline", relay.DIGITS, step_s=10.0, heldout_s=100.0, eval_s=400)
+    before = {name: estimate_seconds(Arm(name, relay.DIGITS, 1), cfg, out, docs) for name in ("coupled", "skyline")}
+    (docs / "probes").mkdir()
+    (docs / "probes" / f"{Arm('coupled', relay.DIGITS).id}.json").write_text(json.dumps({"settings": {"seconds": 600}}))
+    assert estimate_seconds(Arm("coupled", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(
+        before["coupled"] + 600 * MARGIN)
+    assert estimate_seconds(Arm("skyline", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(before["skyline"])

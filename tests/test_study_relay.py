@@ -97,6 +97,16 @@ def test_the_split_task_waits_until_a_latent_channel_passes_a_sum(tmp_path):
     assert ids.index(Arm("detached", relay.CHAIN).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
 
 
+def test_only_trained_latents_only_channels_on_the_digits_are_probed():
+    cfg = RelayConfig()
+    assert relay.probed(Arm("coupled_anneal", relay.DIGITS, latent_steps=2), cfg)
+    assert relay.probed(Arm("pause", relay.DIGITS), cfg) and relay.probed(Arm("frozen_full", relay.DIGITS), cfg)
+    for arm in (Arm("blind", relay.DIGITS), Arm("text_m", relay.DIGITS), Arm("skyline", relay.DIGITS),
+                Arm("coupled", relay.CHAIN)):
+        assert not relay.probed(arm, cfg), arm
+    assert not relay.probed(Arm("coupled", relay.DIGITS), RelayConfig(probe_items=0))
+
+
 def test_ladder_reads_the_number_of_digits_from_item_ids():
     outcomes = {0: {"digits1-5": True, "digits1-6": False, "digits3-7": True}, 1: {"digits1-5": True}}
     rungs = ladder(outcomes)
@@ -126,8 +136,9 @@ def test_fano_bits_are_zero_at_chance_and_grow_with_accuracy():
 def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
     arms = [Arm("coupled", "relay:digits"), Arm("text_m", relay.CHAIN)]
     monkeypatch.setattr(relay, "plan_arms", lambda docs=None: arms)
-    cfg = RelayConfig(latent_steps=2, min_steps=2, max_steps=4, batch_size=2, heldout=4, eval_every=2, n_eval=6, max_new_tokens=3,
-                      eval_batch_size=6, model=str(tiny_model_dir), autoencode_steps=1)
+    cfg = RelayConfig(latent_steps=2, min_steps=2, max_steps=4, batch_size=2, heldout=4, eval_every=2, n_eval=6,
+                      max_new_tokens=3, eval_batch_size=6, model=str(tiny_model_dir), autoencode_steps=1,
+                      probe_items=60)
     docs = tmp_path / "docs"
     run_study(tmp_path / "out", docs, cfg)
     coupled = json.loads((docs / "arms" / f"{arms[0].id}.json").read_text())
@@ -147,6 +158,11 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     assert "## Goals" in readme and "k = 1" in readme and (docs / "capacity.png").is_file()
     assert "bits (per position)" in readme and "(n=" in readme  # the ladder, with n per k
     assert "place by place" in readme and "| digit 1 |" in readme
+    # The trained digits arm's channel was probed (what it holds, beside what its reader repeated); the text arm not.
+    probe = json.loads((docs / "probes" / f"{arms[0].id}.json").read_text())
+    assert probe["settings"]["latent_steps"] == 2 and probe["labels"]["length"]["n_scored"] == 20
+    assert sorted(p.stem for p in (docs / "probes").iterdir()) == [arms[0].id]
+    assert f"| {arms[0].id} | 2 | 60 | " in readme
     again = write_report(docs, n_boot=200)
     assert again["by_arm"] == results["by_arm"]
 
@@ -219,6 +235,11 @@ def test_core_hours_count_every_process_that_trained_an_arm_and_its_heldout_eval
     other = {**rec, "label": "pause/s0"}
     (tmp_path / "curves" / "relay_digits--pause--s0.jsonl").write_text(json.dumps({"step": 1, "seconds": 5.0}))
     assert "Where timed (1 of 2 runs) they added 20%" in _hours_line(0.0, [rec, other], tmp_path)
+    # The probe of an arm's channel (docs/probes) is its cost too.
+    assert relay_report._core_seconds({**rec, "eval_seconds": 7}, tmp_path) == 30.0 + 6.0 + 7
+    (tmp_path / "probes").mkdir()
+    (tmp_path / "probes" / "relay_digits--coupled--s0.json").write_text(json.dumps({"settings": {"seconds": 11}}))
+    assert relay_report._core_seconds({**rec, "eval_seconds": 7}, tmp_path) == 30.0 + 6.0 + 7 + 11
 
 
 

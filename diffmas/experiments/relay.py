@@ -36,7 +36,8 @@ seed 1 of the digits' coupled and detached (and their ``*_full`` runs to the cap
 digits at seeds 0 and 1, its controls (detached, pause, frozen) and seeds, and the m sweep under it; then the plain
 recipe's remaining seeds on the digits, ``coupled_long``, open's seeds on the sums, the sums' other controls, and
 the sums' latent seeds under the recipe that passed. Every finished arm writes ``docs/arms/<id>.json``, its
-per-item outcomes and its held-out loss curve; the report is rebuilt after each.
+per-item outcomes and its held-out loss curve, and a trained latents-only digits arm the linear probes of what its
+channel holds (``docs/probes/<id>.json``, :mod:`diffmas.eval.probe`); the report is rebuilt after each.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class RelayConfig:
     mixed_precision: str = "no"
     """fp32 on every machine: ``auto`` would pick bf16 autocast where the CPU computes it natively, so arms trained
     on different machines would differ in precision (it did, 2026-12-06: docs/study-relay/checks/bf16-autocast)."""
+    probe_items: int = 1500
+    """Items of the linear probes run on every trained latents-only digits arm after its evaluation
+    (:mod:`diffmas.eval.probe`): what its channel holds, beside what its reader repeated. 0: no probes."""
     autoencode_steps: int = 0
     anneal: float = 0.0
     """The recipe of the bottlenecked arms (coupled, detached, pause, half_*): autoencoding pre-training steps and
@@ -310,6 +314,29 @@ def _evaluate(arm: Arm, adapter: Path | None, out: Path, cfg: RelayConfig, devic
                     max_new_tokens=cfg.max_new_tokens, device=device, show_progress=True, **extra)
 
 
+def probed(arm: Arm, cfg: RelayConfig) -> bool:
+    """Whether an arm's channel is probed: a trained latents-only channel on the digits (the ladder's task)."""
+    system, changes = arm_settings(arm.name, cfg)
+    m = changes.get("latent_steps", arm.latent_steps or cfg.latent_steps)
+    return bool(cfg.probe_items) and arm.task == DIGITS and system == "diffmas" and changes.get("trace") == "latents" \
+        and m > 0
+
+
+def _probe(arm: Arm, run: Path, cfg: RelayConfig, docs: Path, device: str) -> None:
+    """Probe a trained arm's channel (:mod:`diffmas.eval.probe`) into ``docs/probes/<id>.json``."""
+    from diffmas.backbone import load_backbone
+    from diffmas.eval.probe import probe_channel, save_probe
+    from diffmas.systems import build_system
+    from diffmas.tasks import get_task
+
+    system = build_system("diffmas", load_backbone(cfg.model, device), adapter=str(run))
+    started = time.time()
+    probes = probe_channel(system, get_task(arm.task), n=cfg.probe_items)
+    save_probe(docs / "probes" / f"{arm.id}.json", probes, dict(
+        system="diffmas", adapter=str(run), task=arm.task, latent_steps=system.spec.latent_steps, trace="latents",
+        model=cfg.model, n=cfg.probe_items, seed=0, seconds=round(time.time() - started)))
+
+
 def kv_bytes_per_position(model: str) -> int:
     """Bytes of K and V that one trace position holds over all layers, in float32 (what the reader attends to)."""
     from transformers import AutoConfig
@@ -388,6 +415,8 @@ def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cp
     if run:
         (docs / "curves" / f"{arm.id}.jsonl").write_text((run / "metrics.jsonl").read_text())
     (docs / "samples" / f"{arm.id}.jsonl").write_text("".join(json.dumps(_kept(s)) + "\n" for s in samples))
+    if run and probed(arm, cfg):  # before the record: a worker killed in between probes again on resume
+        _probe(arm, run, cfg, docs, device)
     (docs / "arms" / f"{arm.id}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 

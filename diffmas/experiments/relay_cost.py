@@ -14,7 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from diffmas.experiments.relay import FULL, TEXT, Arm, RelayConfig, arm_settings, continued_from, run_id, split_name
+from diffmas.experiments.relay import (FULL, TEXT, Arm, RelayConfig, arm_settings, continued_from, probed, run_id,
+                                      split_name)
 from diffmas.train.checkpoint import latest_checkpoint, read_state
 from diffmas.train.resume import INHERITED
 
@@ -31,10 +32,12 @@ _READ: dict[tuple, list[dict]] = {}
 
 def _finished(docs: Path) -> list[dict]:
     """The finished arms' records, each with the times its own curve logged (steps a run to the cap copied from the
-    run it continues are counted there): ``step_times`` and ``heldout_times``. Read again only when an arm's result
-    was added or rewritten (a worker asks for every arm of the plan before each claim)."""
+    run it continues are counted there): ``step_times`` and ``heldout_times``, and its probe's ``probe_seconds``.
+    Read again only when an arm's result or probe was added or rewritten (a worker asks for every arm of the plan
+    before each claim)."""
     paths = sorted((docs / "arms").glob("*.json")) if (docs / "arms").is_dir() else []
-    key = (str(docs.resolve()), tuple((p.name, p.stat().st_mtime_ns) for p in paths))
+    probes = sorted((docs / "probes").glob("*.json")) if (docs / "probes").is_dir() else []
+    key = (str(docs.resolve()), tuple((p.parent.name, p.name, p.stat().st_mtime_ns) for p in paths + probes))
     if key not in _READ:
         _READ.clear()
         _READ[key] = _read(paths, docs)
@@ -48,8 +51,11 @@ def _read(paths: list[Path], docs: Path) -> list[dict]:
         curve = docs / "curves" / f"{run_id(rec)}.jsonl"
         logged = [r for r in (json.loads(line) for line in curve.read_text().splitlines() if line.strip())
                   if INHERITED not in r] if curve.is_file() else []
+        probe = docs / "probes" / f"{run_id(rec)}.json"
         found.append({**rec, "step_times": [r["seconds"] for r in logged if "seconds" in r],
-                      "heldout_times": [r["heldout_seconds"] for r in logged if r.get("heldout_seconds")]})
+                      "heldout_times": [r["heldout_seconds"] for r in logged if r.get("heldout_seconds")],
+                      "probe_seconds": json.loads(probe.read_text())["settings"].get("seconds")
+                      if probe.is_file() else None})
     return found
 
 
@@ -101,7 +107,7 @@ def _at(m: int, times: dict[int, list[float]]) -> float | None:
 
 def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path | None, docs: Path) -> float | None:
     """Wall-clock seconds ``arm`` will still take (training from where it would resume in ``out``, or from step 0,
-    held-out evaluations, the test evaluation), with :data:`MARGIN`; None where no finished arm gives a reference.
+    held-out evaluations, the test evaluation, the probe of its channel where it gets one), with :data:`MARGIN`; None where no finished arm gives a reference.
     Conservative where the flat-loss rule may stop the arm early (the step cap is assumed); step and held-out times
     follow m (:func:`_at`)."""
     records = _finished(docs)
@@ -123,7 +129,9 @@ def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path | None, docs: Path) -
     done = steps_done(arm, out)
     left = max(changes.get("steps", cfg.max_steps) - done, 0)
     evaluations = math.ceil(left / cfg.eval_every) + (done == 0)  # the step-0 held-out loss of a fresh run
-    return (left * step + evaluations * heldout + evaluation) * MARGIN
+    probes = [r["probe_seconds"] for r in records if r.get("probe_seconds")]  # any arm's: they differ little
+    probe = statistics.median(probes) if probes and probed(arm, cfg) else 0.0
+    return (left * step + evaluations * heldout + evaluation + probe) * MARGIN
 
 
 def remaining_line(plan: list[Arm], cfg: RelayConfig, docs: Path) -> str:

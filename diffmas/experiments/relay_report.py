@@ -15,8 +15,8 @@ from pathlib import Path
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
 from diffmas.experiments.curves import plot_heldout
 from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, TEXT, arm_key, plan_arms, run_id, study_config
-from diffmas.experiments.relay_answers import (closeness_table, ladder, messages_table, near_outcomes, near_table,
-                                               places_table)
+from diffmas.experiments.relay_answers import (closeness_table, digit_places, ladder, messages_table, near_outcomes,
+                                               near_table, places_table)
 from diffmas.experiments.relay_cost import remaining_line
 from diffmas.train.resume import INHERITED
 
@@ -150,7 +150,36 @@ def _seconds(rec: dict, docs: Path) -> tuple[float, float | None]:
 def _core_seconds(rec: dict, docs: Path) -> float:
     """Every second an arm cost that was timed: training steps, held-out evaluations, the test evaluation."""
     steps, heldout = _seconds(rec, docs)
-    return steps + (heldout or 0.0) + rec.get("eval_seconds", 0.0)
+    probe = docs / "probes" / f"{run_id(rec)}.json"
+    probe_s = json.loads(probe.read_text())["settings"].get("seconds", 0.0) if probe.is_file() else 0.0
+    return steps + (heldout or 0.0) + rec.get("eval_seconds", 0.0) + probe_s
+
+
+def _probes_table(docs: Path, answers: dict[str, list[tuple[str, str | None]]]) -> list[str]:
+    """What each probed channel holds (linear probe, ``docs/probes``) beside what its reader repeated, place by
+    place; ``answers``: (item id, extracted answer) pairs per run id."""
+    probes = {path.stem: json.loads(path.read_text()) for path in sorted((docs / "probes").glob("*.json"))}
+    if not probes:
+        return []
+    places = sorted({label for p in probes.values() for label in p["labels"] if label != "length"}, key=int)
+    lines = ["What the positions hold against what the reader repeated: linear probes on the K/V the reader attends "
+             "to (`diffmas probe`: ridge per layer, layer and strength by cross-validation on two thirds of n fresh "
+             "items, scored on the rest), shown as held / repeated (share right on the test items); the probes' "
+             "shuffled-label controls are at most the last column.", "",
+             "| run | m | n | length | " + " | ".join(f"digit {p}" for p in places) + " | shuffled (max) |",
+             "|---|---|---|---|" + "---|" * (len(places) + 1)]
+    for stem, probe in probes.items():
+        read = digit_places(answers[stem]) if stem in answers else {}
+        cells = []
+        for label in ["length", *places]:
+            held = probe["labels"].get(label)
+            said = f" / {read[label][0] / read[label][1]:.2f}" if label in read else ""
+            cells.append(f"{held['accuracy']:.2f}{said}" if held else "–")
+        shuffled = max(p["shuffled"] for p in probe["labels"].values())
+        settings = probe["settings"]
+        lines.append(f"| {stem} | {settings.get('latent_steps', '–')} | {settings.get('n', '–')} | "
+                     + " | ".join(cells) + f" | {shuffled:.2f} |")
+    return lines + [""]
 
 
 def _precision_line(records: list[dict]) -> str:
@@ -312,6 +341,8 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                 if rec["task"] == task and rec["system"] in TEXT and all("messages" in s for s in kept):
                     sent[arm_key(rec)] += kept
             text += places_table(answers) + messages_table(sent)
+            text += _probes_table(docs, {run_id(r): [(s["id"], s.get("extracted")) for s in samples[run_id(r)]]
+                                         for r in records if r["task"] == task})
     curves = _curves(records, docs)
     if curves:
         text += ["## Held-out loss during training", "",
