@@ -92,3 +92,13 @@ def test_the_cli_writes_the_probes_and_refuses_an_open_trace_in_one_line(tmp_pat
     refused = probe("--trace", "keep")
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_where_the_features_hold_nothing_the_probe_falls_back_to_the_most_common_class():
+    gen = torch.Generator().manual_seed(1)
+    n = 300
+    y = (torch.rand(n, generator=gen) < 0.2).long()  # 80% class 0
+    x = torch.randn(n, 2, 32, generator=gen)
+    order = torch.randperm(n, generator=gen)
+    probe = probe_label(x, y, order[:200], order[200:], [0, 1], "length", gen)
+    assert probe.accuracy >= probe.constant - 0.02 and probe.constant > 0.7

@@ -109,13 +109,15 @@ def channel_features(system: System, questions: list, batch_size: int = 25, laye
 
 
 def _ridge_scores(z_fit: Tensor, y_fit: Tensor, z_eval: Tensor, classes: int) -> dict[float, Tensor]:
-    """Predicted classes of ``z_eval`` for each ridge strength (kernel form: one eigendecomposition for all)."""
+    """Predicted classes of ``z_eval`` for each ridge strength (kernel form: one eigendecomposition for all). The
+    intercept (each class's share of the fitted items) is not penalised: with nothing in the features the probe
+    predicts the most common class."""
     onehot = torch.nn.functional.one_hot(y_fit, classes).double()
-    onehot = onehot - onehot.mean(0)
+    prior = onehot.mean(0)
     evals, evecs = torch.linalg.eigh(z_fit @ z_fit.T)
-    projected = evecs.T @ onehot
+    projected = evecs.T @ (onehot - prior)
     cross = z_eval @ z_fit.T
-    return {lam: (cross @ (evecs @ (projected / (evals + lam * len(z_fit)).unsqueeze(1)))).argmax(1)
+    return {lam: (prior + cross @ (evecs @ (projected / (evals + lam * len(z_fit)).unsqueeze(1)))).argmax(1)
             for lam in LAMBDAS}
 
 
