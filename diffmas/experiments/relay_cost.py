@@ -107,7 +107,8 @@ def _at(m: int, times: dict[int, list[float]]) -> float | None:
 
 def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path | None, docs: Path) -> float | None:
     """Wall-clock seconds ``arm`` will still take (training from where it would resume in ``out``, or from step 0,
-    held-out evaluations, the test evaluation, the probe of its channel where it gets one), with :data:`MARGIN`; None where no finished arm gives a reference.
+    held-out evaluations, the test evaluation, the probe of its channel where it gets one), with :data:`MARGIN`;
+    None where no finished arm gives a reference.
     Conservative where the flat-loss rule may stop the arm early (the step cap is assumed); step and held-out times
     follow m (:func:`_at`)."""
     records = _finished(docs)
