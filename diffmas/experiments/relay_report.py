@@ -148,7 +148,8 @@ def _seconds(rec: dict, docs: Path) -> tuple[float, float | None]:
 
 
 def _core_seconds(rec: dict, docs: Path) -> float:
-    """Every second an arm cost that was timed: training steps, held-out evaluations, the test evaluation."""
+    """Every second an arm cost that was timed: training steps, held-out evaluations, the test evaluation, the
+    probe of its channel."""
     steps, heldout = _seconds(rec, docs)
     probe = docs / "probes" / f"{run_id(rec)}.json"
     probe_s = json.loads(probe.read_text())["settings"].get("seconds", 0.0) if probe.is_file() else 0.0
@@ -164,7 +165,8 @@ def _probes_table(docs: Path, answers: dict[str, list[tuple[str, str | None]]]) 
     places = sorted({label for p in probes.values() for label in p["labels"] if label != "length"}, key=int)
     lines = ["What the positions hold against what the reader repeated: linear probes on the K/V the reader attends "
              "to (`diffmas probe`: ridge per layer, layer and strength by cross-validation on two thirds of n fresh "
-             "items, scored on the rest), shown as held / repeated (share right on the test items); the probes' "
+             "items, scored on the rest), shown as held (the probe's accuracy) / repeated (the reader's share right on "
+             "the evaluation items); the probes' "
              "shuffled-label controls are at most the last column.", "",
              "| run | m | n | length | " + " | ".join(f"digit {p}" for p in places) + " | shuffled (max) |",
              "|---|---|---|---|" + "---|" * (len(places) + 1)]
