@@ -46,9 +46,8 @@ class ProbeError(DiffMASError, ValueError):
 @dataclass(frozen=True)
 class LabelProbe:
     """One label's probe. ``per_layer``: scored accuracy of the probe fitted at each layer (at the ridge strength
-    chosen with ``layer``); ``layer``: the one
-    cross-validation chose on the fitted items, ``accuracy`` its scored accuracy (the headline: no layer is chosen
-    on the scored items)."""
+    chosen with ``layer``); ``layer``: the one cross-validation chose on the fitted items, ``accuracy`` its scored
+    accuracy (the headline: no layer is chosen on the scored items)."""
 
     label: str
     n_fit: int
