@@ -53,10 +53,10 @@ from diffmas.kv import Trace
 from diffmas.positions import left_pad
 from diffmas.latent import get_realigner, take_latent_steps
 from diffmas.prompts import render_agent
-from diffmas.rollout import rollout, score_forced
+from diffmas.rollout import score_forced
 from diffmas.systems import System, build_system
 
-__all__ = ["DiffMASLM", "writers_trace", "score_continuations", "main"]
+__all__ = ["DiffMASLM", "score_continuations", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +67,6 @@ def _flag(value) -> bool:
             raise DiffMASError(f"expected true or false, got '{value}'")
         return value.lower() in ("true", "1", "yes")
     return bool(value)
-
-
-def writers_trace(system: System, questions: list[str]) -> Trace:
-    """Stage I of the rollout: the trace the system's writers leave for the final agent, one row per question."""
-    backbone = system.backbone
-    if not system.spec.topology.writers:
-        return Trace.empty(len(questions), backbone.device)
-    # One decoded token is the cheapest way through the rollout's inference path; only its trace is kept.
-    result = rollout(backbone, system.spec, questions, decode_cfg=DecodeConfig(max_new_tokens=1), keep_trace=True)
-    return result.trace
 
 
 def _final_prefix(system: System, trace: Trace, prompts: list[list[int]]) -> tuple[Trace, Tensor]:
@@ -103,7 +93,7 @@ def score_continuations(system: System, questions: list[str], prompts: list[list
     backbone = system.backbone
     unique = list(dict.fromkeys(questions))  # the writers' trace is computed once per distinct question
     rows = torch.tensor([unique.index(q) for q in questions], device=backbone.device)
-    trace = writers_trace(system, unique).select(rows)
+    trace = system.writers_trace(unique).select(rows)
     return [(-nll, missed == 0) for nll, missed in score_forced(backbone, system.spec, trace, prompts, continuations)]
 
 
@@ -237,7 +227,7 @@ class DiffMASLM(TemplateLM):
         for lo in range(0, len(order), self.batch_size):
             idx = order[lo: lo + self.batch_size]
             with torch.no_grad():
-                trace = writers_trace(self.system, [contexts[i] for i in idx])
+                trace = self.system.writers_trace([contexts[i] for i in idx])
                 trace, last = _final_prefix(self.system, trace, [self.tok_encode(contexts[i]) for i in idx])
                 reply = decode(self.backbone, trace, last, cfg)
             for i, text in zip(idx, reply.texts):

@@ -24,6 +24,7 @@ from diffmas.adapters import SHARED, load_adapters, read_adapter_meta
 from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig
 from diffmas.errors import DiffMASError
+from diffmas.kv import Trace
 from diffmas.latent import load_latent_map
 from diffmas.prompts import SINGLE, Topology, load_topology, question_text
 from diffmas.rollout import Prompt, RolloutResult, RolloutSpec, rollout
@@ -68,6 +69,14 @@ class System:
     kind: SystemKind
     backbone: Backbone
     spec: RolloutSpec
+
+    def writers_trace(self, questions: list[Prompt]) -> Trace:
+        """Stage I of the rollout: the trace the writers leave for the final agent, one row per question."""
+        if not self.spec.topology.writers:
+            return Trace.empty(len(questions), self.backbone.device)
+        # One decoded token is the cheapest way through the rollout's inference path; only its trace is kept.
+        return rollout(self.backbone, self.spec, questions, decode_cfg=DecodeConfig(max_new_tokens=1),
+                       keep_trace=True).trace
 
     def run(self, prompts: list[Prompt], decode_cfg: DecodeConfig, batch_size: int = 8,
             on_batch: Callable[[int], None] | None = None, writer_prompts: list[Prompt] | None = None,

@@ -24,9 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffmas.decode import DecodeConfig
 from diffmas.errors import DiffMASError
-from diffmas.rollout import rollout
 from diffmas.systems import System
 from diffmas.tasks import Example, Task
 
@@ -91,8 +89,7 @@ def channel_features(system: System, questions: list, batch_size: int = 25, laye
     rows = []
     for lo in tqdm(range(0, len(questions), batch_size), disable=not show_progress, desc="probe features",
                    unit="batch"):
-        trace = rollout(system.backbone, system.spec, questions[lo:lo + batch_size],
-                        decode_cfg=DecodeConfig(max_new_tokens=1), keep_trace=True).trace
+        trace = system.writers_trace(questions[lo:lo + batch_size])
         seen = trace.mask.bool()
         widths = seen.sum(1)
         if int(widths.min()) != int(widths.max()) or int(widths.min()) == 0:
