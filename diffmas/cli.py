@@ -373,14 +373,16 @@ def demo(
     latent_steps: Optional[int] = typer.Option(None, help="Default: configs/train/demo.yaml's."),
     task: Optional[str] = typer.Option(None, help="Default: configs/train/demo.yaml's."),
     topology: Optional[str] = typer.Option(None, help="Default: configs/train/demo.yaml's."),
+    trace: Optional[str] = typer.Option(None, help="keep|drop|latents: what the final agent sees of the writers "
+                                                   "(default: configs/train/demo.yaml's)."),
     model: Optional[str] = typer.Option(None, help="Default: configs/train/demo.yaml's (the embedded model)."),
     device: Optional[str] = typer.Option(None, help="Default: configs/train/demo.yaml's (auto)."),
 ) -> None:
     """The main job: train diffmas and single_sft, evaluate all five systems, print the comparison."""
     from diffmas.experiments.demo import DemoConfig, run_ablation, run_demo
 
-    cfg = DemoConfig(task=task, topology=topology, latent_steps=latent_steps, steps=steps, n_eval=n_eval,
-                     model=model, device=device)
+    cfg = DemoConfig(task=task, topology=topology, trace=trace, latent_steps=latent_steps, steps=steps,
+                     n_eval=n_eval, model=model, device=device)
     summary = (run_ablation if ablation else run_demo)(out, cfg)
     # Plain print, not rich: rich wraps at 80 columns when piped, which breaks the markdown table's rows.
     print(summary.read_text(), end="", flush=True)

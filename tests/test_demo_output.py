@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
 import diffmas.experiments.demo
@@ -32,3 +34,11 @@ def test_demo_writes_the_html_report_of_its_evaluation_and_names_it(tmp_path, ti
     html = page.read_text()
     for system in ("single", "text_mas", "latent_mas", "diffmas", "single_sft"):
         assert f"<option value='{system}'>" in html
+    # The shipped demo is a relay task with a latents-only channel: every multi-agent system, trained or not, is
+    # evaluated so (its final agent attends to m latent columns, or to the writer's message alone), never to the
+    # writer's prompt, which holds the answer.
+    assert DemoConfig().train_config("diffmas").trace == "latents"
+    samples = [json.loads(line) for line in (tmp_path / "demo" / "eval" / "samples.jsonl").read_text().splitlines()]
+    widths = {(s["system"], s["trace_tokens"]) for s in samples if s["system"] in ("latent_mas", "diffmas")}
+    assert widths == {("latent_mas", 1), ("diffmas", 1)}
+    assert all(s["trace_tokens"] <= 3 for s in samples if s["system"] == "text_mas")

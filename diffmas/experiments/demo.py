@@ -6,7 +6,9 @@
 On the embedded SmolLM2-135M-Instruct, DiffMAS (coupled, shared LoRA) and the single_sft baseline are trained
 on the same generated examples for the same number of steps, with answer-only targets; then single,
 text_mas, latent_mas, diffmas and single_sft are evaluated on one held-out set (seeds disjoint from
-training). Every stage resumes: rerunning the command after an interruption continues where it stopped.
+training). The multi-agent systems are evaluated under the demo's topology and trace scope (on the default relay
+task the final agent sees only what the writer passes on); the single agents see the whole question (the
+skyline). Every stage resumes: rerunning the command after an interruption continues where it stopped.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class DemoConfig:
     batch_size: int | None = None
     task: str | None = None
     topology: str | None = None
+    trace: str | None = None
     model: str | None = None
     device: str | None = None
 
@@ -49,7 +52,10 @@ class DemoConfig:
         """The training config of ``system``: the demo file, this run's overrides, then ``changes``."""
         overrides = {"system": system, "steps": self.steps, "latent_steps": self.latent_steps,
                      "batch_size": self.batch_size, "data.task": self.task, "topology": self.topology,
-                     "model.name": self.model, "model.device": self.device}
+                     "trace": self.trace, "model.name": self.model, "model.device": self.device}
+        if system != "diffmas":  # the channel's settings are the multi-agent system's; single_sft sees the question
+            overrides |= {"channel.anneal": 0.0, "channel.autoencode_steps": 0}
+            changes = {"trace": None, **changes}
         return replace(load_config(DEMO_CONFIG, overrides), **changes)
 
 
@@ -92,10 +98,14 @@ def _plot_training(runs: dict[str, Path], path: Path) -> None:
 def _write_summary(out: Path, title: str, cfg: DemoConfig, results: dict, notes: list[str],
                    clock: dict[str, float] | None = None) -> Path:
     train = cfg.train_config("diffmas")
+    channel = f"topology `{train.topology}`, trace scope `{train.trace or 'keep'}`"
+    if train.channel.anneal:
+        channel += f" (bottleneck curriculum: the writer's prompt hidden from the reader by step " \
+                   f"{round(train.channel.anneal * train.steps)})"
     text = [f"# {title}", "",
             f"Produced by `diffmas demo{' --ablation' if 'ablation' in title.lower() else ''} --out {out}` on "
             f"{time.strftime('%Y-%m-%d')}, {machine_description()}, commit {code_version()}.", "",
-            f"Task {train.data.task} (held-out seeds, n = {cfg.n_eval} per system), topology `{train.topology}`, "
+            f"Task {train.data.task} (held-out seeds, n = {cfg.n_eval} per system), {channel}, "
             f"m = {train.latent_steps} latent steps, {train.steps} training steps x batch {train.batch_size} "
             f"(configs/train/demo.yaml; mixed precision {train.mixed_precision}: bf16 only where the hardware has it), "
             "answer-only targets, greedy decoding, max "
@@ -118,7 +128,7 @@ def _evaluate(systems: list[str], out: Path, cfg: DemoConfig, latent_steps: int 
                        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
                        writer_max_new_tokens=cfg.writer_max_new_tokens, topology=train.topology,
                        latent_steps=train.latent_steps if latent_steps is None else latent_steps,
-                       device=train.model.device)
+                       trace=train.trace, device=train.model.device)
     plot(results, out)
     write_html_report(out, results)
     return results
@@ -172,22 +182,24 @@ def setup_clock() -> dict[str, float]:
         return {}
 
 
-ABLATION = {
-    "coupled / shared / m=5": {},
-    "detached / shared / m=5": {"grad_mode": "detached"},
-    "coupled / per-agent / m=5": {"lora": LoraSettings(layout="per-agent")},
-    "coupled / shared / m=0": {"latent_steps": 0},
-    "coupled / shared / m=10": {"latent_steps": 10},
-}
+def ablation(m: int) -> dict[str, dict]:
+    """The ablation's variants of the demo's diffmas (``m``: its latent steps), by label: TrainConfig changes."""
+    return {
+        f"coupled / shared / m={m}": {},
+        f"detached / shared / m={m}": {"grad_mode": "detached"},
+        f"coupled / per-agent / m={m}": {"lora": LoraSettings(layout="per-agent")},
+        "coupled / shared / m=0": {"latent_steps": 0},
+        f"coupled / shared / m={2 * m}": {"latent_steps": 2 * m},
+    }
 
 
 def run_ablation(out: str | Path, cfg: DemoConfig | None = None) -> Path:
-    """Train one diffmas variant per ABLATION row (same data and steps), evaluate each on the same set."""
+    """Train one diffmas variant per :func:`ablation` row (same data and steps), evaluate each on the same set."""
     cfg = cfg or DemoConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = _rows(_evaluate(["latent_mas"], out / "eval" / "latent_mas", cfg))["rows"]
-    for i, (label, changes) in enumerate(ABLATION.items()):
+    for i, (label, changes) in enumerate(ablation(cfg.train_config("diffmas").latent_steps).items()):
         train_cfg = cfg.train_config("diffmas", **changes)
         run = train_once(train_cfg, out / f"variant{i}", reuse=(out.parent / "demo" / "diffmas",))
         # Each variant is evaluated with the latent steps it was trained with (one eval folder per variant).
