@@ -390,6 +390,21 @@ def test_demo_train_config_file_is_the_demo(tmp_path):
     assert DemoConfig(steps=7).train_config("single_sft").steps == 7
 
 
+def test_demo_single_sft_trains_without_the_channel_settings(tmp_path, monkeypatch):
+    # A demo file with a relay channel (trace scope, bottleneck curriculum) configures diffmas; single_sft, one agent
+    # that sees the whole question, trains from the same file without them (anneal would make its config invalid).
+    from diffmas.experiments import demo
+
+    relay = tmp_path / "demo.yaml"
+    relay.write_text((ROOT / "configs" / "train" / "demo.yaml").read_text()
+                     + "trace: latents\nchannel:\n  anneal: 0.3\n")
+    monkeypatch.setattr(demo, "DEMO_CONFIG", relay)
+    diffmas = demo.DemoConfig().train_config("diffmas")
+    assert (diffmas.trace, diffmas.channel.anneal) == ("latents", 0.3)
+    single = demo.DemoConfig().train_config("single_sft")
+    assert (single.system, single.trace, single.channel.anneal) == ("single_sft", None, 0.0)
+
+
 @pytest.mark.parametrize("latent_map", ["ridge", "pause"])
 def test_an_exported_checkpoint_is_the_run_as_it_stood_at_that_step(tmp_path, tiny_model_dir, latent_map):
     from safetensors.torch import load_file

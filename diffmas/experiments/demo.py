@@ -6,9 +6,9 @@
 On the embedded SmolLM2-135M-Instruct, DiffMAS (coupled, shared LoRA) and the single_sft baseline are trained
 on the same generated examples for the same number of steps, with answer-only targets; then single,
 text_mas, latent_mas, diffmas and single_sft are evaluated on one held-out set (seeds disjoint from
-training). The multi-agent systems are evaluated under the demo's topology and trace scope (on the default relay
-task the final agent sees only what the writer passes on); the single agents see the whole question (the
-skyline). Every stage resumes: rerunning the command after an interruption continues where it stopped.
+training). The multi-agent systems are evaluated under the demo's topology and trace scope (on a relay task with
+``--trace latents`` the final agent sees only what the writer passes on); the single agents see the whole question
+(the skyline). Every stage resumes: rerunning the command after an interruption continues where it stopped.
 """
 
 from __future__ import annotations
