@@ -24,6 +24,7 @@ def test_demo_prints_unwrapped_markdown(tmp_path, monkeypatch):
 def test_demo_writes_the_html_report_of_its_evaluation_and_names_it(tmp_path, tiny_model_dir, one_thread):
     """`make demo` end to end on the tiny model (one training step each): the evaluation gets its report.html, as
     `diffmas eval` writes it, and the summary names the page."""
+    from diffmas.adapters import read_adapter_meta
     from diffmas.experiments.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(model=str(tiny_model_dir), device="cpu", steps=1, batch_size=2, n_eval=2, eval_batch_size=2,
@@ -32,6 +33,9 @@ def test_demo_writes_the_html_report_of_its_evaluation_and_names_it(tmp_path, ti
     summary = run_demo(tmp_path / "demo", cfg)
     page = tmp_path / "demo" / "eval" / "report.html"
     assert page.is_file() and "`eval/report.html`" in summary.read_text()
+    # `mixed_precision: auto` resolves per machine: the summary says what the training actually computed in.
+    precision = read_adapter_meta(tmp_path / "demo" / "diffmas")["mixed_precision"]
+    assert precision in ("no", "bf16") and f"trained under {precision})" in summary.read_text()
     html = page.read_text()
     for system in ("single", "text_mas", "latent_mas", "diffmas", "single_sft"):
         assert f"<option value='{system}'>" in html
@@ -42,3 +46,18 @@ def test_demo_writes_the_html_report_of_its_evaluation_and_names_it(tmp_path, ti
     widths = {(s["system"], s["trace_tokens"]) for s in samples if s["system"] in ("latent_mas", "diffmas")}
     assert widths == {("latent_mas", 1), ("diffmas", 1)}
     assert all(s["trace_tokens"] <= 3 for s in samples if s["system"] == "text_mas")
+
+
+def test_ablation_trains_each_variant_and_names_their_precision(tmp_path, tiny_model_dir, one_thread):
+    """`make ablation` end to end on the tiny model: one row per variant beside latent_mas, and the summary says what
+    precision the variants trained under."""
+    from diffmas.adapters import read_adapter_meta
+    from diffmas.experiments.demo import DemoConfig, ablation, run_ablation
+
+    cfg = DemoConfig(model=str(tiny_model_dir), device="cpu", steps=1, batch_size=2, n_eval=2, eval_batch_size=2,
+                     max_new_tokens=3, writer_max_new_tokens=3, latent_steps=1)
+    summary = run_ablation(tmp_path / "ablation", cfg).read_text()
+    for label in ablation(1):
+        assert f"| diffmas {label} |" in summary
+    precision = read_adapter_meta(tmp_path / "ablation" / "variant0")["mixed_precision"]
+    assert f"trained under {precision})" in summary

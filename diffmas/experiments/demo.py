@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from diffmas.adapters import read_adapter_meta
 from diffmas.config import LoraSettings, TrainConfig, load_config
 from diffmas.eval.html_report import HTML_FILE, write_html_report
 from diffmas.eval.report import self_perplexity
@@ -95,7 +96,14 @@ def _plot_training(runs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def _write_summary(out: Path, title: str, cfg: DemoConfig, results: dict, notes: list[str],
+def _precision(setting: str, trained: list[Path]) -> str:
+    """What the summary says of precision: the setting and what the adapters recorded they trained under (``auto``
+    resolves per machine, so the setting alone does not say which arithmetic produced the table)."""
+    used = sorted({str(read_adapter_meta(run).get("mixed_precision", "not recorded")) for run in trained})
+    return f"mixed precision {setting}, trained under {' and '.join(used)}"
+
+
+def _write_summary(out: Path, title: str, cfg: DemoConfig, results: dict, notes: list[str], trained: list[Path],
                    clock: dict[str, float] | None = None) -> Path:
     train = cfg.train_config("diffmas")
     channel = f"topology `{train.topology}`, trace scope `{train.trace or 'keep'}`"
@@ -107,7 +115,7 @@ def _write_summary(out: Path, title: str, cfg: DemoConfig, results: dict, notes:
             f"{time.strftime('%Y-%m-%d')}, {machine_description()}, commit {code_version()}.", "",
             f"Task {train.data.task} (held-out seeds, n = {cfg.n_eval} per system), {channel}, "
             f"m = {train.latent_steps} latent steps, {train.steps} training steps x batch {train.batch_size} "
-            f"(configs/train/demo.yaml; mixed precision {train.mixed_precision}: bf16 only where the hardware has it), "
+            f"(configs/train/demo.yaml; {_precision(train.mixed_precision, trained)}), "
             "answer-only targets, greedy decoding, max "
             f"{cfg.max_new_tokens} new tokens.", "", _markdown_table(results), "", *notes]
     if clock:
@@ -166,7 +174,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> Path:
         "Plots: `eval/accuracy_vs_tokens.png`, `eval/accuracy_vs_time.png`, `training.png`. "
         "Per-sample outputs: `eval/samples.jsonl`; full metrics and config: `eval/results.json`. "
         f"Every sample, with each agent's segment, on one page: `eval/{HTML_FILE}`. Wall time per stage of this run "
-        "(a stage that found its result already there, e.g. on a rerun, took only the time to check it):"], clock)
+        "(a stage that found its result already there, e.g. on a rerun, took only the time to check it):"],
+        list(runs.values()), clock)
 
 
 SETUP_SECONDS = ".setup-seconds"
@@ -199,9 +208,11 @@ def run_ablation(out: str | Path, cfg: DemoConfig | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = _rows(_evaluate(["latent_mas"], out / "eval" / "latent_mas", cfg))["rows"]
+    trained = []
     for i, (label, changes) in enumerate(ablation(cfg.train_config("diffmas").latent_steps).items()):
         train_cfg = cfg.train_config("diffmas", **changes)
         run = train_once(train_cfg, out / f"variant{i}", reuse=(out.parent / "demo" / "diffmas",))
+        trained.append(run)
         # Each variant is evaluated with the latent steps it was trained with (one eval folder per variant).
         variant = _rows(_evaluate([f"diffmas:{run}"], out / "eval" / f"variant{i}", cfg, train_cfg.latent_steps))
         rows += [{**row, "system": f"diffmas {label}"} for row in variant["rows"]]
@@ -209,7 +220,8 @@ def run_ablation(out: str | Path, cfg: DemoConfig | None = None) -> Path:
     _plot_ablation(rows, out / "ablation.png")
     return _write_summary(out, "DiffMAS ablation", cfg, rows, [
         "Each variant is evaluated with the latent steps it was trained with. Plot: `ablation.png`. "
-        f"Every sample on one page per evaluation: `eval/latent_mas/{HTML_FILE}`, `eval/variant<i>/{HTML_FILE}`."])
+        f"Every sample on one page per evaluation: `eval/latent_mas/{HTML_FILE}`, `eval/variant<i>/{HTML_FILE}`."],
+        trained)
 
 
 def _plot_ablation(rows: dict, path: Path) -> None:
