@@ -253,7 +253,10 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise DiffMASError(f"config field '{where}' must be {hint.__name__}, got {value!r}")
+        # YAML 1.1 reads an unquoted no/yes/off/on as a boolean: say so, since `mixed_precision: no` looks right.
+        quote = " (YAML reads unquoted no/yes/off/on as booleans: quote the word)" if hint is str and \
+            isinstance(value, bool) else ""
+        raise DiffMASError(f"config field '{where}' must be {hint.__name__}, got {value!r}{quote}")
     return value
 
 

@@ -257,6 +257,10 @@ def test_invalid_config_names_the_field(tmp_path):
     with pytest.raises(DiffMASError, match="unknown config field"):
         load_config(None, {"data.tsk": "rg:chain_sum"})
     assert isinstance(load_config(None, {"steps": 3}), TrainConfig)
+    # An unquoted `no` in YAML arrives as False: the error says why, not only that a string was expected.
+    (tmp_path / "bf.yaml").write_text("mixed_precision: no\n")
+    with pytest.raises(DiffMASError, match="'mixed_precision' must be str, got False .*quote"):
+        load_config(tmp_path / "bf.yaml")
 
 
 def _resume_copy(src: Path, dst: Path, step: int) -> Path:
