@@ -165,6 +165,11 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     assert f"| {arms[0].id} | 2 | 60 | " in readme
     again = write_report(docs, n_boot=200)
     assert again["by_arm"] == results["by_arm"]
+    # An evaluation resumed by a later process: eval_seconds counts the samples an earlier process evaluated too.
+    evaluated = tmp_path / "out" / "eval" / arms[1].id / "samples.jsonl"
+    rows = [{**json.loads(line), "seconds": 10.0} for line in evaluated.read_text().splitlines()]
+    evaluated.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert relay.run_arm(arms[1], cfg, tmp_path / "out", docs)["eval_seconds"] == 60
 
 
 @pytest.mark.parametrize("task", [relay.DIGITS, relay.CHAIN])

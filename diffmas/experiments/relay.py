@@ -388,7 +388,6 @@ def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cp
         tcfg = train_config(arm, cfg, device)
         run = train_once(tcfg, out / "runs" / arm.id, continue_from=parent and out / "runs" / parent.id)
     train_s = time.time() - started
-    started = time.time()
     adapter = out / "runs" / Arm("skyline", arm.task, arm.seed).id if system == "text_sft" else run
     results = _evaluate(arm, adapter, out / "eval" / arm.id, cfg, device)
     result = results["results"][0]
@@ -406,7 +405,8 @@ def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cp
         "stopped_early": bool(metrics and metrics[-1].get("stopped_early")),
         "heldout_loss_end": held[-1]["heldout_loss"] if held else None,
         "continued_from": _inherited(metrics), "mixed_precision": _precision(run),
-        "train_seconds": round(train_s), "eval_seconds": round(time.time() - started),
+        # Summed over the samples, so an evaluation resumed by another process counts the time of every process.
+        "train_seconds": round(train_s), "eval_seconds": round(sum(s["seconds"] for s in samples)),
         "config": to_dict(tcfg) if tcfg else results["config"]["systems"][0]["settings"],
         "machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "code": code_version(),
     }
