@@ -377,12 +377,17 @@ def demo(
                                                    "(default: configs/train/demo.yaml's)."),
     model: Optional[str] = typer.Option(None, help="Default: configs/train/demo.yaml's (the embedded model)."),
     device: Optional[str] = typer.Option(None, help="Default: configs/train/demo.yaml's (auto)."),
+    anneal: Optional[float] = typer.Option(None, help="diffmas's bottleneck curriculum: the share of steps over "
+                                                      "which the writers' prompts fade from the reader's view (with "
+                                                      "--trace latents; default: configs/train/demo.yaml's)."),
+    mixed_precision: Optional[str] = typer.Option(None, help="no|bf16|auto (default: configs/train/demo.yaml's "
+                                                             "auto: bf16 where the hardware computes it natively)."),
 ) -> None:
     """The main job: train diffmas and single_sft, evaluate all five systems, print the comparison."""
     from diffmas.experiments.demo import DemoConfig, run_ablation, run_demo
 
     cfg = DemoConfig(task=task, topology=topology, trace=trace, latent_steps=latent_steps, steps=steps,
-                     n_eval=n_eval, model=model, device=device)
+                     n_eval=n_eval, model=model, device=device, anneal=anneal, mixed_precision=mixed_precision)
     summary = (run_ablation if ablation else run_demo)(out, cfg)
     # Plain print, not rich: rich wraps at 80 columns when piped, which breaks the markdown table's rows.
     print(summary.read_text(), end="", flush=True)

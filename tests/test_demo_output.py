@@ -21,6 +21,21 @@ def test_demo_prints_unwrapped_markdown(tmp_path, monkeypatch):
     assert row in result.stdout.splitlines()  # one line, verbatim (no wrapping, no rich markup eaten)
 
 
+def test_demo_command_line_sets_the_channels_curriculum_and_the_precision(tmp_path, monkeypatch):
+    """`diffmas demo --anneal 0.3 --mixed-precision no` reaches diffmas's training config; single_sft, which sees the
+    question, trains without the curriculum but in the same precision."""
+    seen = {}
+    summary = tmp_path / "summary.md"
+    summary.write_text("# DiffMAS demo\n")
+    monkeypatch.setattr(diffmas.experiments.demo, "run_demo", lambda out, cfg: seen.setdefault("cfg", cfg) and summary)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--task", "relay:digits", "--topology", "relay",
+                                      "--trace", "latents", "--anneal", "0.3", "--mixed-precision", "no"])
+    assert result.exit_code == 0, result.output
+    mas, sft = seen["cfg"].train_config("diffmas"), seen["cfg"].train_config("single_sft")
+    assert (mas.channel.anneal, mas.mixed_precision, mas.trace) == (0.3, "no", "latents")
+    assert (sft.channel.anneal, sft.mixed_precision, sft.trace) == (0.0, "no", None)
+
+
 def test_demo_writes_the_html_report_of_its_evaluation_and_names_it(tmp_path, tiny_model_dir, one_thread):
     """`make demo` end to end on the tiny model (one training step each): the evaluation gets its report.html, as
     `diffmas eval` writes it, and the summary names the page."""

@@ -48,12 +48,17 @@ class DemoConfig:
     trace: str | None = None
     model: str | None = None
     device: str | None = None
+    anneal: float | None = None
+    """The bottleneck curriculum of the channel (``channel.anneal``): the share of steps over which the writers'
+    prompts fade from the reader's view; diffmas only."""
+    mixed_precision: str | None = None
 
     def train_config(self, system: str, **changes) -> TrainConfig:
         """The training config of ``system``: the demo file, this run's overrides, then ``changes``."""
         overrides = {"system": system, "steps": self.steps, "latent_steps": self.latent_steps,
                      "batch_size": self.batch_size, "data.task": self.task, "topology": self.topology,
-                     "trace": self.trace, "model.name": self.model, "model.device": self.device}
+                     "trace": self.trace, "model.name": self.model, "model.device": self.device,
+                     "channel.anneal": self.anneal, "mixed_precision": self.mixed_precision}
         if system != "diffmas":  # the channel's settings are the multi-agent system's; single_sft sees the question
             overrides |= {"channel.anneal": 0.0, "channel.autoencode_steps": 0}
             changes = {"trace": None, **changes}
