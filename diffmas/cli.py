@@ -200,7 +200,7 @@ def train(
 ) -> None:
     """Train DiffMAS (or the single_sft baseline) with LoRA; runs unchanged under `accelerate launch`."""
     from diffmas.config import load_config
-    from diffmas.train.loop import train as run_training
+    from diffmas.train.loop import precision_name, train as run_training
 
     overrides = {
         "system": system, "model.name": model, "data.task": task, "data.source": source,
@@ -216,10 +216,12 @@ def train(
         "channel.autoencode_steps": autoencode_steps, "stop.enabled": stop, "eval_every": eval_every,
         "data.heldout_examples": heldout_examples,
     }
-    summary = run_training(load_config(config, overrides), out, resume=resume)
+    cfg = load_config(config, overrides)
+    summary = run_training(cfg, out, resume=resume)
     if summary["is_main_process"]:
-            console.print(f"adapters, checkpoints and metrics in {summary['out']}; held-out loss "
-                      f"{summary['heldout_loss_start']:.4f} -> {summary['heldout_loss_end']:.4f}")
+        console.print(f"adapters, checkpoints and metrics in {summary['out']}; held-out loss "
+                      f"{summary['heldout_loss_start']:.4f} -> {summary['heldout_loss_end']:.4f}; trained in "
+                      f"{precision_name(summary['mixed_precision'])} (mixed_precision: {cfg.mixed_precision})")
 
 
 @app.command("export-checkpoint")

@@ -176,6 +176,26 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
     assert len(_losses(killed)) == 6
 
 
+def test_train_says_which_arithmetic_it_trained_in(tmp_path, tiny_model_dir, one_thread):
+    """`mixed_precision: auto` resolves per machine (bf16 autocast on a CPU with avx512_bf16): the command's last
+    line names what the run computed in, as its adapters record it."""
+    from typer.testing import CliRunner
+
+    from diffmas.adapters import read_adapter_meta
+    from diffmas.cli import app
+
+    config = _config_file(tmp_path, tiny_model_dir, steps=1, checkpoint_every=1)
+    for setting in ("no", "auto"):
+        out = tmp_path / setting
+        result = CliRunner().invoke(app, ["train", "--config", str(config), "--out", str(out), "--mixed-precision",
+                                          setting], terminal_width=300)
+        assert result.exit_code == 0, result.output
+        resolved = read_adapter_meta(out)["mixed_precision"]
+        assert resolved in ("no", "bf16") and (setting == "auto" or resolved == "no")
+        name = "fp32" if resolved == "no" else "bf16 autocast"
+        assert f"trained in {name} (mixed_precision: {setting})" in " ".join(result.output.split())
+
+
 def _grad_norms(out: Path) -> list[float]:
     return [json.loads(l)["grad_norm"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"grad_norm"' in l]
 

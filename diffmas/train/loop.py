@@ -161,6 +161,11 @@ def save_trained(backbone: Backbone, spec: RolloutSpec, cfg: TrainConfig, out: P
                          "distill": to_dict(cfg.distill) if cfg.method == "distill" else None})
 
 
+def precision_name(mixed_precision: str) -> str:
+    """How a run names the arithmetic it trains in (``mixed_precision: auto`` resolves per machine)."""
+    return "fp32" if mixed_precision == "no" else f"{mixed_precision} autocast"
+
+
 def heldout_loss(module: torch.nn.Module, examples: list[TrainExample], batch_size: int, cfg: TrainConfig) -> float:
     """Token-mean teacher-forced loss on held-out examples in the inference configuration (dropout off, no grad).
 
@@ -268,7 +273,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         accelerator.wait_for_everyone()  # every process has read the file before the main one rewrites it
         if accelerator.is_main_process:
             truncate_metrics(out / METRICS_FILE, start_step, going_on=end > start_step)
-    bar = tqdm(range(start_step, end), initial=start_step, total=cfg.steps, desc=f"train {cfg.system}",
+    bar = tqdm(range(start_step, end), initial=start_step, total=cfg.steps,
+               desc=f"train {cfg.system} ({precision_name(accelerator.mixed_precision)})",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     last_good = ckpt
     for step in bar:
@@ -335,4 +341,5 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     held = [m["heldout_loss"] for m in metrics if "heldout_loss" in m]
     return {"out": str(out), "steps": history[-1][0] if history else cfg.steps, "heldout_loss_start": held[0] if held else None,
             "heldout_loss_end": held[-1] if held else None, "world_size": world,
+            "mixed_precision": accelerator.mixed_precision,
             "is_main_process": accelerator.is_main_process}
