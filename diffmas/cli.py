@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from diffmas.assets import DEFAULT_MODEL
 from diffmas.errors import DiffMASError
@@ -441,7 +441,10 @@ def _study(kind: str, out: Path, docs: Path, commit: bool, device: str, max_arms
                 return estimate_seconds(arm, study_module.study_config(docs), out, docs)
 
         rows = plan_status(study_module.plan_arms(docs), out, docs, estimate)
-        table = Table("arm", "state", "detail", title=f"{kind} study: the plan, in order")
+        # The ids differ only at their ends (relay_digits--detached_anneal--s1 / _full--s0): never cut them short.
+        arm, state = (Column(name, no_wrap=True, min_width=max((len(row[i]) for row in rows), default=len(name)))
+                      for i, name in enumerate(("arm", "state")))
+        table = Table(arm, state, "detail", title=f"{kind} study: the plan, in order")
         for row in rows:
             table.add_row(*row)
         Console().print(table)
