@@ -248,3 +248,29 @@ def test_the_curves_give_each_arm_one_colour_and_each_seed_one_line_style(tmp_pa
     assert lines["coupled/s0"][1] == "-" and lines["coupled/s1"][1] == "--" and lines["skyline"][1] == "-"
     assert ylim[1] == pytest.approx(1.1 * 2.4 / 2)  # set by the losses after step 0
     assert (tmp_path / "curves.png").is_file()
+
+
+def test_the_curves_never_draw_two_arms_alike(tmp_path, monkeypatch):
+    """A study panel holds 15+ arms: past the palette's ten colours the marker tells them apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from diffmas.experiments.curves import plot_heldout
+
+    runs = []
+    for i in range(17):
+        path = tmp_path / f"arm{i}.jsonl"
+        path.write_text("".join(json.dumps({"step": s, "heldout_loss": 1.0 + i / (1 + s)}) + "\n" for s in (0, 1)))
+        runs.append((f"arm{i:02d}/s0", path))
+    drawn = []
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        drawn.extend((line.get_color(), line.get_marker()) for line in fig.axes[0].get_lines())
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    plot_heldout({"t": runs}, tmp_path / "curves.png", "validation")
+    assert len(drawn) == 17 and len(set(drawn)) == 17

@@ -10,6 +10,19 @@ SEED_STYLES = ("-", "--", ":", "-.")
 """Line style per training seed; the colour says the arm."""
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def arm_styles(arms: list[str]) -> dict[str, dict]:
+    """A colour and a marker per arm, no two arms alike: the ten tab10 colours, then the same colours with the next
+    marker (a study draws 15+ arms in one panel, and a repeated colour made two arms read as one)."""
+    from matplotlib import pyplot as plt
+
+    palette = plt.get_cmap("tab10").colors
+    return {arm: {"color": palette[i % len(palette)], "marker": MARKERS[i // len(palette) % len(MARKERS)]}
+            for i, arm in enumerate(arms)}
+
+
 def _arm_and_seed(label: str) -> tuple[str, int]:
     """``coupled/s1`` -> (``coupled``, 1); a label without a seed is seed 0."""
     arm, _, seed = label.rpartition("/s")
@@ -18,7 +31,7 @@ def _arm_and_seed(label: str) -> tuple[str, int]:
 
 def plot_heldout(runs: dict[str, list[tuple[str, Path]]], path: Path, what: str) -> Path | None:
     """Plot, per task of ``runs`` ({task: [(label, metrics.jsonl path)]}), every run's held-out loss against the
-    training step (``what`` names the held-out set in the titles), one colour per arm and one line style per seed
+    training step (``what`` names the held-out set in the titles), one colour and marker per arm, one line style per seed
     (labels ``arm/sN``); the panels' height is set by the losses after step 0. None when there is no run."""
     if not any(runs.values()):
         return None
@@ -29,9 +42,8 @@ def plot_heldout(runs: dict[str, list[tuple[str, Path]]], path: Path, what: str)
 
     tasks = sorted(task for task, found in runs.items() if found)
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-    palette = plt.get_cmap("tab10").colors
     for ax, task in zip(axes[0], tasks):
-        arms = sorted({_arm_and_seed(label)[0] for label, _ in runs[task]})
+        styles = arm_styles(sorted({_arm_and_seed(label)[0] for label, _ in runs[task]}))
         later = []  # losses after the first evaluation, which sets the panel's height
         for label, metrics_path in runs[task]:
             metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()]
@@ -39,8 +51,8 @@ def plot_heldout(runs: dict[str, list[tuple[str, Path]]], path: Path, what: str)
             if not held:
                 continue
             arm, seed = _arm_and_seed(label)
-            ax.plot(*zip(*held), marker=".", label=label, color=palette[arms.index(arm) % len(palette)],
-                    linestyle=SEED_STYLES[seed % len(SEED_STYLES)])
+            ax.plot(*zip(*held), label=label, markersize=3, linestyle=SEED_STYLES[seed % len(SEED_STYLES)],
+                    **styles[arm])
             later += [loss for step, loss in held if step > 0]
         if later:  # the untrained step-0 losses (up to ~4) would flatten every difference that matters
             ax.set_ylim(bottom=min(0.0, min(later)), top=1.1 * max(later))

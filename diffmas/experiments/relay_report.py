@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
-from diffmas.experiments.curves import plot_heldout
+from diffmas.experiments.curves import arm_styles, plot_heldout
 from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, TEXT, arm_key, plan_arms, run_id, study_config
 from diffmas.experiments.relay_answers import (closeness_table, digit_places, ladder, messages_table, near_outcomes,
                                                near_table, places_table)
@@ -106,10 +106,11 @@ def _capacity_plot(arms: dict[str, dict], docs: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = arm_styles(sorted(rows))
     for key, rungs in sorted(rows.items()):
-        style = "--" if key.startswith("pause") else "-"
+        style = "--" if key.startswith("pause") else ":" if "text" in key else "-"
         ax.errorbar(list(rungs), [r.accuracy for r in rungs.values()], yerr=[r.stderr for r in rungs.values()],
-                    fmt=style, marker="o", capsize=2, label=key)
+                    fmt=style, capsize=2, label=key, **styles[key])
     ks = sorted({k for rungs in rows.values() for k in rungs})
     ax.plot(ks, [10.0 ** -k for k in ks], ":", color="gray", label="chance (1 / 10^k)")
     ax.set_xlabel("digits k the writer sees")
