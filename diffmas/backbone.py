@@ -51,6 +51,12 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> str:
     return mixed_precision
 
 
+def precision_name(mixed_precision: str, dtype: str) -> str:
+    """How a run names the arithmetic it trained in: the weights' ``dtype``, or the autocast that ``mixed_precision``
+    resolved to (:func:`resolve_precision`)."""
+    return dtype if mixed_precision == "no" else f"{mixed_precision} autocast"
+
+
 def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise DiffMASError(f"unknown dtype '{dtype}'; choose one of {sorted(set(DTYPES))}")

@@ -200,7 +200,8 @@ def train(
 ) -> None:
     """Train DiffMAS (or the single_sft baseline) with LoRA; runs unchanged under `accelerate launch`."""
     from diffmas.config import load_config
-    from diffmas.train.loop import precision_name, train as run_training
+    from diffmas.backbone import precision_name
+    from diffmas.train.loop import train as run_training
 
     overrides = {
         "system": system, "model.name": model, "data.task": task, "data.source": source,
@@ -221,7 +222,8 @@ def train(
     if summary["is_main_process"]:
         console.print(f"adapters, checkpoints and metrics in {summary['out']}; held-out loss "
                       f"{summary['heldout_loss_start']:.4f} -> {summary['heldout_loss_end']:.4f}; trained in "
-                      f"{precision_name(summary['mixed_precision'])} (mixed_precision: {cfg.mixed_precision})")
+                      f"{precision_name(summary['mixed_precision'], cfg.model.dtype)} "
+                      f"(mixed_precision: {cfg.mixed_precision})")
 
 
 @app.command("export-checkpoint")

@@ -192,7 +192,7 @@ def test_train_says_which_arithmetic_it_trained_in(tmp_path, tiny_model_dir, one
         assert result.exit_code == 0, result.output
         resolved = read_adapter_meta(out)["mixed_precision"]
         assert resolved in ("no", "bf16") and (setting == "auto" or resolved == "no")
-        name = "fp32" if resolved == "no" else "bf16 autocast"
+        name = "float32" if resolved == "no" else "bf16 autocast"
         assert f"trained in {name} (mixed_precision: {setting})" in " ".join(result.output.split())
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from diffmas.adapters import read_adapter_meta
+from diffmas.backbone import precision_name
 from diffmas.config import LoraSettings, TrainConfig, load_config
 from diffmas.eval.html_report import HTML_FILE, write_html_report
 from diffmas.eval.report import self_perplexity
@@ -101,11 +102,11 @@ def _plot_training(runs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def _precision(setting: str, trained: list[Path]) -> str:
-    """What the summary says of precision: the setting and what the adapters recorded they trained under (``auto``
+def _precision(train: TrainConfig, trained: list[Path]) -> str:
+    """What the summary says of precision: the setting and what the adapters recorded they trained in (``auto``
     resolves per machine, so the setting alone does not say which arithmetic produced the table)."""
-    used = sorted({str(read_adapter_meta(run).get("mixed_precision", "not recorded")) for run in trained})
-    return f"mixed precision {setting}, trained under {' and '.join(used)}"
+    used = sorted({precision_name(read_adapter_meta(run)["mixed_precision"], train.model.dtype) for run in trained})
+    return f"mixed precision {train.mixed_precision}, trained in {' and '.join(used)}"
 
 
 def _write_summary(out: Path, title: str, cfg: DemoConfig, results: dict, notes: list[str], trained: list[Path],
@@ -120,7 +121,7 @@ def _write_summary(out: Path, title: str, cfg: DemoConfig, results: dict, notes:
             f"{time.strftime('%Y-%m-%d')}, {machine_description()}, commit {code_version()}.", "",
             f"Task {train.data.task} (held-out seeds, n = {cfg.n_eval} per system), {channel}, "
             f"m = {train.latent_steps} latent steps, {train.steps} training steps x batch {train.batch_size} "
-            f"(configs/train/demo.yaml; {_precision(train.mixed_precision, trained)}), "
+            f"(configs/train/demo.yaml; {_precision(train, trained)}), "
             "answer-only targets, greedy decoding, max "
             f"{cfg.max_new_tokens} new tokens.", "", _markdown_table(results), "", *notes]
     if clock:

@@ -24,7 +24,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from diffmas.adapters import attach_lora, save_adapters, trainable_parameters
-from diffmas.backbone import Backbone, load_backbone, resolve_device, resolve_precision
+from diffmas.backbone import Backbone, load_backbone, precision_name, resolve_device, resolve_precision
 from diffmas.config import ChannelConfig, TrainConfig, save_config, to_dict
 from diffmas.errors import DiffMASError
 from diffmas.memory import configure_allocator, step_done
@@ -161,11 +161,6 @@ def save_trained(backbone: Backbone, spec: RolloutSpec, cfg: TrainConfig, out: P
                          "distill": to_dict(cfg.distill) if cfg.method == "distill" else None})
 
 
-def precision_name(mixed_precision: str) -> str:
-    """How a run names the arithmetic it trains in (``mixed_precision: auto`` resolves per machine)."""
-    return "fp32" if mixed_precision == "no" else f"{mixed_precision} autocast"
-
-
 def heldout_loss(module: torch.nn.Module, examples: list[TrainExample], batch_size: int, cfg: TrainConfig) -> float:
     """Token-mean teacher-forced loss on held-out examples in the inference configuration (dropout off, no grad).
 
@@ -274,7 +269,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         if accelerator.is_main_process:
             truncate_metrics(out / METRICS_FILE, start_step, going_on=end > start_step)
     bar = tqdm(range(start_step, end), initial=start_step, total=cfg.steps,
-               desc=f"train {cfg.system} ({precision_name(accelerator.mixed_precision)})",
+               desc=f"train {cfg.system} ({precision_name(accelerator.mixed_precision, cfg.model.dtype)})",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     last_good = ckpt
     for step in bar:
