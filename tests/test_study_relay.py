@@ -363,16 +363,17 @@ def test_the_digits_seeds_come_before_the_other_controls():
     curriculum = [ids.index(Arm("coupled_anneal", relay.DIGITS, seed).id) for seed in (0, 1)]
     frozen = ids.index(Arm("frozen", relay.DIGITS).id)
     assert ids.index(Arm("detached", relay.DIGITS, 1).id) < frozen < min(curriculum)
-    # Then the curriculum's controls at seed 0, its seeds, and the m sweep under it, before the plain recipe's
-    # remaining seeds.
+    # Then the curriculum's controls at seed 0, coupled's third seed, the m sweep below m = 6 (plan change 14), the
+    # controls' seeds, the plain recipe's remaining seeds; the sweep's m = 8 and 16 last of all.
     controls = [ids.index(Arm(n, relay.DIGITS).id) for n in ("detached_anneal", "pause_anneal", "frozen_anneal")]
     assert max(curriculum) < min(controls) and controls == sorted(controls)
+    third = ids.index(Arm("coupled_anneal", relay.DIGITS, 2).id)
+    small, large = ([ids.index(Arm(n, relay.DIGITS, latent_steps=m).id) for m in ms
+                     for n in ("coupled_anneal", "pause_anneal")] for ms in ((1, 2, 4), (8, 16)))
     seeds = [ids.index(Arm(n, relay.DIGITS, s).id) for s in (1, 2) for n in ("detached_anneal", "pause_anneal")]
-    seeds.append(ids.index(Arm("coupled_anneal", relay.DIGITS, 2).id))
-    sweep = [ids.index(Arm(n, relay.DIGITS, latent_steps=m).id) for m in relay.SWEEP
-             for n in ("coupled_anneal", "pause_anneal")]
-    assert max(controls) < min(seeds) and max(seeds) < min(sweep)
-    assert max(sweep) < ids.index(Arm("pause", relay.DIGITS, 1).id) < ids.index(Arm("coupled", relay.DIGITS, 2).id)
+    assert max(controls) < third < min(small) and small == sorted(small) and max(small) < min(seeds)
+    plain = [ids.index(Arm("pause", relay.DIGITS, 1).id), ids.index(Arm("coupled", relay.DIGITS, 2).id)]
+    assert max(seeds) < plain[0] < plain[1] and min(large) > max(i for i, a in enumerate(ids) if "-m" not in a)
     assert ids.index(Arm("pause", relay.DIGITS, 2).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
     assert ids.index(Arm("coupled_long", relay.DIGITS).id) < ids.index(Arm("skyline", relay.CHAIN).id)
 

@@ -218,8 +218,15 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # coupled_long after.
     controls = ("detached_anneal", "pause_anneal", "frozen_anneal")
     arms += [Arm(n, DIGITS, phase=3) for n in controls]
-    arms += [Arm(n, DIGITS, s, phase=3) for s in SEEDS[1:] for n in ("coupled_anneal", *controls[:2])]
-    arms += [Arm(n, DIGITS, phase=4, latent_steps=m) for m in SWEEP for n in ("coupled_anneal", "pause_anneal")]
+    # Six positions pass the whole number at both seeds (k = 6 at 0.93 and 1.00), so the ladder at m = 6 measures
+    # no capacity: the issue's first goal (how many digits m latent steps carry) needs m below 6, where positions
+    # are scarce and whether the thoughts' content matters (coupled against pause) can show. After coupled's third
+    # seed, the sweep's m = 1, 2, 4 go before the controls' seeds (plan change 14); m = 8 and 16, which a ladder
+    # that m = 6 already tops cannot tell apart, go last.
+    sweep = [[Arm(n, DIGITS, phase=4, latent_steps=m) for n in ("coupled_anneal", "pause_anneal")] for m in SWEEP]
+    small = [arm for m, pair in zip(SWEEP, sweep) if m < RelayConfig.latent_steps for arm in pair]
+    arms += [Arm("coupled_anneal", DIGITS, SEEDS[2], phase=3)] + small
+    arms += [Arm(n, DIGITS, s, phase=3) for s in SEEDS[1:] for n in controls[:2]]
     arms += seeds[0][2:] + seeds[1]
     # Coupled on the digits was still improving fast at the 500-step cap (held-out loss 1.06 at step 425, 0.75 at
     # 500): three times the cap, same stopping rule, says how much of the ladder the cap decided.
@@ -232,6 +239,7 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     arms += _trained_text(CHAIN, docs)
     if recipe is not None:
         arms += [Arm(n + recipe, CHAIN, s, phase=5) for s in SEEDS[1:] for n in ("coupled", "detached", "pause")]
+    arms += [arm for pair in sweep for arm in pair if arm not in small]
     arms = _to_the_cap(arms, docs)
     unique = {a.id: a for a in reversed(arms)}  # an arm planned twice (plain coupled's controls) keeps its first place
     return [a for a in arms if unique[a.id] is a]
