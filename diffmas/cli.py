@@ -199,8 +199,8 @@ def train(
                                             "(turned off, a run that stopped on a plateau goes on)."),
 ) -> None:
     """Train DiffMAS (or the single_sft baseline) with LoRA; runs unchanged under `accelerate launch`."""
-    from diffmas.config import load_config
     from diffmas.backbone import precision_name
+    from diffmas.config import load_config
     from diffmas.train.loop import train as run_training
 
     overrides = {
