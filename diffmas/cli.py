@@ -45,15 +45,15 @@ TRACE_OPTION = typer.Option(None, help="Trace scope, keep | drop | latents: keep
 
 
 def user_errors(fn):
-    """Print a DiffMASError as one line and exit 2, instead of a traceback."""
+    """Print a DiffMASError as one line and exit with its code (2 unless it says otherwise), not a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DiffMASError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise typer.Exit(2) from None
+            print(f"{exc.label}: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper
 

@@ -3,3 +3,6 @@
 
 class DiffMASError(Exception):
     """A user-facing error: bad input, missing files, incompatible adapters or checkpoints, invalid config."""
+
+    label = "error"  # how the command line's one line starts
+    exit_code = 2

@@ -176,6 +176,42 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
     assert len(_losses(killed)) == 6
 
 
+def test_a_signal_stops_after_its_step_with_a_checkpoint_and_resume_goes_on(tmp_path, tiny_model_dir):
+    """SIGTERM (or Ctrl-C) mid-run: the step in progress finishes, a checkpoint is written there although none was
+    due (checkpoint_every > steps), the command says how to go on, and --resume ends where an unstopped run ends."""
+    config = _config_file(tmp_path, tiny_model_dir, steps=30, checkpoint_every=100)
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    subprocess.run(_cli("--config", str(config), "--out", str(full)), check=True, env=_env(), capture_output=True)
+    proc = subprocess.Popen(_cli("--config", str(config), "--out", str(stopped)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = stopped / "metrics.jsonl", time.time() + 120
+    while (not metrics.exists() or metrics.read_text().count('"loss"') < 2) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    ckpt = latest_checkpoint(stopped)
+    assert ckpt is not None and int(ckpt.name[5:]) < 30, "the run must be stopped before it finished"
+    assert len(_losses(stopped)) == int(ckpt.name[5:])  # the checkpoint is at the last step logged
+    assert ckpt.name in err and "--resume" in err
+    subprocess.run(_cli("--config", str(config), "--out", str(stopped), "--resume"), check=True, env=_env(),
+                   capture_output=True)
+    assert _losses(stopped) == pytest.approx(_losses(full), rel=1e-6)
+
+
+def test_stop_requests_record_the_first_signal_and_let_the_second_through():
+    from diffmas.train.interrupt import StopRequests
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequests() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.signum == signal.SIGINT  # recorded, nothing raised: the step goes on
+        with pytest.raises(KeyboardInterrupt):  # asked twice: the usual effect, at once
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_train_says_which_arithmetic_it_trained_in(tmp_path, tiny_model_dir, one_thread):
     """`mixed_precision: auto` resolves per machine (bf16 autocast on a CPU with avx512_bf16): the command's last
     line names what the run computed in, as its adapters record it."""

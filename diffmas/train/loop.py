@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,6 +35,7 @@ from diffmas.prompts import SINGLE, TOPOLOGIES, Topology, load_topology, questio
 from diffmas.rollout import RolloutSpec, rollout
 from diffmas.train.checkpoint import check_resume, full_state_dict, full_tensor, load_checkpoint, save_checkpoint
 from diffmas.train.data import TrainExample, build_datasets
+from diffmas.train.interrupt import StopRequests, TrainingStopped
 from diffmas.tasks import get_task
 from diffmas.train.link import pretrain_link
 from diffmas.train.objectives import (StepNorm, StepPlan, heldout_targets, plan_norm, plan_step, starts_new_stage,
@@ -272,55 +274,63 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
                desc=f"train {cfg.system} ({precision_name(accelerator.mixed_precision, cfg.model.dtype)})",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     last_good = ckpt
-    for step in bar:
-        started = time.perf_counter()
-        if starts_new_stage(step, cfg) and cfg.curriculum.reset_optimizer:
-            optimizer.state.clear()  # fresh AdamW moments for the new stage, as Coconut does
-        plan = plan_step(cfg, step, train_set[step * global_batch: (step + 1) * global_batch], spec.topology)
-        norm = plan_norm(backbone, spec, plan)
-        local = torch.zeros(4, device=accelerator.device)
-        for m in range(cfg.grad_accum):
-            mine = plan.rows(slice(m * micro, (m + 1) * micro)).rows(slice(rank, None, world))
-            sync = accelerator.no_sync(module) if m < cfg.grad_accum - 1 else nullcontext()
-            with sync:
-                loss_part, sums = module(mine, norm)
-                # DDP averages gradients over processes: scale so the result is the global objective.
-                accelerator.backward(loss_part * world)
-            local += torch.cat([loss_part.detach()[None], sums])
-        totals = accelerator.reduce(local, "sum")
-        loss = float(totals[0])
-        if not math.isfinite(loss):
-            raise DiffMASError(f"non-finite loss ({loss}) at step {step + 1}; stopped before the update. "
-                               f"Last good checkpoint: {last_good or 'none'}")
-        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.clip))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_done()  # the allocator policy's step boundary (diffmas.memory)
-        seconds = time.perf_counter() - started
-        record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                  "target_tokens": norm.tokens, "tokens_per_s": norm.tokens / seconds, "seconds": seconds}
-        if cfg.method != "answer":
-            record["ce"] = float(totals[1]) / norm.tokens
-        if cfg.method == "distill":
-            record["distill"] = float(totals[2]) / norm.rows
-            record["teacher_ce"] = float(totals[3]) / max(1, norm.teacher_tokens)
-        if plan.stage is not None:
-            record["stage"] = plan.stage
-        done = step + 1 == cfg.steps
-        if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            record.update(timed_heldout())  # its own seconds: "seconds" stays the training step's
-            history.append((step + 1, record["heldout_loss"]))
-            if not done and flattened(history, cfg.stop):
-                record["stopped_early"] = done = True
-        log(record)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
-                        target_tok_s=f"{record['tokens_per_s']:.0f}")
-        if done or (step + 1) % cfg.checkpoint_every == 0:
-            last_good = save_checkpoint(out, step + 1, (step + 1) * global_batch, backbone, optimizer, scheduler,
-                                        cfg, accelerator)
-        if done:
-            break
+    with StopRequests() as stop:
+        for step in bar:
+            started = time.perf_counter()
+            if starts_new_stage(step, cfg) and cfg.curriculum.reset_optimizer:
+                optimizer.state.clear()  # fresh AdamW moments for the new stage, as Coconut does
+            plan = plan_step(cfg, step, train_set[step * global_batch: (step + 1) * global_batch], spec.topology)
+            norm = plan_norm(backbone, spec, plan)
+            local = torch.zeros(4, device=accelerator.device)
+            for m in range(cfg.grad_accum):
+                mine = plan.rows(slice(m * micro, (m + 1) * micro)).rows(slice(rank, None, world))
+                sync = accelerator.no_sync(module) if m < cfg.grad_accum - 1 else nullcontext()
+                with sync:
+                    loss_part, sums = module(mine, norm)
+                    # DDP averages gradients over processes: scale so the result is the global objective.
+                    accelerator.backward(loss_part * world)
+                local += torch.cat([loss_part.detach()[None], sums])
+            # The stop request rides on the step's one reduction: every process stops after the same step.
+            totals = accelerator.reduce(torch.cat([local, local.new_tensor([stop.signum is not None])]), "sum")
+            loss = float(totals[0])
+            if not math.isfinite(loss):
+                raise DiffMASError(f"non-finite loss ({loss}) at step {step + 1}; stopped before the update. "
+                                   f"Last good checkpoint: {last_good or 'none'}")
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.clip))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_done()  # the allocator policy's step boundary (diffmas.memory)
+            seconds = time.perf_counter() - started
+            record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "target_tokens": norm.tokens, "tokens_per_s": norm.tokens / seconds, "seconds": seconds}
+            if cfg.method != "answer":
+                record["ce"] = float(totals[1]) / norm.tokens
+            if cfg.method == "distill":
+                record["distill"] = float(totals[2]) / norm.rows
+                record["teacher_ce"] = float(totals[3]) / max(1, norm.teacher_tokens)
+            if plan.stage is not None:
+                record["stage"] = plan.stage
+            done = step + 1 == cfg.steps
+            if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+                record.update(timed_heldout())  # its own seconds: "seconds" stays the training step's
+                history.append((step + 1, record["heldout_loss"]))
+                if not done and flattened(history, cfg.stop):
+                    record["stopped_early"] = done = True
+            log(record)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
+                            target_tok_s=f"{record['tokens_per_s']:.0f}")
+            stopping = bool(totals[4]) and not done
+            if done or stopping or (step + 1) % cfg.checkpoint_every == 0:
+                last_good = save_checkpoint(out, step + 1, (step + 1) * global_batch, backbone, optimizer, scheduler,
+                                            cfg, accelerator)
+            if stopping:
+                signum = int(stop.signum or signal.SIGTERM)  # another process may have been the one asked
+                raise TrainingStopped(f"{signal.Signals(signum).name} after step {step + 1} of {cfg.steps}; "
+                                      f"checkpoint saved at {last_good}: run the same command with --resume "
+                                      "to go on", signum)
+            if done:
+                break
 
     # Every process gathers full tensors (FSDP2 holds shards; a no-op copy otherwise), the main one writes.
     lora_state = full_state_dict(backbone)
