@@ -9,7 +9,7 @@ import math
 import pytest
 
 from diffmas.config import to_dict
-from diffmas.experiments import relay, relay_report
+from diffmas.experiments import relay, relay_capacity, relay_report
 from diffmas.experiments.relay import (Arm, RelayConfig, arm_settings, continued_from, plan_arms, run_study,
                                       train_config)
 from diffmas.experiments.relay_answers import Rung, digit_places, ladder, sum_closeness
@@ -480,15 +480,15 @@ def test_the_goals_say_when_an_unequal_budget_favours_the_baseline(tmp_path):
     assert full.endswith("; not at equal budgets (in the baseline's favour): trained 375 vs 500 steps")
 
 
-def _digits_arm(docs, name, seed=0, steps=500, stopped=False, right=4, hours=1.0, **extra):
-    """A finished relay:digits arm in ``docs``: its record, 8 items of which the first ``right`` are correct, and a
-    one-step curve of ``hours`` of training."""
+def _digits_arm(docs, name, seed=0, steps=500, stopped=False, right=4, hours=1.0, m=None, **extra):
+    """A finished relay:digits arm in ``docs`` (at the sweep's ``m`` where given): its record, 8 items of which the
+    first ``right`` are correct, and a one-step curve of ``hours`` of training."""
     for sub in ("arms", "samples", "curves"):
         (docs / sub).mkdir(exist_ok=True)
-    arm = Arm(name, relay.DIGITS, seed)
+    arm = Arm(name, relay.DIGITS, seed, latent_steps=m)
     rec = {"arm": name, "task": relay.DIGITS, "label": arm.label, "seed": seed, "accuracy": right / 8, "stderr": 0.1,
-           "floor": 0.03, "positions_passed": 6.0, "kv_bytes_passed": 1.0, "steps_trained": steps,
-           "stopped_early": stopped, "eval_seconds": 100, "latent_steps": 6, "system": "diffmas", "machine": "test",
+           "floor": 0.03, "positions_passed": float(m or 6), "kv_bytes_passed": 1.0, "steps_trained": steps,
+           "stopped_early": stopped, "eval_seconds": 100, "latent_steps": m or 6, "system": "diffmas", "machine": "test",
            "config": {"steps": 500}, **extra}
     (docs / "arms" / f"{arm.id}.json").write_text(json.dumps(rec))
     (docs / "samples" / f"{arm.id}.jsonl").write_text("".join(
@@ -571,3 +571,33 @@ def test_the_digits_curriculum_is_paired_with_its_own_controls_and_judged(tmp_pa
     assert pairs[("coupled_anneal", "pause_anneal")] == pytest.approx(5 / 8)
     goals = (tmp_path / "README.md").read_text().split("## Goals")[1]
     assert "relay:digits: coupled_anneal - detached_anneal = +75.0 points" in goals
+
+
+def test_the_sweep_pairs_coupled_with_pause_at_each_m_at_equal_budgets_and_tables_bits_per_position(tmp_path):
+    # At m = 1 coupled stopped flat at 350 and was run on to the cap; pause reached the cap by itself: the
+    # equal-budget pair is coupled's run on against pause as it is. At m = 6 both reached the cap.
+    for name, steps, stopped, right, m in (("coupled_anneal", 500, False, 8, None), ("pause_anneal", 500, False, 8, None),
+                                           ("coupled_anneal", 350, True, 2, 1), ("coupled_anneal_full", 500, False, 6, 1),
+                                           ("pause_anneal", 500, False, 1, 1), ("detached_anneal", 300, True, 0, None),
+                                           ("coupled_full", 500, False, 3, None)):
+        _digits_arm(tmp_path, name, steps=steps, stopped=stopped, right=right, m=m)
+    results = write_report(tmp_path, n_boot=100)
+    pairs = {(c["arm"], c["baseline"]): c["diff"] for c in results["comparisons"][relay.DIGITS]}
+    assert pairs[("coupled_anneal_full-m1", "pause_anneal-m1")] == pytest.approx(5 / 8)
+    assert pairs[("coupled_anneal-m1", "pause_anneal-m1")] == pytest.approx(1 / 8)  # unequal budgets, and flagged
+    assert ("coupled_full", "detached_anneal") not in pairs
+    assert ("coupled_anneal_full", "detached_anneal") not in pairs  # no such run; and detached stopped early
+    goals = (tmp_path / "README.md").read_text().split("## Goals")[1].split("##")[0]
+    line = next(l for l in goals.splitlines() if "coupled_anneal_full-m1 - pause_anneal-m1" in l)
+    assert "+62.5 points" in line and "not at equal budgets" not in line
+    assert "not at equal budgets" in next(l for l in goals.splitlines() if "coupled_anneal-m1 - pause_anneal-m1" in l)
+    kinds = relay_capacity.sweep_points(results["arms"], {
+        key: {0: {f"digits1-{i}": i < round(8 * acc) for i in range(8)}}
+        for key, acc in ((relay.arm_key(r), r["accuracy"]) for r in results["arms"])})
+    assert set(kinds) == {"coupled_anneal", "pause_anneal"}  # detached and coupled_full: one size each
+    assert [(p.positions, p.arm) for p in kinds["coupled_anneal"]] == [(1, "coupled_anneal_full-m1"),
+                                                                      (6, "coupled_anneal")]  # the run on to the cap
+    assert kinds["coupled_anneal"][0].bits == pytest.approx(Rung(1, 6, 8).bits)
+    readme = (tmp_path / "README.md").read_text()
+    assert "| coupled_anneal | 1 | coupled_anneal_full-m1 | 1 |" in readme
+    assert "| pause_anneal | 6 | pause_anneal | 1 | 3.3 | 0.55 | 1 |" in readme

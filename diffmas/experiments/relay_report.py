@@ -2,8 +2,8 @@
 
 Reads ``docs/arms/*.json`` and ``docs/samples/*.jsonl`` and writes ``results.json``, ``README.md`` (per task: every
 arm with its floor, the positions and K/V bytes it passed to the final agent and its training budget; the paired
-comparisons the study's claims rest on; the goals, each met or not with its interval), the capacity plot (the
-digits ladder: accuracy per number of digits k, one line per m) and the held-out loss curves.
+comparisons the study's claims rest on; the goals, each met or not with its interval), the capacity plot and the m
+sweep's table (``relay_capacity``) and the held-out loss curves.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
-from diffmas.experiments.curves import arm_styles, plot_heldout
-from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, TEXT, arm_key, plan_arms, run_id, study_config
+from diffmas.experiments.curves import plot_heldout
+from diffmas.experiments.relay import (CONTROLS, FULL, RECIPES, SWEEP, TEXT, arm_key, plan_arms, run_id,
+                                      study_config)
+from diffmas.experiments.relay_capacity import capacity_plot, channel, sweep_points, sweep_table, without_m
 from diffmas.experiments.relay_answers import (closeness_table, digit_places, ladder, messages_table, near_outcomes,
                                                near_table, places_table)
 from diffmas.experiments.relay_cost import remaining_line
@@ -26,10 +28,26 @@ _RECIPES = ("", *RECIPES)
 
 def _against_controls(controls: tuple[str, ...], recipes: tuple[str, ...]) -> list[tuple[str, str]]:
     """Coupled against each control under the same recipe: as the flat-loss rule stopped them, the control run on
-    to the cap, and both run on to the cap."""
+    to the cap, both run on to the cap, and coupled run on against a control that reached the cap itself (kept only
+    where it did: :func:`_reported`)."""
     return [pair for r in recipes for c in controls for pair in (
-        (f"coupled{r}", f"{c}{r}"), (f"coupled{r}", f"{c}{r}{FULL}"), (f"coupled{r}{FULL}", f"{c}{r}{FULL}"))]
+        (f"coupled{r}", f"{c}{r}"), (f"coupled{r}", f"{c}{r}{FULL}"), (f"coupled{r}{FULL}", f"{c}{r}{FULL}"),
+        (f"coupled{r}{FULL}", f"{c}{r}"))]
 
+
+def _run_on(key: str) -> bool:
+    """Whether an arm key names a run on to the cap (``<arm>_full``, with or without a sweep's ``-m<m>``)."""
+    return without_m(key).endswith(FULL)
+
+
+def _reported(arm: str, baseline: str, arms: dict[str, dict]) -> bool:
+    """A run on to the cap is paired with a baseline as stopped only where no seed of that baseline stopped early:
+    then it trained to the cap itself and has no run on of its own, and this is the equal-budget pair."""
+    return not (_run_on(arm) and not _run_on(baseline) and any(arms[baseline]["stopped_early"]))
+
+
+SWEEP_PAIRS = [(f"{a}-m{m}", f"{b}-m{m}") for m in SWEEP for a, b in _against_controls(("pause",), ("_anneal",))]
+"""Coupled against pause at each m of the sweep (the arms' keys end in -m<m>)."""
 
 PAIRS = {
     "relay:chain_sum": [("coupled", "blind"), ("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"),
@@ -42,7 +60,7 @@ PAIRS = {
     + [("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"), ("coupled", "text_sft_4m"),
        ("text_sft_m", "text_m"), ("coupled", "skyline"), ("coupled_long", "coupled"),
        ("coupled_anneal", "coupled"), (f"coupled_anneal{FULL}", f"coupled{FULL}"),
-       ("coupled_anneal", "text_sft_m"), ("coupled_anneal", "text_sft_4m")],
+       ("coupled_anneal", "text_sft_m"), ("coupled_anneal", "text_sft_4m")] + SWEEP_PAIRS,
 }
 
 
@@ -84,45 +102,6 @@ def _summary(c: Comparison) -> dict:
     return {"arm": c.arm, "baseline": c.baseline, "acc_arm": c.acc_arm, "acc_base": c.acc_base, "diff": c.diff,
             "ci_low": c.ci_low, "ci_high": c.ci_high, "paired_p": c.paired_p, "n_items": c.n_items,
             "seeds_arm": c.n_seeds_arm, "seeds_base": c.n_seeds_base, "verdict": c.verdict}
-
-
-def _channel(rec: dict) -> tuple[float, str]:
-    """What an arm passes to the final agent: (positions, a label): m latent positions, the text message's tokens
-    (mean over items, at most its cap), or nothing for the single agent that reads the number itself."""
-    if rec["system"] == "single_sft":
-        return 0.0, "sees the number"
-    if rec["system"] in TEXT:
-        return rec["positions_passed"], f"text, {rec['positions_passed']:.1f} tokens"
-    return rec["latent_steps"], f"m = {rec['latent_steps']}"
-
-
-def _capacity_plot(arms: dict[str, dict], docs: Path) -> Path | None:
-    rows = {key: ladder(seeds) for key, seeds in arms.items()}
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = arm_styles(sorted(rows))
-    for key, rungs in sorted(rows.items()):
-        style = "--" if key.startswith("pause") else ":" if "text" in key else "-"
-        ax.errorbar(list(rungs), [r.accuracy for r in rungs.values()], yerr=[r.stderr for r in rungs.values()],
-                    fmt=style, capsize=2, label=key, **styles[key])
-    ks = sorted({k for rungs in rows.values() for k in rungs})
-    ax.plot(ks, [10.0 ** -k for k in ks], ":", color="gray", label="chance (1 / 10^k)")
-    ax.set_xlabel("digits k the writer sees")
-    ax.set_ylabel("accuracy of the final agent (exact number)")
-    ax.set_title("relay:digits: what each channel carries, per number of digits")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = docs / "capacity.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _curves(records: list[dict], docs: Path) -> Path | None:
@@ -237,7 +216,7 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
                      f"{share:.3f} of its positions (goal <= 0.1): "
                      + ("met" if ratio >= 0.9 and share <= 0.1 else "not met"))
     wanted = set(_against_controls(CONTROLS, _RECIPES)) | {("coupled", "text_m")} | {
-        (f"coupled{r}", "text_sft_m") for r in _RECIPES}  # latent against trained text, under each recipe
+        (f"coupled{r}", "text_sft_m") for r in _RECIPES} | set(SWEEP_PAIRS)  # latent against trained text
     for task, pairs in comps.items():
         for c in pairs:
             if (c.arm, c.baseline) in wanted:
@@ -276,7 +255,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
     for task, pairs in PAIRS.items():
         found = outcomes.get(task, {})
         comps[task] = [compare({a: found[a], b: found[b]}, b, n_boot=n_boot)[0]
-                       for a, b in pairs if a in found and b in found]
+                       for a, b in pairs if a in found and b in found and _reported(a, b, by_arm[task])]
     near_comps: dict[str, list[Comparison]] = {}
     hours = sum(a["train_hours"] for task in by_arm.values() for a in task.values())
     text = ["# Relay study: results so far", "",
@@ -317,11 +296,14 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             near = {key: near_outcomes(task, runs) for key, runs in answers_by_seed.items()}
             near_comps[task] = [compare({a: near[a], b: near[b]}, b, n_boot=n_boot)[0]
                                 for a, b in PAIRS.get(task, [])
-                                if a in near and b in near and common_items(near[a], near[b])]
+                                if a in near and b in near and common_items(near[a], near[b])
+                                and _reported(a, b, by_arm[task])]
             text += closeness_table(task, dict(sorted(answers.items()))) + near_table(near_comps[task])
         else:
-            channel = {arm_key(r): _channel(r) for r in records if r["task"] == task}
-            plot = _capacity_plot({f"{key}, {channel[key][1]}": seeds for key, seeds in outcomes[task].items()}, docs)
+            passed = {arm_key(r): channel(r) for r in records if r["task"] == task}
+            kinds = sweep_points([r for r in records if r["task"] == task], outcomes[task])
+            plot = capacity_plot({f"{key}, {passed[key][1]}": seeds for key, seeds in outcomes[task].items()}, kinds,
+                                 docs)
             ladders = {key: ladder(seeds) for key, seeds in sorted(outcomes[task].items())}
             ks = sorted({k for rungs in ladders.values() for k in rungs})
             text += ["Exact repeats per number of digits k (accuracy ± stderr, n items x seeds); bits: the most "
@@ -334,10 +316,10 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             for key, rungs in ladders.items():
                 cells = [f"{rungs[k].accuracy:.2f} ± {rungs[k].stderr:.2f} (n={rungs[k].n})" if k in rungs else "–"
                          for k in ks]
-                bits, positions = max(r.bits for r in rungs.values()), channel[key][0]
+                bits, positions = max(r.bits for r in rungs.values()), passed[key][0]
                 per = f"{bits / positions:.2f}" if positions else "–"
                 text.append(f"| {key} | " + " | ".join(cells) + f" | {bits:.1f} ({per}) |")
-            text += ["", f"![capacity]({plot.name})", ""] if plot else [""]
+            text += [""] + sweep_table(kinds) + ([f"![capacity]({plot.name})", ""] if plot else [])
             sent: dict[str, list[dict]] = defaultdict(list)
             for rec in records:
                 kept = samples[run_id(rec)]
