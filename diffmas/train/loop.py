@@ -327,8 +327,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
             if stopping:
                 signum = int(stop.signum or signal.SIGTERM)  # another process may have been the one asked
                 raise TrainingStopped(f"{signal.Signals(signum).name} after step {step + 1} of {cfg.steps}; "
-                                      f"checkpoint saved at {last_good}: run the same command with --resume "
-                                      "to go on", signum)
+                                      f"checkpoint saved at {last_good}: to go on, run the same command (with "
+                                      "--resume for diffmas train; the demo and the studies resume by themselves)",
+                                      signum)
             if done:
                 break
 
