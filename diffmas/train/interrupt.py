@@ -44,10 +44,6 @@ class StopRequests:
     def __exit__(self, *exc) -> None:
         self._restore()
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else ""
-
     def _request(self, signum: int, frame) -> None:
         if self.signum is not None:  # asked twice: stop now, as if no handler had been installed
             self._restore()
