@@ -598,6 +598,12 @@ def test_the_sweep_pairs_coupled_with_pause_at_each_m_at_equal_budgets_and_table
     assert [(p.positions, p.arm) for p in kinds["coupled_anneal"]] == [(1, "coupled_anneal_full-m1"),
                                                                       (6, "coupled_anneal")]  # the run on to the cap
     assert kinds["coupled_anneal"][0].bits == pytest.approx(Rung(1, 6, 8).bits)
+    # At m = 6 a second seed stopped flat and was run on: the run on to the cap (every seed at 500, seed 0's
+    # run counted under its name) is the sweep's point, not the arm pooled with a stopped seed.
+    _digits_arm(tmp_path, "coupled_anneal", seed=1, steps=350, stopped=True, right=1)
+    _digits_arm(tmp_path, "coupled_anneal_full", seed=1, right=8)
+    results = write_report(tmp_path, n_boot=100)
+    assert "| coupled_anneal | 6 | coupled_anneal_full | 2 |" in (tmp_path / "README.md").read_text()
     readme = (tmp_path / "README.md").read_text()
     assert "| coupled_anneal | 1 | coupled_anneal_full-m1 | 1 |" in readme
     assert "| pause_anneal | 6 | pause_anneal | 1 | 3.3 | 0.55 | 1 |" in readme

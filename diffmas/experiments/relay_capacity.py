@@ -76,17 +76,21 @@ class SweepPoint:
 def sweep_points(records: list[dict], outcomes: dict[str, dict[int, dict[str, bool]]]) -> dict[str, list[SweepPoint]]:
     """Per kind of channel measured at two sizes or more, its points in order of positions. ``records``: the
     relay:digits arms' records; ``outcomes``: their per-item outcomes by arm key and seed."""
-    chosen: dict[tuple[str, float], dict] = {}
+    # An arm is as long-trained as its shortest seed: a run on to the cap (every seed at the cap) wins over the
+    # same arm pooled with a seed that the flat-loss rule stopped; then the arm with more seeds.
+    budgets: dict[str, list[int]] = {}
+    sizes: dict[str, tuple[str, float]] = {}
     for rec in records:
-        positions = channel(rec)[0]
-        key = (_kind(rec), positions)
-        if positions and arm_key(rec) in outcomes and (
-                key not in chosen or rec["steps_trained"] > chosen[key]["steps_trained"]):
-            chosen[key] = rec
+        if channel(rec)[0] and arm_key(rec) in outcomes:
+            budgets.setdefault(arm_key(rec), []).append(rec["steps_trained"])
+            sizes[arm_key(rec)] = (_kind(rec), channel(rec)[0])
+    chosen: dict[tuple[str, float], str] = {}
+    for key in sorted(budgets, key=lambda k: (min(budgets[k]), len(budgets[k]))):
+        chosen[sizes[key]] = key  # the best-ranked arm of each size is written last
     kinds: dict[str, list[SweepPoint]] = {}
-    for (kind, positions), rec in sorted(chosen.items()):
-        seeds = outcomes[arm_key(rec)]
-        kinds.setdefault(kind, []).append(SweepPoint(kind, arm_key(rec), positions, ladder(seeds), len(seeds)))
+    for (kind, positions), key in sorted(chosen.items()):
+        seeds = outcomes[key]
+        kinds.setdefault(kind, []).append(SweepPoint(kind, key, positions, ladder(seeds), len(seeds)))
     return {kind: points for kind, points in kinds.items() if len(points) > 1}
 
 

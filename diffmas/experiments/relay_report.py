@@ -215,8 +215,9 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
         lines.append(f"- relay:chain_sum, {best} / open accuracy {ratio:.2f} (goal >= 0.9) while passing "
                      f"{share:.3f} of its positions (goal <= 0.1): "
                      + ("met" if ratio >= 0.9 and share <= 0.1 else "not met"))
-    wanted = set(_against_controls(CONTROLS, _RECIPES)) | {("coupled", "text_m")} | {
-        (f"coupled{r}", "text_sft_m") for r in _RECIPES} | set(SWEEP_PAIRS)  # latent against trained text
+    # Coupled against its controls (at m = 6 and at each m of the sweep) and against text, trained or not.
+    wanted = set(_against_controls(CONTROLS, _RECIPES)) | set(SWEEP_PAIRS) | {("coupled", "text_m")} | {
+        (f"coupled{r}", "text_sft_m") for r in _RECIPES}
     for task, pairs in comps.items():
         for c in pairs:
             if (c.arm, c.baseline) in wanted:
