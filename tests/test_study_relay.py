@@ -378,6 +378,15 @@ def test_the_digits_seeds_come_before_the_other_controls():
     assert ids.index(Arm("coupled_long", relay.DIGITS).id) < ids.index(Arm("skyline", relay.CHAIN).id)
 
 
+def test_an_arm_evaluated_without_its_record_goes_after_every_other_arm(tmp_path):
+    # Its samples were committed, its probe and record were lost with a machine: rerunning it measures nothing new.
+    lost = Arm("pause_anneal", relay.DIGITS, latent_steps=1, phase=4)
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / f"{lost.id}.jsonl").write_text('{"id": 0, "correct": true}\n')
+    others = [a.id for a in plan_arms() if a.id != lost.id]
+    assert [a.id for a in plan_arms(tmp_path)] == others + [lost.id]
+
+
 @pytest.mark.parametrize("control, task, seed", [("pause", relay.DIGITS, 1), ("half_a_anneal", relay.SPLIT, 0)])
 def test_a_control_the_flat_rule_stopped_before_coupled_is_run_on_to_the_cap_right_after_it(tmp_path, control, task,
                                                                                              seed):

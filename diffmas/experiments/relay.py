@@ -241,6 +241,11 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
         arms += [Arm(n + recipe, CHAIN, s, phase=5) for s in SEEDS[1:] for n in ("coupled", "detached", "pause")]
     arms += [arm for pair in sweep for arm in pair if arm not in small]
     arms = _to_the_cap(arms, docs)
+    # An arm whose test samples were committed without its record lost its probe with a machine, and its checkpoints
+    # with it: its result is already in the samples, so the whole run it would take again goes after every arm
+    # that measures something new.
+    lost = [a for a in arms if _evaluated_only(a, docs)]
+    arms = [a for a in arms if a not in lost] + lost
     unique = {a.id: a for a in reversed(arms)}  # an arm planned twice (plain coupled's controls) keeps its first place
     return [a for a in arms if unique[a.id] is a]
 
@@ -248,6 +253,11 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
 def _finished(arm: Arm, docs: Path | None) -> dict | None:
     path = None if docs is None else docs / "arms" / f"{arm.id}.json"
     return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _evaluated_only(arm: Arm, docs: Path | None) -> bool:
+    """Whether an arm's test samples are in ``docs`` but not its record (written last, after its probe)."""
+    return docs is not None and (docs / "samples" / f"{arm.id}.jsonl").is_file() and _finished(arm, docs) is None
 
 
 def _to_the_cap(arms: list[Arm], docs: Path | None) -> list[Arm]:
