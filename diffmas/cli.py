@@ -426,14 +426,17 @@ def compare(
 
 
 def _study(kind: str, out: Path, docs: Path, commit: bool, device: str, max_arms: Optional[int],
-           report_only: bool, snapshot: bool = False, plan: bool = False, until: str | None = None) -> None:
+           report_only: bool, snapshot: bool = False, plan: bool = False, until: str | None = None,
+           keep_going: bool = False) -> None:
     import importlib
 
     from diffmas.experiments.workers import commit_docs, plan_status, snapshot_unfinished
 
     study_module = importlib.import_module(f"diffmas.experiments.{kind}")
     report_module = importlib.import_module(f"diffmas.experiments.{kind}_report")
-    deadline = {} if until is None else {"until": _deadline(until)}
+    if keep_going and until is None:
+        raise DiffMASError("--keep-going goes with --until: without a deadline every arm is started anyway")
+    deadline = {} if until is None else {"until": _deadline(until), "keep_going": keep_going}
     if plan:
         estimate = None
         if kind == "relay":
@@ -516,10 +519,13 @@ def study_relay(
     until: Optional[str] = typer.Option(None, help="Start only arms estimated to finish by this time (ISO 8601, "
                                         "UTC unless it names an offset, e.g. 2026-12-06T07:00): where the machine "
                                         "may go away then, an arm still training would be lost."),
+    keep_going: bool = typer.Option(False, "--keep-going", help="With --until: once no free arm fits, start the "
+                                    "next ones anyway instead of stopping. A machine that outlives the deadline "
+                                    "resumes them from their checkpoints; one that does not loses only idle time."),
 ) -> None:
     """The relay study: can a trained latent channel carry a problem the final agent never sees? Resumable; run
     two at once for two cores (make study-relay)."""
-    _study("relay", out, docs, commit, device, max_arms, report_only, snapshot, plan, until)
+    _study("relay", out, docs, commit, device, max_arms, report_only, snapshot, plan, until, keep_going)
 
 
 @app.command()

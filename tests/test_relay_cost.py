@@ -86,6 +86,9 @@ def test_the_command_line_reads_the_deadline_and_rejects_a_bad_one(tmp_path):
     result = CliRunner().invoke(app, ["study-relay", "--until", "tonight", "--out", str(tmp_path / "runs"),
                                       "--docs", str(tmp_path / "docs")])
     assert result.exit_code == 2 and "--until 'tonight': not an ISO 8601 time" in result.output
+    result = CliRunner().invoke(app, ["study-relay", "--keep-going", "--out", str(tmp_path / "runs"),
+                                      "--docs", str(tmp_path / "docs")])
+    assert result.exit_code == 2 and "--keep-going goes with --until" in result.output
     assert not (tmp_path / "runs").exists()
 
 

@@ -155,6 +155,18 @@ def test_a_worker_with_a_deadline_passes_over_arms_that_would_not_finish_and_sto
     assert ran == ["short--s0", "short--s1", "long--s0", "long--s1"]
 
 
+def test_a_worker_that_keeps_going_takes_the_arms_that_do_not_fit_once_none_fits(tmp_path, capsys):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    ran = []
+    plan = [FakeArm("long--s0"), FakeArm("short--s0"), FakeArm("long--s1")]
+    (out / "claims").mkdir(parents=True)
+    (out / "claims" / "long--s1.claim").write_text(str(os.getppid()))  # another live worker's arm: never taken
+    work_through(lambda: plan, _finishing(docs, ran), lambda: None, out, docs,
+                 fits=lambda arm: arm.id.startswith("short"), keep_going=True, max_arms=2)
+    assert ran == ["short--s0", "long--s0"]  # the arms that fit first, then the rest in plan order
+    assert "starting long--s0 anyway (--keep-going)" in capsys.readouterr().out
+
+
 def test_the_plan_status_says_where_each_arm_stands(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
 

@@ -446,10 +446,11 @@ def study_config(docs: Path) -> RelayConfig:
 
 
 def run_study(out: Path, docs: Path, cfg: RelayConfig | None = None, device: str = "cpu", commit: bool = False,
-              max_arms: int | None = None, until: float | None = None) -> None:
+              max_arms: int | None = None, until: float | None = None, keep_going: bool = False) -> None:
     """Work through the arms until none is left to claim (resumable; several workers may run at once). ``until``
     (a time, seconds since the epoch): start only arms estimated to finish before it (``relay_cost``); an arm
-    nothing finished yet gives a reference for is started regardless."""
+    nothing finished yet gives a reference for is started regardless. ``keep_going``: once none fits, go on with
+    the rest of the plan instead of stopping (``work_through``)."""
     from diffmas.experiments.relay_cost import estimate_seconds
     from diffmas.experiments.relay_report import write_report
 
@@ -467,4 +468,4 @@ def run_study(out: Path, docs: Path, cfg: RelayConfig | None = None, device: str
         return cost is None or time.time() + cost <= until
 
     work_through(lambda: plan_arms(docs), run, lambda: write_report(docs), out, docs, commit, max_arms,
-                 None if until is None else fits)
+                 None if until is None else fits, keep_going)

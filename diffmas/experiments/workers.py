@@ -110,11 +110,13 @@ def commit_docs(docs: Path, message: str) -> None:
 
 def work_through(plan: Callable[[], Sequence[ArmLike]], run: Callable[[ArmLike], str], report: Callable[[], object],
                  out: Path, docs: Path, commit: bool = False, max_arms: int | None = None,
-                 fits: Callable[[ArmLike], bool] | None = None) -> None:
+                 fits: Callable[[ArmLike], bool] | None = None, keep_going: bool = False) -> None:
     """Run arms until none is left to claim. ``plan()`` lists every arm in priority order (it may grow as results
     come in); an arm is done when ``docs/arms/<id>.json`` exists. ``run(arm)`` returns the commit message.
     ``fits(arm)``: whether the arm can still finish in the time this worker has (a deadline); an arm that does
-    not is passed over for a later one that does, and the worker stops once no free arm is left that fits."""
+    not is passed over for a later one that does, and the worker stops once no free arm is left that fits, or,
+    with ``keep_going``, then takes the free arms in plan order regardless (a machine that outlives the deadline
+    resumes them from their checkpoints; one that does not loses only time its cores would have idled)."""
     docs.mkdir(parents=True, exist_ok=True)
     started = code_tree()
     done_here = 0
@@ -123,6 +125,11 @@ def work_through(plan: Callable[[], Sequence[ArmLike]], run: Callable[[ArmLike],
         free = [a for a in pending if _holder(out / "claims", a.id) is None]
         fitting = [a for a in free if fits is None or fits(a)]
         arm = next((a for a in fitting if claim(out / "claims", a.id)), None)
+        if arm is None and keep_going and len(fitting) < len(free):
+            arm = next((a for a in free if claim(out / "claims", a.id)), None)
+            if arm is not None:
+                print(f"[study] no free arm fits in the time left: starting {arm.id} anyway (--keep-going)",
+                      flush=True)
         if arm is None:
             if not pending:
                 break
