@@ -368,6 +368,43 @@ def probe(
 
 @app.command()
 @user_errors
+def lens(
+    system: str = typer.Option("diffmas", help="A multi-agent latent system: diffmas | latent_mas."),
+    adapter: Optional[str] = typer.Option(None, help="Trainer output dir (diffmas)."),
+    task: str = typer.Option("relay:digits", help="A generated task (fresh items are drawn from it)."),
+    topology: Optional[str] = typer.Option(None, help="Default: the task's (relay) or the adapter's."),
+    latent_steps: Optional[int] = typer.Option(None, help="Default: the adapter's (diffmas) or 10."),
+    trace: Optional[str] = TRACE_OPTION,
+    model: str = typer.Option(DEFAULT_MODEL, help="Embedded alias, local folder, or hub id."),
+    n: int = typer.Option(300, help="Items."),
+    seed: int = typer.Option(0, help="The item draw."),
+    batch_size: int = typer.Option(25),
+    out: Optional[Path] = typer.Option(None, help="Write the lens as JSON here."),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Logit lens: what the state fed to each latent position says, read against the answer (diffmas.eval.lens)."""
+    from diffmas.backbone import load_backbone
+    from diffmas.eval.lens import lens_channel, lens_table, save_lens
+    from diffmas.systems import build_system, get_kind
+    from diffmas.tasks import get_task
+
+    get_kind(system)
+    task_ = get_task(task)
+    sys_ = build_system(system, load_backbone(model, device), topology=topology, latent_steps=latent_steps,
+                        adapter=adapter, trace=trace, default_topology=getattr(task_, "topology", None))
+    started = time.time()
+    lenses = lens_channel(sys_, task_, n=n, seed=seed, batch_size=batch_size)
+    print("\n".join(lens_table(lenses)), flush=True)
+    if out is not None:
+        settings = dict(system=system, adapter=adapter, task=task, topology=sys_.spec.topology.name,
+                        latent_steps=sys_.spec.latent_steps, model=model, n=n, seed=seed,
+                        seconds=round(time.time() - started))
+        save_lens(out, lenses, settings)
+        console.print(f"lens: {out}")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where runs, results, plots and summary.md go."),
     ablation: bool = typer.Option(False, help="Gradient mode, adapter layout and latent-steps ablation instead."),

@@ -1,0 +1,71 @@
+"""The logit lens of a channel's latent inputs: one reading per writer and latent position, the same whatever
+shares the batch; scored against the answer's places beside what one fixed token would match; refused where there
+is no latent input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_backbone
+
+from diffmas.decode import DecodeConfig
+from diffmas.eval.lens import latent_tokens, lens_channel, lens_table, read_positions
+from diffmas.eval.probe import ProbeError
+from diffmas.systems import build_system
+from diffmas.tasks import get_task
+
+M = 3
+
+
+def _system(name: str = "latent_mas"):
+    return build_system(name, make_backbone(dtype=torch.float64), topology="relay", latent_steps=M,
+                        trace="latents")
+
+
+def test_a_position_that_says_the_first_digit_scores_there_and_a_constant_only_what_a_constant_would():
+    answers = ["7", "42", "709", "123456", "71"]
+    said = {("reasoner", 1): [a[0] for a in answers], ("reasoner", 2): ["7"] * len(answers)}
+    first, constant = read_positions(answers, said)
+    assert (first.writer, first.position, first.n) == ("reasoner", 1, 5)
+    assert first.places["1"] == 1.0 and first.constant["1"] == 0.6  # three of five start with 7
+    assert first.places["2"] == 0.0  # no answer repeats its first digit second
+    assert constant.places["1"] == constant.constant["1"] == 0.6
+    assert constant.places["6"] == 0.0 and first.places["6"] == 0.0  # one answer has a sixth place: "6"
+    assert constant.top_tokens == [("7", 1.0)]
+    table = lens_table([first, constant])
+    assert table[2].startswith("| reasoner | 1 | 5 | 1.00 (0.60) | 0.00 (0.50) |")  # place 2: 2, 0, 2, 1
+
+
+def test_the_lens_reads_every_latent_position_in_item_order_whatever_the_batch():
+    system, task = _system(), get_task("relay:digits")
+    prompts = [task.views(e) for e in task.load(limit=7)]
+    one = latent_tokens(system, prompts, batch_size=1, show_progress=False)
+    many = latent_tokens(system, prompts, batch_size=7, show_progress=False)
+    assert list(one) == [("reasoner", p) for p in range(1, M + 1)] and one == many
+    # What answering the same prompts records (its own batching and ordering) says the same, item by item.
+    lensed = build_system("latent_mas", system.backbone, topology="relay", latent_steps=M, trace="latents",
+                          lens_top_k=1)
+    records = lensed.run(prompts, DecodeConfig(max_new_tokens=1), batch_size=3)
+    assert [[r["agents"][0]["latents"][p][0].strip() for r in records] for p in range(M)] == list(one.values())
+    assert len({*one[("reasoner", 1)]}) > 1  # the items differ: a misordering would show
+    lenses = lens_channel(system, task, n=7, batch_size=3, show_progress=False)
+    assert [(x.writer, x.position, x.n) for x in lenses] == [("reasoner", p, 7) for p in range(1, M + 1)]
+
+
+def test_a_channel_without_latent_inputs_is_refused():
+    with pytest.raises(ProbeError, match="no latent writers"):
+        lens_channel(_system("text_mas"), get_task("relay:digits"), n=4, show_progress=False)
+
+
+def test_the_cli_writes_the_lens(tmp_path, tiny_model_dir):
+    done = subprocess.run([sys.executable, "-m", "diffmas.cli", "lens", "--system", "latent_mas", "--model",
+                           str(tiny_model_dir), "--n", "6", "--latent-steps", "2", "--out", str(tmp_path / "l.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "l.json").read_text())
+    assert saved["settings"]["latent_steps"] == 2 and [p["position"] for p in saved["positions"]] == [1, 2]
+    assert "| reasoner | 2 | 6 |" in done.stdout
