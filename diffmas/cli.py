@@ -168,7 +168,8 @@ def train(
     lora_rank: Optional[int] = typer.Option(None),
     latent_steps: Optional[int] = typer.Option(None),
     topology: Optional[str] = typer.Option(None),
-    grad_mode: Optional[str] = typer.Option(None, help="coupled | detached"),
+    grad_mode: Optional[str] = typer.Option(None, help="coupled | kv_only (not through the fed-back latent "
+                                            "inputs) | detached"),
     adapters: Optional[str] = typer.Option(None, help="shared | per-agent"),
     seed: Optional[int] = typer.Option(None),
     checkpoint_every: Optional[int] = typer.Option(None),

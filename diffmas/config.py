@@ -152,7 +152,8 @@ class TrainConfig:
     the topology's, else ``keep``."""
     latent_steps: int = 10
     grad_mode: str = "coupled"
-    """``coupled``: the loss reaches the writers through the trace; ``detached``: only the reader learns."""
+    """``coupled``: the loss reaches the writers through the trace; ``kv_only``: through the keys and values only,
+    not the states fed back as latent inputs; ``detached``: only the reader learns (diffmas.rollout.GRAD_MODES)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     steps: int = 100
     batch_size: int = 8
@@ -210,7 +211,8 @@ class TrainConfig:
             (self.distill.weight >= 0, "distill.weight", "must be >= 0"),
             (self.distill.teacher_weight >= 0, "distill.teacher_weight", "must be >= 0"),
             (self.link.pretrain_steps >= 0, "link.pretrain_steps", "must be >= 0"),
-            (self.grad_mode in ("coupled", "detached"), "grad_mode", "must be 'coupled' or 'detached'"),
+            (self.grad_mode in ("coupled", "detached", "kv_only"), "grad_mode",
+             "must be 'coupled', 'detached' or 'kv_only'"),
             (self.latent_steps >= 0, "latent_steps", "must be >= 0"),
             (self.steps >= 1, "steps", "must be >= 1"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),

@@ -35,7 +35,11 @@ from diffmas.latent import get_realigner, take_latent_steps
 from diffmas.prompts import Agent, Topology, check_trace_scope, render_agent, render_target, view_text
 
 WRITER_MODES = ("latent", "text")
-GRAD_MODES = ("coupled", "detached")
+GRAD_MODES = ("coupled", "detached", "kv_only")
+"""How the final agent's loss reaches the writers: ``coupled``, through the trace (the keys and values every writer
+position leaves) and through the states each latent step feeds back as the next input; ``kv_only``, through the
+trace only (the fed-back states are cut from the graph: no gradient asks them to be anything, e.g. a token);
+``detached``, not at all (only the final agent learns)."""
 Prompt = str | Mapping[str, str]
 """A question, or a mapping of view names to texts (see :mod:`diffmas.prompts`)."""
 
@@ -202,6 +206,12 @@ def _as_agent(role: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except TraceTooLong as exc:
         raise TraceTooLong(f"agent '{role}': {exc}") from None
+
+
+def _fed_detached(latent_map):
+    """``latent_map`` applied to the state cut from the graph (grad mode ``kv_only``); a trainable map (link,
+    pause) keeps its own parameters' gradient."""
+    return lambda hidden: latent_map(hidden.detach())
 
 
 def writer_decode_config(cfg: DecodeConfig, max_new_tokens: int, number: int) -> DecodeConfig:
@@ -375,6 +385,8 @@ def rollout(
     uses_latent = spec.writer_mode == "latent" and (spec.latent_steps or final_steps or thinker_latent_steps
                                                     or any(a.latent_steps for a in writers))
     latent_map = (spec.latent_map or get_realigner(backbone, spec.realign)) if uses_latent else None
+    if training and grad_mode == "kv_only" and latent_map is not None:
+        latent_map = _fed_detached(latent_map)
     rendered = [_render(backbone, agent, writer_prompts or prompts, spec.think) for agent in writers]
     prompt_seqs = [render_agent(tok, final, view_text(final, p), spec.think) for p in prompts]
     gold_width = max((len(render_target(tok, t)) for t in gold_targets), default=0) if gold_targets else 0
@@ -382,7 +394,7 @@ def rollout(
                                                         gold_width)
     trace = Trace.empty(batch, device, capacity=capacity)
     records: list[AgentRecord] = []
-    stage_one_grad = training and grad_mode == "coupled"
+    stage_one_grad = training and grad_mode != "detached"
     generator = torch.Generator().manual_seed(reveal_seed) if reveal else None
     loss_sum = torch.zeros((), device=device)
     n_forced = 0

@@ -67,6 +67,37 @@ def test_coupled_mode_reaches_every_writer_and_detached_reaches_none():
         assert all(g.abs().sum() > 0 for g in mode["judger"].values())
 
 
+def test_kv_only_reaches_the_writers_through_the_trace_but_not_through_the_fed_back_states():
+    from diffmas.latent import PauseEmbedding, get_realigner
+
+    backbone = make_backbone()
+    spec = _per_agent(backbone)
+    fed = []
+    ridge = get_realigner(backbone)
+    spy = RolloutSpec(spec.topology, "latent", latent_steps=2, adapters=spec.adapters,
+                      latent_map=lambda hidden: fed.append(hidden.requires_grad) or ridge(hidden))
+    kv_only = _grads_by_role(backbone, spy, "kv_only")
+    assert fed and not any(fed)  # the map never sees a state that carries gradient
+    fed.clear()
+    coupled = _grads_by_role(backbone, spy, "coupled")
+    assert fed and all(fed)
+    # A writer's last layer reaches the reader only through the states it feeds back, except for that layer's keys
+    # and values (in the trace): its q, o and MLP adapters get no gradient under kv_only, everything else does.
+    last = f"layers.{backbone.lm.config.num_hidden_layers - 1}."
+    for agent in spec.topology.writers:
+        for name, g in kv_only[agent.role].items():
+            fed_only = last in name and not any(k in name for k in ("k_proj", "v_proj"))
+            assert (g.abs().sum() == 0) == fed_only, name
+            assert coupled[agent.role][name].abs().sum() > 0, name
+    # Where the map ignores the state (pause), no gradient ever took the fed-back path: the two modes agree.
+    pause = RolloutSpec(spec.topology, "latent", latent_steps=2, adapters=spec.adapters,
+                        latent_map=PauseEmbedding(backbone.lm.get_input_embeddings().weight[0]))
+    both = _grads_by_role(backbone, pause, "coupled"), _grads_by_role(backbone, pause, "kv_only")
+    for role in both[0]:
+        for name in both[0][role]:
+            torch.testing.assert_close(both[1][role][name], both[0][role][name], rtol=0, atol=0)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     backbone = make_backbone()
     spec = _per_agent(backbone)
