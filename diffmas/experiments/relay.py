@@ -15,7 +15,9 @@ validation split, see :class:`RelayConfig`):
 - ``detached``: the same with no gradient into the writer (its adapter, shared with the reader, still changes
   through the reader's loss); ``frozen``: the writer keeps the untrained model (its own adapter, detached, stays at
   B = 0), only the reader trains; ``pause``: the same positions fed one learned embedding
-  (gist tokens: the positions still attend to the prompt, but no thought content is fed back); ``*_full``: coupled
+  (gist tokens: the positions still attend to the prompt, but no thought content is fed back); ``kvonly``: the
+  writer's content is fed back but the gradient reaches the writer only through the keys and values (grad mode
+  ``kv_only``: no gradient asks the fed-back states to be anything, e.g. a token); ``*_full``: coupled
   or a control (detached, frozen, pause, ``half_*``, with any recipe) trained on to the step cap from where the flat-loss rule
   stopped it, planned right after it when the other side of the comparison (same recipe, seed and m) trained
   longer, so that neither side owes a difference to a shorter budget;
@@ -125,9 +127,9 @@ def run_id(rec: dict) -> str:
 RECIPES = {"_anneal": {"channel.anneal": 0.3}, "_ae": {"channel.autoencode_steps": 60}}
 """Training recipes other than the config's, as arm-name suffixes: the bottleneck curriculum (the prompt columns
 fade from the reader's view over the first 30% of the steps) and 60 steps of autoencoding pre-training."""
-BOTTLENECKED = ("coupled", "detached", "frozen", "pause", "half_a", "half_b")
+BOTTLENECKED = ("coupled", "detached", "frozen", "pause", "kvonly", "half_a", "half_b")
 """The arms a recipe suffix applies to: ``pause_anneal`` is pause trained under the curriculum."""
-CONTROLS = ("detached", "frozen", "pause", "half_a", "half_b")
+CONTROLS = ("detached", "frozen", "pause", "kvonly", "half_a", "half_b")
 """The latents-only arms compared with coupled under the same recipe. ``<arm>_full`` (``pause_full``,
 ``coupled_anneal_full``) is coupled or a control trained to the step cap (the flat-loss rule stops it no earlier):
 where the rule stopped one side of the comparison on a plateau before the other side stopped, it is run on."""
@@ -162,6 +164,7 @@ def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
         "detached": ("diffmas", {**latents, **recipe, "grad_mode": "detached"}),
         "frozen": ("diffmas", {**latents, **recipe, "grad_mode": "detached", "lora.layout": "per-agent"}),
         "pause": ("diffmas", {**latents, **recipe, "latent_map": "pause"}),
+        "kvonly": ("diffmas", {**latents, **recipe, "grad_mode": "kv_only"}),
         "blind": ("diffmas", {**latents, "latent_steps": 0}),
         "skyline": ("single_sft", {}),
         "text_m": ("text_mas", {}),
@@ -225,7 +228,12 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # that m = 6 already tops cannot tell apart, go last.
     sweep = [[Arm(n, DIGITS, phase=4, latent_steps=m) for n in ("coupled_anneal", "pause_anneal")] for m in SWEEP]
     small = [arm for m, pair in zip(SWEEP, sweep) if m < RelayConfig.latent_steps for arm in pair]
-    arms += [Arm("coupled_anneal", DIGITS, SEEDS[2], phase=3)] + small
+    # At m = 1 and 2 coupled stopped on a one-digit plateau where pause carried four digits through one position,
+    # and the logit lens found coupled's fed-back states turned into the first digit's token (docs/study-relay/lens):
+    # kvonly (coupled without gradient through the fed-back states) says whether that gradient path is the trap.
+    # Before m = 4, where coupled would most likely meet the same plateau (plan change 16).
+    kvonly = [Arm("kvonly_anneal", DIGITS, phase=4, latent_steps=1)]
+    arms += [Arm("coupled_anneal", DIGITS, SEEDS[2], phase=3)] + small[:4] + kvonly + small[4:]
     arms += [Arm(n, DIGITS, s, phase=3) for s in SEEDS[1:] for n in controls[:2]]
     arms += seeds[0][2:] + seeds[1]
     # Coupled on the digits was still improving fast at the 500-step cap (held-out loss 1.06 at step 425, 0.75 at

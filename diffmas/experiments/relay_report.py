@@ -46,8 +46,9 @@ def _reported(arm: str, baseline: str, arms: dict[str, dict]) -> bool:
     return not (_run_on(arm) and not _run_on(baseline) and any(arms[baseline]["stopped_early"]))
 
 
-SWEEP_PAIRS = [(f"{a}-m{m}", f"{b}-m{m}") for m in SWEEP for a, b in _against_controls(("pause",), ("_anneal",))]
-"""Coupled against pause at each m of the sweep (the arms' keys end in -m<m>)."""
+SWEEP_PAIRS = [(f"{a}-m{m}", f"{b}-m{m}") for m in SWEEP
+               for a, b in _against_controls(("pause", "kvonly"), ("_anneal",))]
+"""Coupled against pause and against kvonly at each m of the sweep (the arms' keys end in -m<m>)."""
 
 PAIRS = {
     "relay:chain_sum": [("coupled", "blind"), ("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"),
@@ -56,7 +57,7 @@ PAIRS = {
     + _against_controls(("detached", "pause"), _RECIPES)
     + [(f"coupled{r}", b) for r in RECIPES for b in ("blind", "open")],
     "split:chain_sum": _against_controls(("half_a", "half_b"), _RECIPES),
-    "relay:digits": _against_controls(("detached", "frozen", "pause"), _RECIPES)
+    "relay:digits": _against_controls(("detached", "frozen", "pause", "kvonly"), _RECIPES)
     + [("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"), ("coupled", "text_sft_4m"),
        ("text_sft_m", "text_m"), ("coupled", "skyline"), ("coupled_long", "coupled"),
        ("coupled_anneal", "coupled"), (f"coupled_anneal{FULL}", f"coupled{FULL}"),
