@@ -394,13 +394,13 @@ def lens(
     sys_ = build_system(system, load_backbone(model, device), topology=topology, latent_steps=latent_steps,
                         adapter=adapter, trace=trace, default_topology=getattr(task_, "topology", None))
     started = time.time()
-    lenses = lens_channel(sys_, task_, n=n, seed=seed, batch_size=batch_size)
+    lenses, answers = lens_channel(sys_, task_, n=n, seed=seed, batch_size=batch_size)
     print("\n".join(lens_table(lenses)), flush=True)
     if out is not None:
         settings = dict(system=system, adapter=adapter, task=task, topology=sys_.spec.topology.name,
                         latent_steps=sys_.spec.latent_steps, model=model, n=n, seed=seed,
                         seconds=round(time.time() - started))
-        save_lens(out, lenses, settings)
+        save_lens(out, lenses, settings, answers)
         console.print(f"lens: {out}")
 
 

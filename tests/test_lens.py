@@ -14,7 +14,7 @@ from conftest import make_backbone
 
 from diffmas.decode import DecodeConfig
 from diffmas.eval.lens import latent_tokens, lens_channel, lens_table, read_positions
-from diffmas.eval.probe import ProbeError
+from diffmas.eval.probe import DRAW_SEED, ProbeError
 from diffmas.systems import build_system
 from diffmas.tasks import get_task
 
@@ -37,7 +37,19 @@ def test_a_position_that_says_the_first_digit_scores_there_and_a_constant_only_w
     assert constant.places["6"] == 0.0 and first.places["6"] == 0.0  # one answer has a sixth place: "6"
     assert constant.top_tokens == [("7", 1.0)]
     table = lens_table([first, constant])
-    assert table[2].startswith("| reasoner | 1 | 5 | 1.00 (0.60) | 0.00 (0.50) |")  # place 2: 2, 0, 2, 1
+    assert table[2].startswith("| reasoner | 1 | 5 | 1.00 (0.60) / ")  # said (what one fixed token would match)
+    assert "| 0.00 (0.50) / " in table[2]  # place 2 holds 2, 0, 2, 1
+
+
+def test_a_position_that_names_the_first_digit_in_words_is_read_but_not_said():
+    words = dict(zip("123456789", ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")))
+    answers = [f"{d}{(7 * i) % 10}" for i in range(6) for d in "123456789"]  # every first digit in both parts
+    said = {("reasoner", 1): [words[a[0]] for a in answers], ("reasoner", 2): ["x"] * len(answers)}
+    named, blank = read_positions(answers, said)
+    assert named.places["1"] == 0.0 and named.read["1"] == 1.0  # never the digit itself, always readable
+    assert named.read_constant["1"] == blank.read["1"] == blank.read_constant["1"] < 0.2
+    assert named.read["2"] < 0.5  # the second digit is not in the word
+    assert named.tokens == said[("reasoner", 1)]
 
 
 def test_the_lens_reads_every_latent_position_in_item_order_whatever_the_batch():
@@ -52,7 +64,11 @@ def test_the_lens_reads_every_latent_position_in_item_order_whatever_the_batch()
     records = lensed.run(prompts, DecodeConfig(max_new_tokens=1), batch_size=3)
     assert [[r["agents"][0]["latents"][p][0].strip() for r in records] for p in range(M)] == list(one.values())
     assert len({*one[("reasoner", 1)]}) > 1  # the items differ: a misordering would show
-    lenses = lens_channel(system, task, n=7, batch_size=3, show_progress=False)
+    lenses, answers = lens_channel(system, task, n=7, batch_size=3, show_progress=False)
+    items = task.training_examples(7, DRAW_SEED, "answer", exclude={e.question for e in task.load()})
+    assert answers == [e.answer for e in items]  # fresh items, never evaluation ones
+    drawn = latent_tokens(system, [task.views(e) for e in items], batch_size=7, show_progress=False)
+    assert [x.tokens for x in lenses] == list(drawn.values())
     assert [(x.writer, x.position, x.n) for x in lenses] == [("reasoner", p, 7) for p in range(1, M + 1)]
 
 
@@ -68,4 +84,5 @@ def test_the_cli_writes_the_lens(tmp_path, tiny_model_dir):
     assert done.returncode == 0, done.stderr
     saved = json.loads((tmp_path / "l.json").read_text())
     assert saved["settings"]["latent_steps"] == 2 and [p["position"] for p in saved["positions"]] == [1, 2]
+    assert len(saved["answers"]) == 6 and all(len(p["tokens"]) == 6 for p in saved["positions"])
     assert "| reasoner | 2 | 6 |" in done.stdout
