@@ -328,14 +328,21 @@ def eval_(
     console.print(f"results: {where}; plots: {', '.join(map(str, plots))}; HTML: {', '.join(map(str, pages))}")
 
 
+# The options of the commands that read a trained channel (probe, lens).
+CHANNEL_ADAPTER_OPTION = typer.Option(None, help="Trainer output dir (diffmas).")
+CHANNEL_TASK_OPTION = typer.Option("relay:digits", help="A generated task (fresh items are drawn from it).")
+CHANNEL_TOPOLOGY_OPTION = typer.Option(None, help="Default: the task's (relay) or the adapter's.")
+CHANNEL_STEPS_OPTION = typer.Option(None, help="Default: the adapter's (diffmas) or 10.")
+
+
 @app.command()
 @user_errors
 def probe(
     system: str = typer.Option("diffmas", help="A multi-agent system: diffmas | latent_mas."),
-    adapter: Optional[str] = typer.Option(None, help="Trainer output dir (diffmas)."),
-    task: str = typer.Option("relay:digits", help="A generated task (fresh items are drawn from it)."),
-    topology: Optional[str] = typer.Option(None, help="Default: the task's (relay) or the adapter's."),
-    latent_steps: Optional[int] = typer.Option(None, help="Default: the adapter's (diffmas) or 10."),
+    adapter: Optional[str] = CHANNEL_ADAPTER_OPTION,
+    task: str = CHANNEL_TASK_OPTION,
+    topology: Optional[str] = CHANNEL_TOPOLOGY_OPTION,
+    latent_steps: Optional[int] = CHANNEL_STEPS_OPTION,
     trace: str = typer.Option("latents", help="Must leave every row the same width: latents."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded alias, local folder, or hub id."),
     n: int = typer.Option(1500, help="Items: two thirds fitted, one third scored."),
@@ -346,35 +353,47 @@ def probe(
     device: str = typer.Option("auto"),
 ) -> None:
     """Linear probes: what of the answer the final agent's view of the channel holds (docs: diffmas.eval.probe)."""
-    from diffmas.backbone import load_backbone
     from diffmas.eval.probe import probe_channel, probe_table, save_probe
+
+    chosen = [int(x) for x in layers.split(",")] if layers else None
+    sys_, task_ = _channel_system(system, model, device, task, topology=topology, latent_steps=latent_steps,
+                                  adapter=adapter, trace=trace)
+    started = time.time()
+    probes = probe_channel(sys_, task_, n=n, layers=chosen, seed=seed, batch_size=batch_size)
+    print("\n".join(probe_table(probes)), flush=True)
+    if out is not None:
+        save_probe(out, probes, _channel_settings(sys_, started, system=system, adapter=adapter, task=task,
+                                                  trace=trace, model=model, n=n, seed=seed))
+        console.print(f"probes: {out}")
+
+
+def _channel_system(system: str, model: str, device: str, task: str, **settings):
+    """The system whose channel ``probe`` or ``lens`` reads, and the task its items come from (a typo in either
+    fails before a model loads)."""
+    from diffmas.backbone import load_backbone
     from diffmas.systems import build_system, get_kind
     from diffmas.tasks import get_task
 
     get_kind(system)
     task_ = get_task(task)
-    chosen = [int(x) for x in layers.split(",")] if layers else None
-    sys_ = build_system(system, load_backbone(model, device), topology=topology, latent_steps=latent_steps,
-                        adapter=adapter, trace=trace, default_topology=getattr(task_, "topology", None))
-    started = time.time()
-    probes = probe_channel(sys_, task_, n=n, layers=chosen, seed=seed, batch_size=batch_size)
-    print("\n".join(probe_table(probes)), flush=True)
-    if out is not None:
-        settings = dict(system=system, adapter=adapter, task=task, topology=sys_.spec.topology.name,
-                        latent_steps=sys_.spec.latent_steps, trace=trace, model=model, n=n, seed=seed,
-                        seconds=round(time.time() - started))
-        save_probe(out, probes, settings)
-        console.print(f"probes: {out}")
+    return build_system(system, load_backbone(model, device), default_topology=getattr(task_, "topology", None),
+                        **settings), task_
+
+
+def _channel_settings(channel, started: float, **given) -> dict:
+    """What a probe or lens file records of the run: the options given, the channel's topology and m, the time."""
+    return dict(given, topology=channel.spec.topology.name, latent_steps=channel.spec.latent_steps,
+                seconds=round(time.time() - started))
 
 
 @app.command()
 @user_errors
 def lens(
     system: str = typer.Option("diffmas", help="A multi-agent latent system: diffmas | latent_mas."),
-    adapter: Optional[str] = typer.Option(None, help="Trainer output dir (diffmas)."),
-    task: str = typer.Option("relay:digits", help="A generated task (fresh items are drawn from it)."),
-    topology: Optional[str] = typer.Option(None, help="Default: the task's (relay) or the adapter's."),
-    latent_steps: Optional[int] = typer.Option(None, help="Default: the adapter's (diffmas) or 10."),
+    adapter: Optional[str] = CHANNEL_ADAPTER_OPTION,
+    task: str = CHANNEL_TASK_OPTION,
+    topology: Optional[str] = CHANNEL_TOPOLOGY_OPTION,
+    latent_steps: Optional[int] = CHANNEL_STEPS_OPTION,
     trace: Optional[str] = TRACE_OPTION,
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded alias, local folder, or hub id."),
     n: int = typer.Option(300, help="Items."),
@@ -384,23 +403,16 @@ def lens(
     device: str = typer.Option("auto"),
 ) -> None:
     """Logit lens: what the state fed to each latent position says, read against the answer (diffmas.eval.lens)."""
-    from diffmas.backbone import load_backbone
     from diffmas.eval.lens import lens_channel, lens_table, save_lens
-    from diffmas.systems import build_system, get_kind
-    from diffmas.tasks import get_task
 
-    get_kind(system)
-    task_ = get_task(task)
-    sys_ = build_system(system, load_backbone(model, device), topology=topology, latent_steps=latent_steps,
-                        adapter=adapter, trace=trace, default_topology=getattr(task_, "topology", None))
+    sys_, task_ = _channel_system(system, model, device, task, topology=topology, latent_steps=latent_steps,
+                                  adapter=adapter, trace=trace)
     started = time.time()
     lenses, answers = lens_channel(sys_, task_, n=n, seed=seed, batch_size=batch_size)
     print("\n".join(lens_table(lenses)), flush=True)
     if out is not None:
-        settings = dict(system=system, adapter=adapter, task=task, topology=sys_.spec.topology.name,
-                        latent_steps=sys_.spec.latent_steps, model=model, n=n, seed=seed,
-                        seconds=round(time.time() - started))
-        save_lens(out, lenses, settings, answers)
+        save_lens(out, lenses, _channel_settings(sys_, started, system=system, adapter=adapter, task=task,
+                                                 model=model, n=n, seed=seed), answers)
         console.print(f"lens: {out}")
 
 
