@@ -230,8 +230,9 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     small = [arm for m, pair in zip(SWEEP, sweep) if m < RelayConfig.latent_steps for arm in pair]
     # At m = 1 and 2 coupled stopped on a one-digit plateau where pause carried four digits through one position,
     # and the logit lens found coupled's fed-back states turned into the first digit's token (docs/study-relay/lens):
-    # kvonly (coupled without gradient through the fed-back states) says whether that gradient path is the trap.
-    # Before m = 4, where coupled would most likely meet the same plateau (plan change 16).
+    # kvonly (coupled without gradient through the fed-back states) says whether that gradient path holds coupled
+    # there (run on to the cap, coupled at m = 1 left the plateau only between steps 375 and 500). Before m = 4,
+    # where coupled would most likely meet the same plateau (plan change 16).
     kvonly = [Arm("kvonly_anneal", DIGITS, phase=4, latent_steps=1)]
     arms += [Arm("coupled_anneal", DIGITS, SEEDS[2], phase=3)] + small[:4] + kvonly + small[4:]
     arms += [Arm(n, DIGITS, s, phase=3) for s in SEEDS[1:] for n in controls[:2]]
