@@ -416,6 +416,35 @@ def lens(
         console.print(f"lens: {out}")
 
 
+@app.command("lens-curve")
+@user_errors
+def lens_curve(
+    run: Path = typer.Argument(..., help="A training run's folder with checkpoints (the --out of `diffmas train`)."),
+    out: Path = typer.Option(..., help="The curve's JSON (a plot goes beside it, .png); an existing one resumes."),
+    task: str = CHANNEL_TASK_OPTION,
+    every: int = typer.Option(1, help="Read every N-th checkpoint (and the last)."),
+    steps: Optional[str] = typer.Option(None, help="Comma list of checkpoint steps instead of --every."),
+    n: int = typer.Option(150, help="Items, the same at every step."),
+    seed: int = typer.Option(0, help="The item draw."),
+    batch_size: int = typer.Option(25),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Logit lens over training: what a run's latent inputs said at each checkpoint, beside its held-out loss."""
+    from diffmas.eval.lens_curve import chosen_steps, lens_curve as read_curve, plot_lens_curve
+    from diffmas.tasks import get_task
+
+    task_ = get_task(task)
+    chosen = chosen_steps(run, every, [int(s) for s in steps.split(",")] if steps else None)
+    curve = read_curve(run, task_, out, chosen, n=n, seed=seed, batch_size=batch_size, device=device)
+    for point in curve["points"]:
+        first = point["positions"][0] if point["positions"] else None
+        if first:
+            console.print(f"step {point['step']}: held-out {point['heldout_loss']}, position 1 says "
+                          f"{first['places'].get('1', 0):.2f} / names {first['read'].get('1', 0):.2f} "
+                          f"(floor {first['read_constant'].get('1', 0):.2f}); top {first['top_tokens'][:3]}")
+    console.print(f"lens curve: {out}, plot: {plot_lens_curve(curve, out.with_suffix('.png'))}")
+
+
 @app.command()
 @user_errors
 def demo(

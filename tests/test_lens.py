@@ -86,3 +86,62 @@ def test_the_cli_writes_the_lens(tmp_path, tiny_model_dir):
     assert saved["settings"]["latent_steps"] == 2 and [p["position"] for p in saved["positions"]] == [1, 2]
     assert len(saved["answers"]) == 6 and all(len(p["tokens"]) == 6 for p in saved["positions"])
     assert "| reasoner | 2 | 6 |" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, tiny_model_dir):
+    """A tiny coupled latents-only run on relay:digits with checkpoints at steps 2 and 4 and held-out losses."""
+    from diffmas.config import TrainConfig, from_dict
+    from diffmas.train import loop
+
+    run = tmp_path_factory.mktemp("digits-run")
+    cfg = from_dict(TrainConfig, {"model": {"name": str(tiny_model_dir), "device": "cpu"}, "trace": "latents",
+                            "latent_steps": 2, "batch_size": 4, "steps": 4, "checkpoint_every": 2, "eval_every": 2,
+                            "lr": 5e-2, "lora": {"rank": 4, "dropout": 0.0},
+                            "data": {"task": "relay:digits", "heldout_examples": 4}})
+    loop.train(cfg, run)
+    return run
+
+
+def test_the_lens_curve_reads_each_checkpoint_as_the_run_stood_and_resumes_without_reading_again(
+        tmp_path, digits_run, monkeypatch):
+    from diffmas.backbone import load_backbone
+    from diffmas.config import load_config
+    from diffmas.errors import DiffMASError
+    from diffmas.eval import lens_curve as curves
+
+    task, out = get_task("relay:digits"), tmp_path / "curve.json"
+    assert curves.chosen_steps(digits_run) == [2, 4] and curves.chosen_steps(digits_run, every=2) == [4]
+    exported = []
+    real_export = curves.export_checkpoint
+    monkeypatch.setattr(curves, "export_checkpoint", lambda run, folder, step: exported.append(step) or
+                        real_export(run, folder, step))
+    curves.lens_curve(digits_run, task, out, [2], n=6, show_progress=False)
+    curve = curves.lens_curve(digits_run, task, out, [2, 4], n=6, show_progress=False)
+    assert exported == [2, 4]  # step 2 was kept from the first call, not read again
+    assert [p["step"] for p in curve["points"]] == [2, 4]
+    held = curves.heldout_losses(digits_run)
+    assert [p["heldout_loss"] for p in curve["points"]] == [held[2], held[4]] and None not in held.values()
+    # The last checkpoint read through its export is the finished run read directly, item by item.
+    final = build_system("diffmas", load_backbone(load_config(digits_run / "config.yaml").model.name, "cpu"),
+                         adapter=str(digits_run))
+    lenses, answers = lens_channel(final, task, n=6, show_progress=False)
+    assert curve["answers"] == answers
+    assert [x["tokens"] for x in curve["points"][1]["positions"]] == [x.tokens for x in lenses]
+    assert [x["tokens"] for x in curve["points"][0]["positions"]] != [x.tokens for x in lenses]  # step 2 is not 4
+    assert curves.plot_lens_curve(curve, tmp_path / "curve.png").stat().st_size > 0
+    with pytest.raises(DiffMASError, match="other settings"):
+        curves.lens_curve(digits_run, task, out, [2], n=7, show_progress=False)
+    with pytest.raises(DiffMASError, match=r"no checkpoint at step\(s\) \[3\]"):
+        curves.chosen_steps(digits_run, steps=[3])
+
+
+def test_the_cli_draws_the_lens_curve_and_names_a_missing_checkpoint(tmp_path, digits_run):
+    out = tmp_path / "curve.json"
+    cli = [sys.executable, "-m", "diffmas.cli", "lens-curve", str(digits_run), "--n", "4", "--out", str(out)]
+    done = subprocess.run([*cli, "--every", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [p["step"] for p in json.loads(out.read_text())["points"]] == [4]
+    assert out.with_suffix(".png").stat().st_size > 0 and "step 4: held-out" in done.stdout + done.stderr
+    missing = subprocess.run([*cli, "--steps", "3"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "no checkpoint at step(s) [3]" in missing.stdout + missing.stderr
