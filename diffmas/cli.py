@@ -426,6 +426,7 @@ def lens_curve(
     steps: Optional[str] = typer.Option(None, help="Comma list of checkpoint steps instead of --every."),
     n: int = typer.Option(150, help="Items, the same at every step."),
     seed: int = typer.Option(0, help="The item draw."),
+    places: str = typer.Option("1,2", help="The answer's characters (1-based) the plot draws."),
     batch_size: int = typer.Option(25),
     device: str = typer.Option("cpu"),
 ) -> None:
@@ -442,7 +443,8 @@ def lens_curve(
             console.print(f"step {point['step']}: held-out {point['heldout_loss']}, position 1 says "
                           f"{first['places'].get('1', 0):.2f} / names {first['read'].get('1', 0):.2f} "
                           f"(floor {first['read_constant'].get('1', 0):.2f}); top {first['top_tokens'][:3]}")
-    console.print(f"lens curve: {out}, plot: {plot_lens_curve(curve, out.with_suffix('.png'))}")
+    plot = plot_lens_curve(curve, out.with_suffix(".png"), tuple(places.split(",")))
+    console.print(f"lens curve: {out}, plot: {plot}")
 
 
 @app.command()

@@ -91,9 +91,10 @@ def lens_curve(run: str | Path, task: Task, out: Path, steps: list[int], n: int 
     return done
 
 
-def plot_lens_curve(curve: dict, path: Path, place: str = "1", title: str | None = None) -> Path:
-    """Per latent position, the share of items whose fed state says / names (read) the answer's character at
-    ``place`` against the training step, the constant's floor dashed; the held-out loss on the right axis."""
+def plot_lens_curve(curve: dict, path: Path, places: tuple[str, ...] = ("1",), title: str | None = None) -> Path:
+    """Per latent position and answer place in ``places``, the share of items whose fed state says / names (read)
+    the answer's character there against the training step, each place's floor dashed; the held-out loss on the
+    right axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,21 +104,22 @@ def plot_lens_curve(curve: dict, path: Path, place: str = "1", title: str | None
     positions = sorted({(x["writer"], x["position"]) for p in points for x in p["positions"]})
     fig, ax = plt.subplots(figsize=(7, 4))
     colours = plt.get_cmap("tab10").colors
-    for i, key in enumerate(positions):
+    for i, (key, place) in enumerate((key, place) for key in positions for place in places):
         rows = [(p["step"], PositionLens(**x)) for p in points for x in p["positions"]
                 if (x["writer"], x["position"]) == key]
         steps = [s for s, _ in rows]
-        label = f"{key[0]} position {key[1]}"
+        label = f"position {key[1]}, character {place}"
         ax.plot(steps, [x.places.get(place, 0.0) for _, x in rows], "o-", color=colours[i % 10], markersize=3,
                 label=f"{label}: says")
         ax.plot(steps, [x.read.get(place, 0.0) for _, x in rows], "s:", color=colours[i % 10], markersize=3,
                 label=f"{label}: names (read)")
-    floor = [(p["step"], max((x["read_constant"].get(place, 0.0) for x in p["positions"]), default=0.0))
-             for p in points]
-    ax.plot(*zip(*floor), "--", color="grey", label="one fixed token (floor)")
+    for j, place in enumerate(places):
+        floor = [(p["step"], max((x["read_constant"].get(place, 0.0) for x in p["positions"]), default=0.0))
+                 for p in points]
+        ax.plot(*zip(*floor), "--", color="grey", alpha=1.0 - 0.3 * j, label=f"character {place}: one fixed token")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"share of items: character {place} of the answer")
+    ax.set_ylabel("share of items")
     held = [(p["step"], p["heldout_loss"]) for p in points if p.get("heldout_loss") is not None]
     if held:
         right = ax.twinx()
@@ -125,7 +127,7 @@ def plot_lens_curve(curve: dict, path: Path, place: str = "1", title: str | None
         right.set_ylabel("held-out loss")
         right.set_ylim(bottom=0)
         right.legend(loc="upper right", fontsize=7)
-    ax.legend(loc="upper left", fontsize=7)
+    ax.legend(loc="upper left", fontsize=6)
     ax.set_title(title or f"logit lens over training: {Path(curve['settings']['run']).name}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
