@@ -102,7 +102,7 @@ def plot_lens_curve(curve: dict, path: Path, places: tuple[str, ...] = ("1",), t
 
     points = curve["points"]
     positions = sorted({(x["writer"], x["position"]) for p in points for x in p["positions"]})
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 5))
     colours = plt.get_cmap("tab10").colors
     for i, (key, place) in enumerate((key, place) for key in positions for place in places):
         rows = [(p["step"], PositionLens(**x)) for p in points for x in p["positions"]
@@ -120,14 +120,16 @@ def plot_lens_curve(curve: dict, path: Path, places: tuple[str, ...] = ("1",), t
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("training step")
     ax.set_ylabel("share of items")
+    handles, labels = ax.get_legend_handles_labels()
     held = [(p["step"], p["heldout_loss"]) for p in points if p.get("heldout_loss") is not None]
     if held:
         right = ax.twinx()
-        right.plot(*zip(*held), "-", color="black", linewidth=2, alpha=0.5, label="held-out loss")
+        handles += right.plot(*zip(*held), "-", color="black", linewidth=2, alpha=0.5)
+        labels.append("held-out loss (right axis)")
         right.set_ylabel("held-out loss")
         right.set_ylim(bottom=0)
-        right.legend(loc="upper right", fontsize=7)
-    ax.legend(loc="upper left", fontsize=6)
+    # Below the axes: inside, the legend hid the readings where they peak.
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=7)
     ax.set_title(title or f"logit lens over training: {Path(curve['settings']['run']).name}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
