@@ -115,3 +115,9 @@ def test_an_arm_whose_channel_is_probed_costs_the_probes_measured_time_too(tmp_p
     assert estimate_seconds(Arm("coupled", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(
         before["coupled"] + 600 * MARGIN)
     assert estimate_seconds(Arm("skyline", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(before["skyline"])
+    # The lens curve read after the probe is part of the same cost.
+    (docs / "lens" / "curves").mkdir(parents=True)
+    (docs / "lens" / "curves" / f"{Arm('coupled', relay.DIGITS).id}.json").write_text(
+        json.dumps({"points": [{"step": 25, "seconds": 100}, {"step": 50, "seconds": 20}]}))
+    assert estimate_seconds(Arm("coupled", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(
+        before["coupled"] + 720 * MARGIN)

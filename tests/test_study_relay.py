@@ -15,6 +15,7 @@ from diffmas.experiments.relay import (Arm, RelayConfig, arm_settings, continued
 from diffmas.experiments.relay_answers import Rung, digit_places, ladder, sum_closeness
 from diffmas.experiments.relay_report import _hours_line, _seconds, write_report
 from diffmas.tasks import get_task
+from diffmas.train.checkpoint import checkpoints
 from diffmas.train.resume import INHERITED
 from diffmas.prompts import load_topology
 
@@ -142,7 +143,7 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     monkeypatch.setattr(relay, "plan_arms", lambda docs=None: arms)
     cfg = RelayConfig(latent_steps=2, min_steps=2, max_steps=4, batch_size=2, heldout=4, eval_every=2, n_eval=6,
                       max_new_tokens=3, eval_batch_size=6, model=str(tiny_model_dir), autoencode_steps=1,
-                      probe_items=60)
+                      probe_items=60, lens_items=6, lens_every=1)
     docs = tmp_path / "docs"
     run_study(tmp_path / "out", docs, cfg)
     coupled = json.loads((docs / "arms" / f"{arms[0].id}.json").read_text())
@@ -166,6 +167,13 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     probe = json.loads((docs / "probes" / f"{arms[0].id}.json").read_text())
     assert probe["settings"]["latent_steps"] == 2 and probe["labels"]["length"]["n_scored"] == 20
     assert sorted(p.stem for p in (docs / "probes").iterdir()) == [arms[0].id]
+    # ... and its logit lens read at each of its checkpoints, beside the held-out loss there.
+    lens = json.loads((docs / "lens" / "curves" / f"{arms[0].id}.json").read_text())
+    steps = [p["step"] for p in lens["points"]]
+    assert steps == [int(c.name.removeprefix("step-")) for c in checkpoints(tmp_path / "out" / "runs" / arms[0].id)]
+    assert steps[-1] == coupled["steps_trained"] and lens["points"][-1]["heldout_loss"] == coupled["heldout_loss_end"]
+    assert (docs / "lens" / "curves" / f"{arms[0].id}.png").is_file()
+    assert sorted(p.name for p in (docs / "lens" / "curves").iterdir()) == [f"{arms[0].id}.json", f"{arms[0].id}.png"]
     assert f"| {arms[0].id} | 2 | 60 | " in readme
     again = write_report(docs, n_boot=200)
     assert again["by_arm"] == results["by_arm"]
@@ -249,6 +257,11 @@ def test_core_hours_count_every_process_that_trained_an_arm_and_its_heldout_eval
     (tmp_path / "probes").mkdir()
     (tmp_path / "probes" / "relay_digits--coupled--s0.json").write_text(json.dumps({"settings": {"seconds": 11}}))
     assert relay_report._core_seconds({**rec, "eval_seconds": 7}, tmp_path) == 30.0 + 6.0 + 7 + 11
+    # So is its lens curve (docs/lens/curves), point by point.
+    (tmp_path / "lens" / "curves").mkdir(parents=True)
+    (tmp_path / "lens" / "curves" / "relay_digits--coupled--s0.json").write_text(
+        json.dumps({"points": [{"step": 2, "seconds": 3}, {"step": 4, "seconds": 4}]}))
+    assert relay_report._core_seconds({**rec, "eval_seconds": 7}, tmp_path) == 30.0 + 6.0 + 7 + 11 + 7
 
 
 

@@ -39,7 +39,8 @@ digits at seeds 0 and 1, its controls (detached, pause, frozen) and seeds, and t
 recipe's remaining seeds on the digits, ``coupled_long``, open's seeds on the sums, the sums' other controls, and
 the sums' latent seeds under the recipe that passed. Every finished arm writes ``docs/arms/<id>.json``, its
 per-item outcomes and its held-out loss curve, and a trained latents-only digits arm the linear probes of what its
-channel holds (``docs/probes/<id>.json``, :mod:`diffmas.eval.probe`); the report is rebuilt after each.
+channel holds (``docs/probes/<id>.json``, :mod:`diffmas.eval.probe`) and the logit lens of its latent inputs at
+its checkpoints (``docs/lens/curves/<id>.json``, :mod:`diffmas.eval.lens_curve`); the report is rebuilt after each.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ class RelayConfig:
     probe_items: int = 1500
     """Items of the linear probes run on every trained latents-only digits arm after its evaluation
     (:mod:`diffmas.eval.probe`): what its channel holds, beside what its reader repeated. 0: no probes."""
+    lens_items: int = 150
+    """Items of the logit lens read at every ``lens_every``-th checkpoint of a probed arm after its probe
+    (:mod:`diffmas.eval.lens_curve`, ``docs/lens/curves/<id>.json``): when its latent inputs became a token, beside
+    its held-out loss. Checkpoints are never committed, so it is read while they exist. 0: no lens."""
+    lens_every: int = 2
     autoencode_steps: int = 0
     anneal: float = 0.0
     """The recipe of the bottlenecked arms (coupled, detached, pause, half_*): autoencoding pre-training steps and
@@ -350,18 +356,35 @@ def probed(arm: Arm, cfg: RelayConfig) -> bool:
 
 
 def _probe(arm: Arm, run: Path, cfg: RelayConfig, docs: Path, device: str) -> None:
-    """Probe a trained arm's channel (:mod:`diffmas.eval.probe`) into ``docs/probes/<id>.json``."""
+    """Probe a trained arm's channel (:mod:`diffmas.eval.probe`) into ``docs/probes/<id>.json``, then read its
+    logit lens over training (:mod:`diffmas.eval.lens_curve`) into ``docs/lens/curves/<id>.json`` and a plot."""
     from diffmas.backbone import load_backbone
+    from diffmas.eval.lens_curve import chosen_steps, lens_curve, plot_lens_curve
     from diffmas.eval.probe import probe_channel, save_probe
     from diffmas.systems import build_system
     from diffmas.tasks import get_task
+    from diffmas.train.checkpoint import checkpoints
 
+    task = get_task(arm.task)
     system = build_system("diffmas", load_backbone(cfg.model, device), adapter=str(run))
     started = time.time()
-    probes = probe_channel(system, get_task(arm.task), n=cfg.probe_items)
+    probes = probe_channel(system, task, n=cfg.probe_items)
     save_probe(docs / "probes" / f"{arm.id}.json", probes, dict(
         system="diffmas", adapter=str(run), task=arm.task, latent_steps=system.spec.latent_steps, trace="latents",
         model=cfg.model, n=cfg.probe_items, seed=0, seconds=round(time.time() - started)))
+    if cfg.lens_items and checkpoints(run):
+        curve = docs / "lens" / "curves" / f"{arm.id}.json"
+        read = lens_curve(run, task, curve, chosen_steps(run, cfg.lens_every), n=cfg.lens_items, device=device)
+        plot_lens_curve(read, curve.with_suffix(".png"), ("1", "2"), title=f"logit lens over training: {arm.id}")
+
+
+def channel_seconds(docs: Path, arm_id: str) -> float | None:
+    """Seconds spent reading an arm's channel after its evaluation: its probe and its lens curve (None: neither)."""
+    probe, curve = docs / "probes" / f"{arm_id}.json", docs / "lens" / "curves" / f"{arm_id}.json"
+    spent = [json.loads(probe.read_text())["settings"].get("seconds", 0.0)] if probe.is_file() else []
+    if curve.is_file():
+        spent.append(sum(point.get("seconds", 0.0) for point in json.loads(curve.read_text())["points"]))
+    return sum(spent) if spent else None
 
 
 def kv_bytes_per_position(model: str) -> int:

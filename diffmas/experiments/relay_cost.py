@@ -14,8 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from diffmas.experiments.relay import (FULL, TEXT, Arm, RelayConfig, arm_settings, continued_from, probed, run_id,
-                                      split_name)
+from diffmas.experiments.relay import (FULL, TEXT, Arm, RelayConfig, arm_settings, channel_seconds, continued_from,
+                                      probed, run_id, split_name)
 from diffmas.train.checkpoint import latest_checkpoint, read_state
 from diffmas.train.resume import INHERITED
 
@@ -36,7 +36,8 @@ def _finished(docs: Path) -> list[dict]:
     Read again only when an arm's result or probe was added or rewritten (a worker asks for every arm of the plan
     before each claim)."""
     paths = sorted((docs / "arms").glob("*.json")) if (docs / "arms").is_dir() else []
-    probes = sorted((docs / "probes").glob("*.json")) if (docs / "probes").is_dir() else []
+    probes = [path for folder in (docs / "probes", docs / "lens" / "curves") if folder.is_dir()
+              for path in sorted(folder.glob("*.json"))]
     key = (str(docs.resolve()), tuple((p.parent.name, p.name, p.stat().st_mtime_ns) for p in paths + probes))
     if key not in _READ:
         _READ.clear()
@@ -51,11 +52,9 @@ def _read(paths: list[Path], docs: Path) -> list[dict]:
         curve = docs / "curves" / f"{run_id(rec)}.jsonl"
         logged = [r for r in (json.loads(line) for line in curve.read_text().splitlines() if line.strip())
                   if INHERITED not in r] if curve.is_file() else []
-        probe = docs / "probes" / f"{run_id(rec)}.json"
         found.append({**rec, "step_times": [r["seconds"] for r in logged if "seconds" in r],
                       "heldout_times": [r["heldout_seconds"] for r in logged if r.get("heldout_seconds")],
-                      "probe_seconds": json.loads(probe.read_text())["settings"].get("seconds")
-                      if probe.is_file() else None})
+                      "probe_seconds": channel_seconds(docs, run_id(rec))})
     return found
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
 from diffmas.experiments.curves import plot_heldout
-from diffmas.experiments.relay import (CONTROLS, FULL, RECIPES, SWEEP, TEXT, arm_key, plan_arms, run_id,
-                                      study_config)
+from diffmas.experiments.relay import (CONTROLS, FULL, RECIPES, SWEEP, TEXT, arm_key, channel_seconds, plan_arms,
+                                      run_id, study_config)
 from diffmas.experiments.relay_capacity import capacity_plot, channel, sweep_points, sweep_table, without_m
 from diffmas.experiments.relay_answers import (closeness_table, digit_places, ladder, messages_table, near_outcomes,
                                                near_table, places_table)
@@ -130,11 +130,9 @@ def _seconds(rec: dict, docs: Path) -> tuple[float, float | None]:
 
 def _core_seconds(rec: dict, docs: Path) -> float:
     """Every second an arm cost that was timed: training steps, held-out evaluations, the test evaluation, the
-    probe of its channel."""
+    probe of its channel and its lens curve."""
     steps, heldout = _seconds(rec, docs)
-    probe = docs / "probes" / f"{run_id(rec)}.json"
-    probe_s = json.loads(probe.read_text())["settings"].get("seconds", 0.0) if probe.is_file() else 0.0
-    return steps + (heldout or 0.0) + rec.get("eval_seconds", 0.0) + probe_s
+    return steps + (heldout or 0.0) + rec.get("eval_seconds", 0.0) + (channel_seconds(docs, run_id(rec)) or 0.0)
 
 
 def _probes_table(docs: Path, answers: dict[str, list[tuple[str, str | None]]]) -> list[str]:
