@@ -119,6 +119,10 @@ def test_the_lens_curve_reads_each_checkpoint_as_the_run_stood_and_resumes_witho
     curves.lens_curve(digits_run, task, out, [2], n=6, show_progress=False)
     curve = curves.lens_curve(digits_run, task, out, [2, 4], n=6, show_progress=False)
     assert exported == [2, 4]  # step 2 was kept from the first call, not read again
+    # The same run by another spelling of its path is the same run.
+    curves.lens_curve(digits_run.parent / ".." / digits_run.parent.name / digits_run.name, task, out, [2, 4], n=6,
+                      show_progress=False)
+    assert exported == [2, 4]
     assert [p["step"] for p in curve["points"]] == [2, 4]
     held = curves.heldout_losses(digits_run)
     assert [p["heldout_loss"] for p in curve["points"]] == [held[2], held[4]] and None not in held.values()

@@ -138,7 +138,7 @@ def test_fano_bits_are_zero_at_chance_and_grow_with_accuracy():
     assert abs(Rung(1, 50, 100).bits - (math.log2(10) - 1 - 0.5 * math.log2(9))) < 1e-12
 
 
-def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
+def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model_dir, monkeypatch, capsys):
     arms = [Arm("coupled", "relay:digits"), Arm("text_m", relay.CHAIN)]
     monkeypatch.setattr(relay, "plan_arms", lambda docs=None: arms)
     cfg = RelayConfig(latent_steps=2, min_steps=2, max_steps=4, batch_size=2, heldout=4, eval_every=2, n_eval=6,
@@ -174,6 +174,12 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     assert steps[-1] == coupled["steps_trained"] and lens["points"][-1]["heldout_loss"] == coupled["heldout_loss_end"]
     assert (docs / "lens" / "curves" / f"{arms[0].id}.png").is_file()
     assert sorted(p.name for p in (docs / "lens" / "curves").iterdir()) == [f"{arms[0].id}.json", f"{arms[0].id}.png"]
+    # A curve of other settings at that path is reported, and neither replaced nor fatal to the arm's record.
+    other = {**lens, "settings": {**lens["settings"], "n": 7}}
+    (docs / "lens" / "curves" / f"{arms[0].id}.json").write_text(json.dumps(other))
+    relay._probe(arms[0], tmp_path / "out" / "runs" / arms[0].id, cfg, docs, "cpu")
+    assert "no lens curve" in capsys.readouterr().out
+    assert json.loads((docs / "lens" / "curves" / f"{arms[0].id}.json").read_text()) == other
     assert f"| {arms[0].id} | 2 | 60 | " in readme
     again = write_report(docs, n_boot=200)
     assert again["by_arm"] == results["by_arm"]

@@ -64,7 +64,9 @@ def lens_curve(run: str | Path, task: Task, out: Path, steps: list[int], n: int 
     run = Path(run)
     settings = {"run": str(run), "task": task.name, "n": n, "seed": seed}
     done = json.loads(out.read_text()) if out.exists() else {"settings": settings, "points": []}
-    if {k: done["settings"].get(k) for k in settings} != settings:
+    given = done["settings"]
+    if Path(given.get("run", "")).resolve() != run.resolve() or any(given.get(k) != settings[k] for k in
+                                                                      ("task", "n", "seed")):
         raise DiffMASError(f"{out} holds a lens curve of other settings ({done['settings']}); "
                            f"write elsewhere or remove it")
     held = heldout_losses(run)

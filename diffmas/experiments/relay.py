@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from diffmas.config import load_config, to_dict
+from diffmas.errors import DiffMASError
 from diffmas.experiments.presets import machine_description, train_once
 from diffmas.experiments.workers import code_version, work_through
 from diffmas.train.resume import INHERITED
@@ -374,7 +375,11 @@ def _probe(arm: Arm, run: Path, cfg: RelayConfig, docs: Path, device: str) -> No
         model=cfg.model, n=cfg.probe_items, seed=0, seconds=round(time.time() - started)))
     if cfg.lens_items and checkpoints(run):
         curve = docs / "lens" / "curves" / f"{arm.id}.json"
-        read = lens_curve(run, task, curve, chosen_steps(run, cfg.lens_every), n=cfg.lens_items, device=device)
+        try:
+            read = lens_curve(run, task, curve, chosen_steps(run, cfg.lens_every), n=cfg.lens_items, device=device)
+        except DiffMASError as err:  # a reading beside the result: it must not cost the arm its record
+            print(f"[study] {arm.id}: no lens curve: {err}", flush=True)
+            return
         plot_lens_curve(read, curve.with_suffix(".png"), ("1", "2"), title=f"logit lens over training: {arm.id}")
 
 
