@@ -26,7 +26,7 @@ from diffmas.tasks import Task
 from diffmas.train.checkpoint import checkpoints
 from diffmas.train.export import export_checkpoint
 
-__all__ = ["heldout_losses", "lens_curve", "plot_lens_curve"]
+__all__ = ["chosen_steps", "heldout_losses", "lens_curve", "plot_lens_curve"]
 
 
 def heldout_losses(run: Path) -> dict[int, float]:

@@ -92,6 +92,7 @@ class RelayConfig:
     (:mod:`diffmas.eval.lens_curve`, ``docs/lens/curves/<id>.json``): when its latent inputs became a token, beside
     its held-out loss. Checkpoints are never committed, so it is read while they exist. 0: no lens."""
     lens_every: int = 2
+    """The lens reads every N-th checkpoint and the last (2: every 50 steps at the study's checkpoint spacing)."""
     autoencode_steps: int = 0
     anneal: float = 0.0
     """The recipe of the bottlenecked arms (coupled, detached, pause, half_*): autoencoding pre-training steps and
