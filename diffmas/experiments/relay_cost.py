@@ -32,13 +32,14 @@ _READ: dict[tuple, list[dict]] = {}
 
 def _finished(docs: Path) -> list[dict]:
     """The finished arms' records, each with the times its own curve logged (steps a run to the cap copied from the
-    run it continues are counted there): ``step_times`` and ``heldout_times``, and its probe's ``probe_seconds``.
-    Read again only when an arm's result or probe was added or rewritten (a worker asks for every arm of the plan
-    before each claim)."""
+    run it continues are counted there): ``step_times`` and ``heldout_times``, and ``probe_seconds`` (its probe and
+    lens curve, :func:`relay.channel_seconds`).
+    Read again only when an arm's result, probe or lens curve was added or rewritten (a worker asks for every arm of
+    the plan before each claim)."""
     paths = sorted((docs / "arms").glob("*.json")) if (docs / "arms").is_dir() else []
-    probes = [path for folder in (docs / "probes", docs / "lens" / "curves") if folder.is_dir()
-              for path in sorted(folder.glob("*.json"))]
-    key = (str(docs.resolve()), tuple((p.parent.name, p.name, p.stat().st_mtime_ns) for p in paths + probes))
+    readings = [path for folder in (docs / "probes", docs / "lens" / "curves") if folder.is_dir()
+                for path in sorted(folder.glob("*.json"))]
+    key = (str(docs.resolve()), tuple((p.parent.name, p.name, p.stat().st_mtime_ns) for p in paths + readings))
     if key not in _READ:
         _READ.clear()
         _READ[key] = _read(paths, docs)
