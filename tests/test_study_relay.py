@@ -9,9 +9,9 @@ import math
 import pytest
 
 from diffmas.config import to_dict
-from diffmas.experiments import relay, relay_capacity, relay_report
-from diffmas.experiments.relay import (Arm, RelayConfig, arm_settings, continued_from, plan_arms, run_study,
-                                      train_config)
+from diffmas.experiments import relay, relay_arm, relay_capacity, relay_report
+from diffmas.experiments.relay import Arm, RelayConfig, arm_settings, continued_from, plan_arms, run_study
+from diffmas.experiments.relay_arm import train_config
 from diffmas.experiments.relay_answers import Rung, digit_places, ladder, sum_closeness
 from diffmas.experiments.relay_report import _hours_line, _seconds, write_report
 from diffmas.tasks import get_task
@@ -104,12 +104,12 @@ def test_the_split_task_waits_until_a_latent_channel_passes_a_sum(tmp_path):
 
 def test_only_trained_latents_only_channels_on_the_digits_are_probed():
     cfg = RelayConfig()
-    assert relay.probed(Arm("coupled_anneal", relay.DIGITS, latent_steps=2), cfg)
-    assert relay.probed(Arm("pause", relay.DIGITS), cfg) and relay.probed(Arm("frozen_full", relay.DIGITS), cfg)
+    assert relay_arm.probed(Arm("coupled_anneal", relay.DIGITS, latent_steps=2), cfg)
+    assert relay_arm.probed(Arm("pause", relay.DIGITS), cfg) and relay_arm.probed(Arm("frozen_full", relay.DIGITS), cfg)
     for arm in (Arm("blind", relay.DIGITS), Arm("text_m", relay.DIGITS), Arm("skyline", relay.DIGITS),
                 Arm("coupled", relay.CHAIN)):
-        assert not relay.probed(arm, cfg), arm
-    assert not relay.probed(Arm("coupled", relay.DIGITS), RelayConfig(probe_items=0))
+        assert not relay_arm.probed(arm, cfg), arm
+    assert not relay_arm.probed(Arm("coupled", relay.DIGITS), RelayConfig(probe_items=0))
 
 
 def test_ladder_reads_the_number_of_digits_from_item_ids():
@@ -177,7 +177,7 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     # A curve of other settings at that path is reported, and neither replaced nor fatal to the arm's record.
     other = {**lens, "settings": {**lens["settings"], "n": 7}}
     (docs / "lens" / "curves" / f"{arms[0].id}.json").write_text(json.dumps(other))
-    relay._probe(arms[0], tmp_path / "out" / "runs" / arms[0].id, cfg, docs, "cpu")
+    relay_arm.probe_arm(arms[0], tmp_path / "out" / "runs" / arms[0].id, cfg, docs, "cpu")
     assert "no lens curve" in capsys.readouterr().out
     assert json.loads((docs / "lens" / "curves" / f"{arms[0].id}.json").read_text()) == other
     assert f"| {arms[0].id} | 2 | 60 | " in readme
@@ -187,7 +187,7 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     evaluated = tmp_path / "out" / "eval" / arms[1].id / "samples.jsonl"
     rows = [{**json.loads(line), "seconds": 10.0} for line in evaluated.read_text().splitlines()]
     evaluated.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert relay.run_arm(arms[1], cfg, tmp_path / "out", docs)["eval_seconds"] == 60
+    assert relay_arm.run_arm(arms[1], cfg, tmp_path / "out", docs)["eval_seconds"] == 60
 
 
 @pytest.mark.parametrize("task", [relay.DIGITS, relay.CHAIN])

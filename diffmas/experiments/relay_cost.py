@@ -14,8 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from diffmas.experiments.relay import (FULL, TEXT, Arm, RelayConfig, arm_settings, channel_seconds, continued_from,
-                                      probed, run_id, split_name)
+from diffmas.experiments.relay import FULL, TEXT, Arm, RelayConfig, arm_settings, continued_from, run_id, split_name
+from diffmas.experiments.relay_arm import channel_seconds, probed
 from diffmas.train.checkpoint import latest_checkpoint, read_state
 from diffmas.train.resume import INHERITED
 
@@ -33,7 +33,7 @@ _READ: dict[tuple, list[dict]] = {}
 def _finished(docs: Path) -> list[dict]:
     """The finished arms' records, each with the times its own curve logged (steps a run to the cap copied from the
     run it continues are counted there): ``step_times`` and ``heldout_times``, and ``probe_seconds`` (its probe and
-    lens curve, :func:`relay.channel_seconds`).
+    lens curve, :func:`relay_arm.channel_seconds`).
     Read again only when an arm's result, probe or lens curve was added or rewritten (a worker asks for every arm of
     the plan before each claim)."""
     paths = sorted((docs / "arms").glob("*.json")) if (docs / "arms").is_dir() else []

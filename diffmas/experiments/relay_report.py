@@ -14,8 +14,8 @@ from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
 from diffmas.experiments.curves import plot_heldout
-from diffmas.experiments.relay import (CONTROLS, FULL, RECIPES, SWEEP, TEXT, arm_key, channel_seconds, plan_arms,
-                                      run_id, study_config)
+from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, SWEEP, TEXT, arm_key, plan_arms, run_id, study_config
+from diffmas.experiments.relay_arm import channel_seconds
 from diffmas.experiments.relay_capacity import capacity_plot, channel, sweep_points, sweep_table, without_m
 from diffmas.experiments.relay_answers import (closeness_table, digit_places, ladder, messages_table, near_outcomes,
                                                near_table, places_table)
