@@ -88,6 +88,8 @@ def test_the_split_task_waits_until_a_latent_channel_passes_a_sum(tmp_path):
     ids = [a.id for a in arms]
     assert len(set(ids)) == len(ids)
     assert ids.index(Arm("coupled_anneal", relay.SPLIT).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
+    # The sums' seeds under that recipe go before the plain recipe's remaining seeds on the digits (plan change 17).
+    assert ids.index(Arm("pause_anneal", relay.CHAIN, 2).id) < ids.index(Arm("pause", relay.DIGITS, 1).id)
     cfg = RelayConfig()
     for name in ("pause", "detached", "half_a"):  # a recipe suffix changes the recipe and nothing else
         task = relay.SPLIT if name.startswith("half") else relay.CHAIN
@@ -387,7 +389,8 @@ def test_the_digits_seeds_come_before_the_other_controls():
     frozen = ids.index(Arm("frozen", relay.DIGITS).id)
     assert ids.index(Arm("detached", relay.DIGITS, 1).id) < frozen < min(curriculum)
     # Then the curriculum's controls at seed 0, coupled's third seed, the m sweep below m = 6 (plan change 14), the
-    # controls' seeds, the plain recipe's remaining seeds; the sweep's m = 8 and 16 last of all.
+    # controls' seeds, open's seeds and the sums' (plan change 17), the plain recipe's remaining seeds; the sweep's
+    # m = 8 and 16 last of all.
     controls = [ids.index(Arm(n, relay.DIGITS).id) for n in ("detached_anneal", "pause_anneal", "frozen_anneal")]
     assert max(curriculum) < min(controls) and controls == sorted(controls)
     third = ids.index(Arm("coupled_anneal", relay.DIGITS, 2).id)
@@ -400,7 +403,8 @@ def test_the_digits_seeds_come_before_the_other_controls():
     plain = [ids.index(Arm("pause", relay.DIGITS, 1).id), ids.index(Arm("coupled", relay.DIGITS, 2).id)]
     assert max(seeds) < plain[0] < plain[1] and min(large) > max(i for i, a in enumerate(ids) if "-m" not in a)
     assert ids.index(Arm("pause", relay.DIGITS, 2).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
-    assert ids.index(Arm("coupled_long", relay.DIGITS).id) < ids.index(Arm("skyline", relay.CHAIN).id)
+    sums = [ids.index(Arm(n, relay.CHAIN, s).id) for n, s in (("open", 1), ("open", 2), ("coupled_ae", 0))]
+    assert max(seeds) < sums[0] < sums[1] < sums[2] < plain[0]
 
 
 def test_an_arm_evaluated_without_its_record_goes_after_every_other_arm(tmp_path):
