@@ -149,3 +149,18 @@ def test_the_cli_draws_the_lens_curve_and_names_a_missing_checkpoint(tmp_path, d
     assert out.with_suffix(".png").stat().st_size > 0 and "step 4: held-out" in done.stdout + done.stderr
     missing = subprocess.run([*cli, "--steps", "3"], capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "no checkpoint at step(s) [3]" in missing.stdout + missing.stderr
+
+
+def _point(step: int, loss: float | None, *reads: dict[str, float]) -> dict:
+    return {"step": step, "heldout_loss": loss,
+            "positions": [{"writer": "reasoner", "position": i + 1, "read": read} for i, read in enumerate(reads)]}
+
+
+def test_naming_steps_lists_where_each_position_reads_at_least_the_threshold():
+    from diffmas.eval import lens_curve as curves
+
+    curve = {"points": [_point(100, 0.9, {"1": 0.49}, {"1": 0.9, "2": 0.6}),  # unsorted on purpose
+                        _point(50, 1.2, {"1": 0.1}, {"1": 0.5})]}
+    assert curves.naming_steps(curve, "1") == {("reasoner", 1): [], ("reasoner", 2): [50, 100]}
+    assert curves.naming_steps(curve, "2") == {("reasoner", 1): [], ("reasoner", 2): [100]}
+    assert curves.naming_steps(curve, "1", at_least=0.4) == {("reasoner", 1): [100], ("reasoner", 2): [50, 100]}

@@ -183,6 +183,7 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     assert "no lens curve" in capsys.readouterr().out
     assert json.loads((docs / "lens" / "curves" / f"{arms[0].id}.json").read_text()) == other
     assert f"| {arms[0].id} | 2 | 60 | " in readme
+    assert "When the latent inputs named a digit" in readme and f"[plot](lens/curves/{arms[0].id}.png) |" in readme
     again = write_report(docs, n_boot=200)
     assert again["by_arm"] == results["by_arm"]
     # An evaluation resumed by a later process: eval_seconds counts the samples an earlier process evaluated too.
@@ -645,3 +646,23 @@ def test_the_sweep_pairs_coupled_with_pause_at_each_m_at_equal_budgets_and_table
     readme = (tmp_path / "README.md").read_text()
     assert "| coupled_anneal | 1 | coupled_anneal_full-m1 | 1 |" in readme
     assert "| pause_anneal | 6 | pause_anneal | 1 | 3.3 | 0.55 | 1 |" in readme
+
+
+def test_the_report_says_when_each_position_named_a_digit_and_the_loss_there(tmp_path):
+    folder = tmp_path / "lens" / "curves"
+    folder.mkdir(parents=True)
+
+    def point(step, loss, first, second=0.1):
+        return {"step": step, "heldout_loss": loss,
+                "positions": [{"writer": "reasoner", "position": 1, "read": {"1": first, "2": second}}]}
+
+    named = [point(50, 1.3, 0.1), point(100, 0.80, 0.9), point(150, 0.78, 0.95), point(200, 0.5, 0.2, 0.7),
+             point(250, 0.76, 0.6)]
+    (folder / "a.json").write_text(json.dumps({"settings": {"n": 150}, "points": named}))
+    (folder / "a.png").write_bytes(b"")
+    (folder / "b.json").write_text(json.dumps({"settings": {"n": 60}, "points": [point(50, None, 0.1)]}))
+    rows = [line for line in relay_report._lens_table(tmp_path) if line.startswith("| a ") or line.startswith("| b ")]
+    assert rows == [
+        "| a | 50-250 (150) | reasoner 1 | 100-150, 250 | 0.760-0.800 | 200 | [plot](lens/curves/a.png) |",
+        "| b | 50 (60) | reasoner 1 | never | – | never | – |"]
+    assert relay_report._lens_table(tmp_path / "nothing") == []

@@ -26,7 +26,7 @@ from diffmas.tasks import Task
 from diffmas.train.checkpoint import checkpoints
 from diffmas.train.export import export_checkpoint
 
-__all__ = ["chosen_steps", "heldout_losses", "lens_curve", "plot_lens_curve"]
+__all__ = ["chosen_steps", "heldout_losses", "lens_curve", "naming_steps", "plot_lens_curve"]
 
 
 def heldout_losses(run: Path) -> dict[int, float]:
@@ -91,6 +91,19 @@ def lens_curve(run: str | Path, task: Task, out: Path, steps: list[int], n: int 
         tmp.write_text(json.dumps(done) + "\n")
         tmp.replace(out)  # a kill mid-write leaves the last whole file
     return done
+
+
+def naming_steps(curve: dict, place: str = "1", at_least: float = 0.5) -> dict[tuple[str, int], list[int]]:
+    """Per latent position (writer, position), the steps of ``curve`` at which its input names the answer's
+    character at ``place``: the share of scored items whose top-1 token stands for it (``read``) is at least
+    ``at_least``. Every position read at some step is a key, with no steps where it never names it."""
+    named: dict[tuple[str, int], list[int]] = {}
+    for point in sorted(curve["points"], key=lambda p: p["step"]):
+        for position in point["positions"]:
+            steps = named.setdefault((position["writer"], position["position"]), [])
+            if position["read"].get(place, 0.0) >= at_least:
+                steps.append(point["step"])
+    return named
 
 
 def plot_lens_curve(curve: dict, path: Path, places: tuple[str, ...] = ("1",), title: str | None = None) -> Path:

@@ -163,6 +163,44 @@ def _probes_table(docs: Path, answers: dict[str, list[tuple[str, str | None]]]) 
     return lines + [""]
 
 
+def _spans(steps: list[int], read: list[int]) -> str:
+    """``steps`` (a subset of the ``read`` checkpoints) as runs of consecutive checkpoints: "200-350, 450"."""
+    runs: list[list[int]] = []
+    for step in steps:
+        if runs and read.index(step) == read.index(runs[-1][-1]) + 1:
+            runs[-1].append(step)
+        else:
+            runs.append([step])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "never"
+
+
+def _lens_table(docs: Path, at_least: float = 0.5) -> list[str]:
+    """When each probed run's latent inputs named the answer's first and second digit over training (the logit lens
+    at its checkpoints, ``docs/lens/curves``), beside the held-out loss at those steps."""
+    from diffmas.eval.lens_curve import naming_steps
+
+    curves = {path.stem: json.loads(path.read_text()) for path in sorted((docs / "lens" / "curves").glob("*.json"))}
+    if not curves:
+        return []
+    lines = ["When the latent inputs named a digit over training: the logit lens of the state fed to each latent "
+             "position at the run's checkpoints (`diffmas lens-curve`, the same fresh items at every step; "
+             f"[lens/](lens/README.md)). Named: at least {at_least:.1f} of the scored items' top-1 tokens stand for "
+             "the digit (\"read\"; one fixed token scores 0.1-0.2).", "",
+             "| run | checkpoints read (n items) | position | first digit named at steps | held-out loss there | "
+             "second digit named at steps | plot |", "|---|---|---|---|---|---|---|"]
+    for stem, curve in curves.items():
+        read = sorted(p["step"] for p in curve["points"])
+        loss = {p["step"]: p["heldout_loss"] for p in curve["points"]}
+        second = naming_steps(curve, "2", at_least)
+        plot = f"[plot](lens/curves/{stem}.png)" if (docs / "lens" / "curves" / f"{stem}.png").is_file() else "–"
+        for key, first in naming_steps(curve, "1", at_least).items():
+            there = [loss[s] for s in first if loss.get(s) is not None]
+            span = "–" if not there else f"{min(there):.3f}" + (f"-{max(there):.3f}" if max(there) > min(there) else "")
+            lines.append(f"| {stem} | {_spans(read, read)} ({curve['settings']['n']}) | {key[0]} {key[1]} | "
+                         f"{_spans(first, read)} | {span} | {_spans(second[key], read)} | {plot} |")
+    return lines + [""]
+
+
 def _precision_line(records: list[dict]) -> str:
     """How many trained runs computed in which precision (as resolved on their machine): arms in different
     precisions are not comparable, so a mix must be visible."""
@@ -328,6 +366,7 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             text += places_table(answers) + messages_table(sent)
             text += _probes_table(docs, {run_id(r): [(s["id"], s.get("extracted")) for s in samples[run_id(r)]]
                                          for r in records if r["task"] == task})
+            text += _lens_table(docs)
     curves = _curves(records, docs)
     if curves:
         text += ["## Held-out loss during training", "",
