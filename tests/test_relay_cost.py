@@ -121,3 +121,12 @@ def test_an_arm_whose_channel_is_probed_costs_the_probes_measured_time_too(tmp_p
         json.dumps({"points": [{"step": 25, "seconds": 100}, {"step": 50, "seconds": 20}]}))
     assert estimate_seconds(Arm("coupled", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(
         before["coupled"] + 720 * MARGIN)
+    # Arms probed before lens curves existed cost less than the arms to come: those read with a curve set the cost.
+    for name, seconds in (("pause", 500), ("detached", 550)):
+        _finished(docs, name, relay.DIGITS, step_s=10.0, heldout_s=100.0, eval_s=400)
+        (docs / "probes" / f"{Arm(name, relay.DIGITS).id}.json").write_text(json.dumps({"settings": {"seconds": seconds}}))
+    assert estimate_seconds(Arm("coupled", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(
+        before["coupled"] + 720 * MARGIN)
+    no_lens = RelayConfig(lens_items=0)  # without lens curves, the arms read by a probe alone (median of 500, 550)
+    assert estimate_seconds(Arm("coupled", relay.DIGITS, 1), no_lens, out, docs) == pytest.approx(
+        before["coupled"] + 525 * MARGIN)

@@ -33,7 +33,7 @@ _READ: dict[tuple, list[dict]] = {}
 def _finished(docs: Path) -> list[dict]:
     """The finished arms' records, each with the times its own curve logged (steps a run to the cap copied from the
     run it continues are counted there): ``step_times`` and ``heldout_times``, and ``probe_seconds`` (its probe and
-    lens curve, :func:`relay_arm.channel_seconds`).
+    lens curve, :func:`relay_arm.channel_seconds`) and ``lens_read`` (whether it has a lens curve).
     Read again only when an arm's result, probe or lens curve was added or rewritten (a worker asks for every arm of
     the plan before each claim)."""
     paths = sorted((docs / "arms").glob("*.json")) if (docs / "arms").is_dir() else []
@@ -55,7 +55,8 @@ def _read(paths: list[Path], docs: Path) -> list[dict]:
                   if INHERITED not in r] if curve.is_file() else []
         found.append({**rec, "step_times": [r["seconds"] for r in logged if "seconds" in r],
                       "heldout_times": [r["heldout_seconds"] for r in logged if r.get("heldout_seconds")],
-                      "probe_seconds": channel_seconds(docs, run_id(rec))})
+                      "probe_seconds": channel_seconds(docs, run_id(rec)),
+                      "lens_read": (docs / "lens" / "curves" / f"{run_id(rec)}.json").is_file()})
     return found
 
 
@@ -130,8 +131,11 @@ def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path | None, docs: Path) -
     done = steps_done(arm, out)
     left = max(changes.get("steps", cfg.max_steps) - done, 0)
     evaluations = math.ceil(left / cfg.eval_every) + (done == 0)  # the step-0 held-out loss of a fresh run
-    probes = [r["probe_seconds"] for r in records if r.get("probe_seconds")]  # any arm's: they differ little
-    probe = statistics.median(probes) if probes and probed(arm, cfg) else 0.0
+    # Any arm's probe: they differ little. Arms read before lens curves existed cost a probe only, so those read the
+    # way this arm will be (with a lens curve where the config asks for one) go first.
+    read = [r for r in records if r.get("probe_seconds")]
+    alike = [r for r in read if r["lens_read"] == bool(cfg.lens_items)]
+    probe = statistics.median(r["probe_seconds"] for r in alike or read) if read and probed(arm, cfg) else 0.0
     return (left * step + evaluations * heldout + evaluation + probe) * MARGIN
 
 
