@@ -118,16 +118,17 @@ def plot_lens_curve(curve: dict, path: Path, places: tuple[str, ...] = ("1",), t
     points = curve["points"]
     positions = sorted({(x["writer"], x["position"]) for p in points for x in p["positions"]})
     fig, ax = plt.subplots(figsize=(7, 5))
-    colours = plt.get_cmap("tab10").colors
-    for i, (key, place) in enumerate((key, place) for key in positions for place in places):
+    # One colour per position, one marker (and a lighter shade) per character: says solid, names (read) dotted.
+    colours, markers = plt.get_cmap("tab10").colors, "o^sv"
+    for i, key in enumerate(positions):
         rows = [(p["step"], PositionLens(**x)) for p in points for x in p["positions"]
                 if (x["writer"], x["position"]) == key]
         steps = [s for s, _ in rows]
-        label = f"position {key[1]}, character {place}"
-        ax.plot(steps, [x.places.get(place, 0.0) for _, x in rows], "o-", color=colours[i % 10], markersize=3,
-                label=f"{label}: says")
-        ax.plot(steps, [x.read.get(place, 0.0) for _, x in rows], "s:", color=colours[i % 10], markersize=3,
-                label=f"{label}: names (read)")
+        for j, place in enumerate(places):
+            style = dict(color=colours[i % 10], marker=markers[j % 4], markersize=3, alpha=1.0 - 0.4 * min(j, 1))
+            label = f"position {key[1]}, character {place}"
+            ax.plot(steps, [x.places.get(place, 0.0) for _, x in rows], "-", label=f"{label}: says", **style)
+            ax.plot(steps, [x.read.get(place, 0.0) for _, x in rows], ":", label=f"{label}: names (read)", **style)
     for j, place in enumerate(places):
         floor = [(p["step"], max((x["read_constant"].get(place, 0.0) for x in p["positions"]), default=0.0))
                  for p in points]
@@ -144,7 +145,7 @@ def plot_lens_curve(curve: dict, path: Path, places: tuple[str, ...] = ("1",), t
         right.set_ylabel("held-out loss")
         right.set_ylim(bottom=0)
     # Below the axes: inside, the legend hid the readings where they peak.
-    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=7)
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7)
     ax.set_title(title or f"logit lens over training: {Path(curve['settings']['run']).name}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
