@@ -79,7 +79,8 @@ def test_a_recipe_not_run_on_a_task_yet_costs_what_the_arm_under_another_recipe_
 def test_the_command_line_reads_the_deadline_and_rejects_a_bad_one(tmp_path):
     from typer.testing import CliRunner
 
-    from diffmas.cli import _deadline, app
+    from diffmas.cli import app
+    from diffmas.cli.experiments import _deadline
 
     assert _deadline("2026-12-06T07:00") == 1796540400.0
     assert _deadline("2026-12-06T08:00+01:00") == 1796540400.0

@@ -1,0 +1,5 @@
+"""``python -m diffmas.cli``."""
+
+from diffmas.cli import main
+
+main()
