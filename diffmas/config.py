@@ -153,7 +153,7 @@ class TrainConfig:
     latent_steps: int = 10
     grad_mode: str = "coupled"
     """``coupled``: the loss reaches the writers through the trace; ``kv_only``: through the keys and values only,
-    not the states fed back as latent inputs; ``detached``: only the reader learns (diffmas.rollout.GRAD_MODES)."""
+    not the states fed back as latent inputs; ``detached``: only the reader learns (diffmas.rollout_spec.GRAD_MODES)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     steps: int = 100
     batch_size: int = 8

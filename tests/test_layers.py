@@ -13,7 +13,7 @@ LAYERS = [
     ("errors", "positions", "memory", "kv", "sandbox"),
     ("assets", "backbone", "prompts", "tasks"),
     ("config", "adapters", "latent", "decode"),
-    ("agent_call", "rollout"),
+    ("agent_call", "rollout", "rollout_spec"),
     ("systems", "train"),
     ("eval",),
     ("experiments", "demo", "lmeval", "lmeval_tasks", "serve"),

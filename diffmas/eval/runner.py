@@ -70,7 +70,7 @@ def run_eval(
 
     Every system's effective settings (topology, latent steps m, realignment, each agent's budget) are recorded
     in ``config.systems[*].settings``; a notice is printed when the multi-agent systems differ in topology or m.
-    ``text_context_limit``: see :class:`diffmas.rollout.RolloutSpec`. ``budget_from`` (a multi-agent system's
+    ``text_context_limit``: see :class:`diffmas.rollout_spec.RolloutSpec`. ``budget_from`` (a multi-agent system's
     label in this evaluation, or an earlier evaluation's folder, ``DIR`` or ``DIR:LABEL``) gives ``single@budget``
     entries (or, when there are none, every single-agent system) that system's summed ``thinking_budget`` as
     their answer budget: the "full thinking budget" baseline. ``shuffle_trace``: every writer of question i works
