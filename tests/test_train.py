@@ -234,13 +234,17 @@ def test_a_signal_stops_after_its_step_with_a_checkpoint_and_resume_goes_on(tmp_
 def test_stop_requests_record_the_first_signal_and_let_the_second_through():
     from diffmas.train.interrupt import StopRequests
 
-    before = signal.getsignal(signal.SIGINT)
-    with StopRequests() as stop:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.signum == signal.SIGINT  # recorded, nothing raised: the step goes on
-        with pytest.raises(KeyboardInterrupt):  # asked twice: the usual effect, at once
+    # Python's usual handler, whatever this process inherited (a shell's background job starts with SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopRequests() as stop:
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+            assert stop.signum == signal.SIGINT  # recorded, nothing raised: the step goes on
+            with pytest.raises(KeyboardInterrupt):  # asked twice: the usual effect, at once
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_train_says_which_arithmetic_it_trained_in(tmp_path, tiny_model_dir, one_thread):
