@@ -19,6 +19,10 @@ from diffmas.assets import DEFAULT_MODEL
 from diffmas.errors import DiffMASError
 from diffmas.prompts import TRACE_SCOPES
 
+LATENT_MAPS = ("ridge", "link", "pause", "gated")
+"""How latent steps are fed (:mod:`diffmas.latent`): the fixed ridge realignment, a learned link, the pause control
+(one learned input, no thought), or pause plus the realigned thought behind a learned gate that starts at 0."""
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -192,7 +196,7 @@ class TrainConfig:
         checks = [
             (self.system in SYSTEMS, "system", f"must be one of {SYSTEMS}"),
             (self.method in METHODS, "method", f"must be one of {METHODS}"),
-            (self.latent_map in ("ridge", "link", "pause"), "latent_map", "must be 'ridge', 'link' or 'pause'"),
+            (self.latent_map in LATENT_MAPS, "latent_map", f"must be one of {LATENT_MAPS}"),
             (not grounded or self.data.target_style == "worked", "method",
              f"'{self.method}' grounds latent steps in worked solutions: set data.target_style: worked"),
             (not grounded or self.system != "single_sft", "method",

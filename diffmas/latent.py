@@ -20,6 +20,7 @@ from torch import Tensor
 
 from diffmas.assets import diffmas_home
 from diffmas.backbone import Backbone
+from diffmas.config import LATENT_MAPS
 from diffmas.kv import Trace, TraceBuilder
 
 
@@ -126,7 +127,7 @@ def take_latent_steps(
     """Take ``steps`` latent steps from ``last_hidden`` [B, D]; nothing is decoded.
 
     ``latent_map`` turns a last hidden state into the next input embedding (a :class:`Realigner`,
-    :class:`LearnedLink` or :class:`PauseEmbedding`).
+    :class:`LearnedLink`, :class:`PauseEmbedding` or :class:`GatedThought`).
 
     Returns the extended trace, the final last hidden state, and (when ``lens_top_k`` > 0) a logit lens:
     for each row and step, the top-k vocabulary tokens the hidden state that was fed would have decoded to.
@@ -145,7 +146,6 @@ def take_latent_steps(
     return builder.freeze(), last_hidden, lens
 
 
-LATENT_MAPS = ("ridge", "link", "pause")
 MAP_FILE = "latent_map.safetensors"
 
 
@@ -190,19 +190,40 @@ class PauseEmbedding(torch.nn.Module):
         return self.embedding.to(hidden.dtype).expand(hidden.shape[0], -1)
 
 
+class GatedThought(torch.nn.Module):
+    """Pause's learned input plus the realigned thought times a learned scalar gate that starts at 0.
+
+    An untrained gated map is exactly the pause control, and no gradient reaches the writer through the fed-back
+    state until the gate moves: the reader first learns to read slots filled from the prompt (where pause succeeds
+    and coupled's fed states turned into the first digit's token), and the task loss then decides how much thought
+    content to let in. The gate's trained value says how much it did.
+    """
+
+    def __init__(self, base: Realigner, init: Tensor) -> None:
+        super().__init__()
+        self.base = base  # frozen, not saved: rebuilt from the model like the ridge map
+        self.embedding = torch.nn.Parameter(init.detach().clone().float())
+        self.gate = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 in training and evaluation alike
+            x = self.embedding + self.gate * self.base(hidden.float())
+        return x.to(hidden.dtype)
+
+
 def build_latent_map(backbone: Backbone, kind: str, realign: bool = True):
-    """The map a rollout feeds latent steps through: ``ridge`` (fixed), ``link`` or ``pause`` (trainable)."""
+    """The map a rollout feeds latent steps through: ``ridge`` (fixed), ``link``, ``pause`` or ``gated``
+    (trainable; pause and gated start from the mean input embedding at the embeddings' mean norm)."""
     if kind not in LATENT_MAPS:
         raise ValueError(f"latent map must be one of {LATENT_MAPS}, got {kind!r}")
     base = get_realigner(backbone, realign)
     if kind == "ridge":
         return base
     if kind == "link":
-        module = LearnedLink(base, backbone.lm.config.hidden_size)
-    else:
-        w_in = backbone.lm.get_input_embeddings().weight.detach().float()
-        mean = w_in.mean(0)
-        module = PauseEmbedding(mean * (base.target_norm / mean.norm().clamp(min=1e-6)))
+        return LearnedLink(base, backbone.lm.config.hidden_size).to(backbone.device)
+    mean = backbone.lm.get_input_embeddings().weight.detach().float().mean(0)
+    init = mean * (base.target_norm / mean.norm().clamp(min=1e-6))
+    module = PauseEmbedding(init) if kind == "pause" else GatedThought(base, init)
     return module.to(backbone.device)
 
 
@@ -216,7 +237,8 @@ def save_latent_map(latent_map, folder, state_dict: dict | None = None) -> str:
         return "ridge"
     tensors = latent_map.state_dict() if state_dict is None else state_dict
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(Path(folder) / MAP_FILE))
-    return "link" if isinstance(latent_map, LearnedLink) else "pause"
+    kinds = {LearnedLink: "link", PauseEmbedding: "pause", GatedThought: "gated"}
+    return kinds[type(latent_map)]
 
 
 def load_latent_map(backbone: Backbone, kind: str, folder, realign: bool = True):

@@ -50,11 +50,13 @@ def test_arms_share_one_budget_and_differ_only_where_named():
     sweep = [(a.name, trained[a.id]) for a in arms if a.phase == 4]
     assert sorted({c.latent_steps for _, c in sweep}) == list(relay.SWEEP)
     # The ladder runs under the recipe that read the digits (the curriculum), coupled and pause alike.
-    assert {n for n, _ in sweep} == {"coupled_anneal", "pause_anneal", "kvonly_anneal"}
-    kvonly, coupled_m1 = (trained[Arm(n, relay.DIGITS, latent_steps=1).id] for n in ("kvonly_anneal", "coupled_anneal"))
-    assert kvonly.grad_mode == "kv_only" and coupled_m1.grad_mode == "coupled"
+    assert {n for n, _ in sweep} == {"coupled_anneal", "pause_anneal", "kvonly_anneal", "gated_anneal"}
+    kvonly, gated, coupled_m1 = (trained[Arm(n, relay.DIGITS, latent_steps=1).id]
+                                 for n in ("kvonly_anneal", "gated_anneal", "coupled_anneal"))
+    assert kvonly.grad_mode == "kv_only" and coupled_m1.grad_mode == "coupled" == gated.grad_mode
     assert (kvonly.channel, kvonly.latent_map, kvonly.trace, kvonly.latent_steps) == \
         (coupled_m1.channel, coupled_m1.latent_map, coupled_m1.trace, coupled_m1.latent_steps)
+    assert (gated.latent_map, gated.channel, gated.trace) == ("gated", coupled_m1.channel, coupled_m1.trace)
     assert all(c.channel.anneal > 0 for _, c in sweep)
     frozen_anneal = trained[Arm("frozen_anneal", relay.DIGITS).id]
     assert frozen_anneal.lora.layout == "per-agent" and frozen_anneal.channel.anneal > 0
@@ -402,6 +404,8 @@ def test_the_digits_seeds_come_before_the_other_controls():
     assert max(controls) < third < min(small) and small == sorted(small) and max(small) < min(seeds)
     # kvonly at m = 1 (plan change 16) right after the sweep's m = 1 and 2, before its m = 4.
     assert ids.index(Arm("kvonly_anneal", relay.DIGITS, latent_steps=1).id) == small[3] + 1 == small[4] - 1
+    # gated at m = 1 (plan change 18) right after the sweep's m = 4, before the controls' seeds.
+    assert ids.index(Arm("gated_anneal", relay.DIGITS, latent_steps=1).id) == small[5] + 1 == min(seeds) - 1
     plain = [ids.index(Arm("pause", relay.DIGITS, 1).id), ids.index(Arm("coupled", relay.DIGITS, 2).id)]
     assert max(seeds) < plain[0] < plain[1] and min(large) > max(i for i, a in enumerate(ids) if "-m" not in a)
     assert ids.index(Arm("pause", relay.DIGITS, 2).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)

@@ -98,6 +98,48 @@ def test_kv_only_reaches_the_writers_through_the_trace_but_not_through_the_fed_b
             torch.testing.assert_close(both[1][role][name], both[0][role][name], rtol=0, atol=0)
 
 
+def test_a_gated_map_starts_as_pause_and_its_gate_opens_the_fed_back_path():
+    from diffmas.latent import build_latent_map
+
+    backbone = make_backbone()
+    spec = _per_agent(backbone)
+    pause, gated = build_latent_map(backbone, "pause"), build_latent_map(backbone, "gated")
+    as_pause, as_gated = (RolloutSpec(spec.topology, "latent", latent_steps=2, adapters=spec.adapters, latent_map=m)
+                          for m in (pause, gated))
+    # Closed (its start): pause exactly, and no gradient takes the fed-back path; but the gate's own gradient is
+    # not 0, so the task loss can open it.
+    closed = _grads_by_role(backbone, as_gated, "coupled")
+    assert gated.gate.grad is not None and float(gated.gate.grad) != 0
+    for want in (_grads_by_role(backbone, as_pause, "coupled"), _grads_by_role(backbone, as_gated, "kv_only")):
+        for role in closed:
+            for name in closed[role]:
+                torch.testing.assert_close(closed[role][name], want[role][name], rtol=0, atol=0)
+    # Open: a writer's last-layer q, o and MLP adapters learn through the fed-back thought (kv_only cuts exactly that).
+    with torch.no_grad():
+        gated.gate.fill_(0.5)
+    opened, cut = _grads_by_role(backbone, as_gated, "coupled"), _grads_by_role(backbone, as_gated, "kv_only")
+    last = f"layers.{backbone.lm.config.num_hidden_layers - 1}."
+    for agent in spec.topology.writers:
+        fed_only = [n for n in opened[agent.role] if last in n and not any(k in n for k in ("k_proj", "v_proj"))]
+        assert fed_only and all(cut[agent.role][n].abs().sum() == 0 < opened[agent.role][n].abs().sum()
+                                for n in fed_only)
+
+
+def test_a_gated_map_saves_and_loads_with_its_gate(tmp_path):
+    from diffmas.latent import build_latent_map, load_latent_map, save_latent_map
+
+    backbone = make_backbone()
+    gated = build_latent_map(backbone, "gated")
+    with torch.no_grad():
+        gated.gate.fill_(0.25)
+        gated.embedding.add_(0.1)
+    assert save_latent_map(gated, tmp_path) == "gated"
+    loaded = load_latent_map(backbone, "gated", tmp_path)
+    assert loaded.gate.item() == 0.25 and torch.equal(loaded.embedding, gated.embedding)
+    hidden = torch.randn(3, backbone.lm.config.hidden_size)
+    torch.testing.assert_close(loaded(hidden), gated(hidden), rtol=0, atol=0)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     backbone = make_backbone()
     spec = _per_agent(backbone)
@@ -500,7 +542,7 @@ def test_demo_single_sft_trains_without_the_channel_settings(tmp_path, monkeypat
     assert (single.system, single.trace, single.channel.anneal) == ("single_sft", None, 0.0)
 
 
-@pytest.mark.parametrize("latent_map", ["ridge", "pause"])
+@pytest.mark.parametrize("latent_map", ["ridge", "pause", "gated"])
 def test_an_exported_checkpoint_is_the_run_as_it_stood_at_that_step(tmp_path, tiny_model_dir, latent_map):
     from safetensors.torch import load_file
 
@@ -528,5 +570,10 @@ def test_an_exported_checkpoint_is_the_run_as_it_stood_at_that_step(tmp_path, ti
         return build_system("diffmas", backbone, adapter=str(folder)).run(PROMPTS, DecodeConfig(max_new_tokens=6))
 
     assert [r["answer"] for r in answers(last)] == [r["answer"] for r in answers(run)]
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    if latent_map == "gated":  # the gate's value at every step, moved off 0 by training
+        assert len(steps) == 4 and all("gate" in r for r in steps) and steps[-1]["gate"] != 0
+    else:
+        assert not any("gate" in r for r in steps)
     with pytest.raises(DiffMASError, match="no checkpoint at step 3; it has steps 2, 4"):
         export_checkpoint(run, tmp_path / "none", step=3)

@@ -150,7 +150,8 @@ def train(
     system: Optional[str] = typer.Option(None, help="diffmas | single_sft | single_latent"),
     method: Optional[str] = typer.Option(None, help="answer | curriculum | distill (grounded: needs "
                                                       "--target-style worked)"),
-    latent_map: Optional[str] = typer.Option(None, help="ridge | link | pause (pause: the control)"),
+    latent_map: Optional[str] = typer.Option(None, help="ridge | link | pause | gated (pause: the control; gated: "
+                                                          "pause plus the thought behind a learned gate from 0)"),
     curriculum_stages: Optional[int] = typer.Option(None, help="Curriculum stages S (latent_steps = S x c)."),
     thoughts_per_step: Optional[int] = typer.Option(None, help="Curriculum: latent steps c per replaced step."),
     stage_steps: Optional[int] = typer.Option(None, help="Curriculum: training steps per stage."),

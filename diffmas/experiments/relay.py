@@ -17,7 +17,9 @@ validation split, see :class:`RelayConfig`):
   B = 0), only the reader trains; ``pause``: the same positions fed one learned embedding
   (gist tokens: the positions still attend to the prompt, but no thought content is fed back); ``kvonly``: the
   writer's content is fed back but the gradient reaches the writer only through the keys and values (grad mode
-  ``kv_only``: no gradient asks the fed-back states to be anything, e.g. a token); ``*_full``: coupled
+  ``kv_only``: no gradient asks the fed-back states to be anything, e.g. a token); ``gated``: pause's input plus
+  coupled's fed-back thought behind a learned gate that starts at 0 (it starts as pause; the task loss decides how
+  much thought to let in); ``*_full``: coupled
   or a control (detached, frozen, pause, ``half_*``, with any recipe) trained on to the step cap from where the flat-loss rule
   stopped it, planned right after it when the other side of the comparison (same recipe, seed and m) trained
   longer, so that neither side owes a difference to a shorter budget;
@@ -132,9 +134,9 @@ def run_id(rec: dict) -> str:
 RECIPES = {"_anneal": {"channel.anneal": 0.3}, "_ae": {"channel.autoencode_steps": 60}}
 """Training recipes other than the config's, as arm-name suffixes: the bottleneck curriculum (the prompt columns
 fade from the reader's view over the first 30% of the steps) and 60 steps of autoencoding pre-training."""
-BOTTLENECKED = ("coupled", "detached", "frozen", "pause", "kvonly", "half_a", "half_b")
+BOTTLENECKED = ("coupled", "detached", "frozen", "pause", "kvonly", "gated", "half_a", "half_b")
 """The arms a recipe suffix applies to: ``pause_anneal`` is pause trained under the curriculum."""
-CONTROLS = ("detached", "frozen", "pause", "kvonly", "half_a", "half_b")
+CONTROLS = ("detached", "frozen", "pause", "kvonly", "gated", "half_a", "half_b")
 """The latents-only arms compared with coupled under the same recipe. ``<arm>_full`` (``pause_full``,
 ``coupled_anneal_full``) is coupled or a control trained to the step cap (the flat-loss rule stops it no earlier):
 where the rule stopped one side of the comparison on a plateau before the other side stopped, it is run on."""
@@ -170,6 +172,7 @@ def arm_settings(name: str, cfg: RelayConfig) -> tuple[str, dict]:
         "frozen": ("diffmas", {**latents, **recipe, "grad_mode": "detached", "lora.layout": "per-agent"}),
         "pause": ("diffmas", {**latents, **recipe, "latent_map": "pause"}),
         "kvonly": ("diffmas", {**latents, **recipe, "grad_mode": "kv_only"}),
+        "gated": ("diffmas", {**latents, **recipe, "latent_map": "gated"}),
         "blind": ("diffmas", {**latents, "latent_steps": 0}),
         "skyline": ("single_sft", {}),
         "text_m": ("text_mas", {}),
@@ -240,6 +243,11 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # where coupled would most likely meet the same plateau (plan change 16).
     kvonly = [Arm("kvonly_anneal", DIGITS, phase=4, latent_steps=1)]
     arms += [Arm("coupled_anneal", DIGITS, SEEDS[2], phase=3)] + small[:4] + kvonly + small[4:]
+    # Pause at m = 1 carried about four digits through one position (0.862) where coupled's fed-back state became
+    # the first digit's token (0.206 flat at 300, 0.668 at the cap): gated starts as pause (its gate on the thought
+    # is 0) and lets the task loss open the gate, asking whether thought content adds to a reader that first learned
+    # to read slots filled from the prompt, or drags it into the token (plan change 18).
+    arms += [Arm("gated_anneal", DIGITS, phase=4, latent_steps=1)]
     arms += [Arm(n, DIGITS, s, phase=3) for s in SEEDS[1:] for n in controls[:2]]
     arms += [Arm("open", CHAIN, s, phase=3) for s in SEEDS[1:]]
     # The plain recipe's controls on the sums ask something only where plain coupled passed a sum: a control of a

@@ -26,13 +26,14 @@ from diffmas.train.resume import INHERITED
 _RECIPES = ("", *RECIPES)
 
 
-def _against_controls(controls: tuple[str, ...], recipes: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Coupled against each control under the same recipe: as the flat-loss rule stopped them, the control run on
-    to the cap, both run on to the cap, and coupled run on against a control that reached the cap itself (kept only
-    where it did: :func:`_reported`)."""
+def _against_controls(controls: tuple[str, ...], recipes: tuple[str, ...], base: str = "coupled"
+                      ) -> list[tuple[str, str]]:
+    """``base`` (coupled) against each control under the same recipe: as the flat-loss rule stopped them, the control
+    run on to the cap, both run on to the cap, and ``base`` run on against a control that reached the cap itself
+    (kept only where it did: :func:`_reported`)."""
     return [pair for r in recipes for c in controls for pair in (
-        (f"coupled{r}", f"{c}{r}"), (f"coupled{r}", f"{c}{r}{FULL}"), (f"coupled{r}{FULL}", f"{c}{r}{FULL}"),
-        (f"coupled{r}{FULL}", f"{c}{r}"))]
+        (f"{base}{r}", f"{c}{r}"), (f"{base}{r}", f"{c}{r}{FULL}"), (f"{base}{r}{FULL}", f"{c}{r}{FULL}"),
+        (f"{base}{r}{FULL}", f"{c}{r}"))]
 
 
 def _run_on(key: str) -> bool:
@@ -47,8 +48,10 @@ def _reported(arm: str, baseline: str, arms: dict[str, dict]) -> bool:
 
 
 SWEEP_PAIRS = [(f"{a}-m{m}", f"{b}-m{m}") for m in SWEEP
-               for a, b in _against_controls(("pause", "kvonly"), ("_anneal",))]
-"""Coupled against pause and against kvonly at each m of the sweep (the arms' keys end in -m<m>)."""
+               for a, b in _against_controls(("pause", "kvonly", "gated"), ("_anneal",))
+               + _against_controls(("pause",), ("_anneal",), base="gated")]
+"""Coupled against pause, kvonly and gated, and gated against pause, at each m of the sweep (the arms' keys end in
+-m<m>)."""
 
 PAIRS = {
     "relay:chain_sum": [("coupled", "blind"), ("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"),

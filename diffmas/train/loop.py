@@ -29,8 +29,8 @@ from diffmas.backbone import Backbone, load_backbone, precision_name, resolve_de
 from diffmas.config import ChannelConfig, TrainConfig, save_config, to_dict
 from diffmas.errors import DiffMASError
 from diffmas.memory import configure_allocator, step_done
-from diffmas.latent import (Realigner, build_latent_map, get_realigner, install_realigner, realignment_path,
-                            save_latent_map)
+from diffmas.latent import (GatedThought, Realigner, build_latent_map, get_realigner, install_realigner,
+                            realignment_path, save_latent_map)
 from diffmas.prompts import SINGLE, TOPOLOGIES, Topology, load_topology, question_text
 from diffmas.rollout import RolloutSpec, rollout
 from diffmas.train.checkpoint import check_resume, full_state_dict, full_tensor, load_checkpoint, save_checkpoint
@@ -311,6 +311,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
                 record["teacher_ce"] = float(totals[3]) / max(1, norm.teacher_tokens)
             if plan.stage is not None:
                 record["stage"] = plan.stage
+            if isinstance(spec.latent_map, GatedThought):  # how much thought content the map lets in
+                record["gate"] = full_tensor(spec.latent_map.gate).item()
             done = step + 1 == cfg.steps
             if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 record.update(timed_heldout())  # its own seconds: "seconds" stays the training step's
