@@ -286,3 +286,18 @@ def test_the_curves_never_draw_two_arms_alike(tmp_path, monkeypatch):
     monkeypatch.setattr(plt.Figure, "savefig", savefig)
     plot_heldout({"t": runs}, tmp_path / "curves.png", "validation")
     assert len(drawn) == 17 and len(set(drawn)) == 17
+
+
+def test_the_gate_table_follows_each_gated_run_and_skips_the_others(tmp_path):
+    from diffmas.experiments.curves import gate_table
+
+    gated, plain = tmp_path / "gated.jsonl", tmp_path / "plain.jsonl"
+    rows = [{"step": s, "loss": 1.0, "gate": s / 1000} | ({"heldout_loss": 2.0 - s / 100} if s % 25 == 0 else {})
+            for s in range(1, 121)]
+    gated.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "gate"}) + "\n" for r in rows))
+    assert gate_table([("plain/s0", plain)]) == []
+    table = gate_table([("gated_anneal-m1/s0", gated), ("plain/s0", plain)])
+    runs = [line for line in table if line.startswith("| ") and "---" not in line][1:]
+    # Every 50 steps and the last, with the held-out loss where one was measured.
+    assert runs == ["| gated_anneal-m1/s0 | 50: +0.050 (1.500), 100: +0.100 (1.000), 120: +0.120 |"]

@@ -1,4 +1,5 @@
-"""The held-out loss curves of a study's runs, one panel per task (both studies' reports draw them)."""
+"""The held-out loss curves of a study's runs, one panel per task (both studies' reports draw them), and the gates
+of gated runs over training."""
 
 from __future__ import annotations
 
@@ -65,3 +66,23 @@ def plot_heldout(runs: dict[str, list[tuple[str, Path]]], path: Path, what: str)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def gate_table(runs: list[tuple[str, Path]], every: int = 50) -> list[str]:
+    """How far each gated run's gate opened (``gate`` in its metrics: ``--latent-map gated``), every ``every`` steps
+    and at its last step, beside the held-out loss there; [] where no run has a gate."""
+    rows = []
+    for label, metrics_path in runs:
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        gate = {m["step"]: m["gate"] for m in metrics if "gate" in m}
+        if not gate:
+            continue
+        held = {m["step"]: m["heldout_loss"] for m in metrics if "heldout_loss" in m}
+        steps = [s for s in sorted(gate) if s % every == 0 or s == max(gate)]
+        rows.append(f"| {label} | " + ", ".join(f"{s}: {gate[s]:+.3f}" + (f" ({held[s]:.3f})" if s in held else "")
+                                               for s in steps) + " |")
+    if not rows:
+        return []
+    return ["How far the gated runs let the thought in (input = pause's embedding + gate x the realigned thought; "
+            "gate 0 is the pause control): step: gate (held-out loss).", "", "| run | gate over training |",
+            "|---|---|", *rows, ""]

@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
-from diffmas.experiments.curves import plot_heldout
+from diffmas.experiments.curves import gate_table, plot_heldout
 from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, SWEEP, TEXT, arm_key, plan_arms, run_id, study_config
 from diffmas.experiments.relay_arm import channel_seconds
 from diffmas.experiments.relay_capacity import capacity_plot, channel, sweep_points, sweep_table, without_m
@@ -108,13 +108,14 @@ def _summary(c: Comparison) -> dict:
             "seeds_arm": c.n_seeds_arm, "seeds_base": c.n_seeds_base, "verdict": c.verdict}
 
 
-def _curves(records: list[dict], docs: Path) -> Path | None:
+def _curves(records: list[dict], docs: Path) -> dict[str, list[tuple[str, Path]]]:
+    """The committed training curve of each trained run, by task: (label, path)."""
     runs: dict[str, list] = {}
     for rec in records:
         path = docs / "curves" / f"{run_id(rec)}.jsonl"
         if path.is_file():  # text arms are not trained
             runs.setdefault(rec["task"], []).append((rec["label"], path))
-    return plot_heldout(runs, docs / "heldout_loss.png", "validation split")
+    return runs
 
 
 def _seconds(rec: dict, docs: Path) -> tuple[float, float | None]:
@@ -371,13 +372,15 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
             text += _probes_table(docs, {run_id(r): [(s["id"], s.get("extracted")) for s in samples[run_id(r)]]
                                          for r in records if r["task"] == task})
             text += _lens_table(docs)
-    curves = _curves(records, docs)
+    runs = _curves(records, docs)
+    curves = plot_heldout(runs, docs / "heldout_loss.png", "validation split")
     if curves:
         text += ["## Held-out loss during training", "",
                  "Steps marked * stopped early (flat validation loss); \"(1-300: X's)\": "
                  "the run started from run X's checkpoint, whose settings differ only in the stopping rule, so "
                  "its first 300 steps are X's.", "",
                  f"![held-out loss]({curves.name})", ""]
+        text += gate_table([run for task in runs.values() for run in task])
     if records:
         text += [f"Machine: {records[-1]['machine']}. Config of each run: `arms/<id>.json`.", ""]
     results = {"arms": records and [{k: v for k, v in r.items() if k != "config"} for r in records],
