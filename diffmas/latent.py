@@ -203,7 +203,7 @@ class GatedThought(torch.nn.Module):
         super().__init__()
         self.base = base  # frozen, not saved: rebuilt from the model like the ridge map
         self.embedding = torch.nn.Parameter(init.detach().clone().float())
-        self.gate = torch.nn.Parameter(torch.zeros(()))
+        self.gate = torch.nn.Parameter(torch.zeros(1))  # one element, not 0-d: FSDP2 shards parameters on dim 0
 
     def forward(self, hidden: Tensor) -> Tensor:
         with torch.autocast(hidden.device.type, enabled=False):  # float32 in training and evaluation alike
