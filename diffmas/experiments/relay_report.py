@@ -187,8 +187,8 @@ def _lens_table(docs: Path, at_least: float = 0.5) -> list[str]:
     if not curves:
         return []
     lines = ["When the latent inputs named a digit over training: the logit lens of the state fed to each latent "
-             "position (pause: the writer's state there, which its map discards) at the run's checkpoints "
-             "(`diffmas lens-curve`, the same fresh items at every step; "
+             "position (pause: the writer's state there, which its map discards; gated: the state its gate scales) "
+             "at the run's checkpoints (`diffmas lens-curve`, the same fresh items at every step; "
              f"[lens/](lens/README.md)). Named: at least {at_least:.1f} of the scored items' top-1 tokens stand for "
              "the digit (\"read\"; one fixed token scores 0.1-0.2).", "",
              "| run | checkpoints read (n items) | position | first digit named at steps | held-out loss there | "
