@@ -36,7 +36,6 @@ import math
 import os
 import resource
 import secrets
-import select
 import shutil
 import signal
 import subprocess
@@ -44,9 +43,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
+
+from diffmas.sandbox_reap import field, kill_everything, tasks, wait_exit
 
 __all__ = ["SandboxResult", "isolation_level", "run_code"]
 
@@ -189,7 +190,7 @@ def _run(code: str, timeout: float, memory_mb: int, max_processes: int, *, use_b
         # A fresh uid starts from zero; otherwise NPROC is per user, so leave room
         # for the tasks the user already has (zombies count too).
         nproc = max_processes if ids else max_processes + sum(
-            _field(f, "Threads") for f in _tasks(zombies=True) if _field(f, "Uid") == os.getuid())
+            field(f, "Threads") for f in tasks(zombies=True) if field(f, "Uid") == os.getuid())
         preexec = _limits(memory_mb << 20, math.ceil(timeout) + 1, nproc)
         # Output goes to files, not pipes: RLIMIT_FSIZE caps them, no reader thread needed.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -208,10 +209,10 @@ def _run(code: str, timeout: float, memory_mb: int, max_processes: int, *, use_b
                 return SandboxResult("error", None, "", f"sandbox: could not start: {exc!r}",
                                      time.monotonic() - start, isolation)
             try:
-                exited = _wait_exit(proc, timeout)
+                exited = wait_exit(proc, timeout)
                 seconds = time.monotonic() - start
             finally:
-                _kill_everything(proc, ids, supervised=use_bwrap)
+                kill_everything(proc, ids, supervised=use_bwrap, python=_python())
             stdout, stderr = _read_capped(out), _read_capped(err)
     finally:
         _remove(workdir)
@@ -284,98 +285,6 @@ def _limits(memory_bytes: int, cpu_seconds: int, nproc: int) -> Callable[[], Non
             resource.setrlimit(res, pair)
 
     return apply
-
-
-def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Wait up to ``timeout`` s for the child to exit, without reaping it.
-
-    Leaving it a zombie keeps its pid (= the process group id) reserved, so the
-    killpg that follows cannot hit an unrelated group that reused the number.
-    """
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # no pidfd (old kernel / non-Linux): plain wait
-        try:
-            proc.wait(timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if poller.poll(left * 1000):
-                return True
-        return False
-    finally:
-        os.close(fd)
-
-
-def _kill_everything(proc: subprocess.Popen[bytes], ids: tuple[int, int] | None, supervised: bool) -> None:
-    """Kill the child's process group, reap the child, then every process of the sandbox uid."""
-    pgid = proc.pid
-    if supervised:
-        # Let the supervisor kill bwrap and reap the namespace init: once it has
-        # exited, the PID namespace and everything in it are gone.
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        _wait_exit(proc, 5.0)
-    _killpg(pgid)
-    proc.wait()
-    if ids is None:
-        # Same uid as us: all we can target is the group. SIGKILLed members linger
-        # for a moment, so wait until the group has no live member left.
-        for _ in range(200):
-            if not any(_field(f, "NSpgid") == pgid for f in _tasks()):
-                return
-            _killpg(pgid)
-            time.sleep(0.005)
-        return
-    # Children that called setsid() or double-forked left the group, but not the uid.
-    # kill(-1) from that uid hits all of them at once, which a fork storm cannot outrun.
-    for _ in range(50):
-        if not any(_field(f, "Uid") == ids[0] for f in _tasks()):
-            return
-        try:
-            subprocess.run([_python(), "-I", "-S", "-c", "import os\ntry: os.kill(-1, 9)\nexcept OSError: pass"],
-                           user=ids[0], group=ids[1], extra_groups=[], env={}, cwd="/",
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            pass
-        time.sleep(0.01)  # a dying PID namespace takes a moment to empty
-    log.warning("sandbox uid %d still has processes after cleanup", ids[0])
-
-
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _tasks(zombies: bool = False) -> Iterator[dict[str, str]]:
-    """/proc/<pid>/status fields of every process (zombies only if asked)."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status", encoding="utf-8", errors="replace") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue  # exited meanwhile
-        # Zombies run nothing (and a lazy init may not have reaped them yet).
-        if zombies or not fields.get("State", "").strip().startswith(("Z", "X")):
-            yield fields
-
-
-def _field(fields: dict[str, str], key: str) -> int:
-    """First number of a status field (Uid: real uid, NSpgid: pgid as seen from here)."""
-    values = fields.get(key, "").split()
-    return int(values[0]) if values else -1
 
 
 def _read_capped(f: IO[bytes]) -> str:

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffmas"
 
 # Bottom to top; a module may import from its own layer and any layer below. A package name covers its modules.
 LAYERS = [
-    ("errors", "positions", "memory", "kv", "sandbox"),
+    ("errors", "positions", "memory", "kv", "sandbox", "sandbox_reap"),
     ("assets", "backbone", "prompts", "tasks"),
     ("config", "adapters", "latent", "decode"),
     ("agent_call", "rollout", "rollout_spec"),
