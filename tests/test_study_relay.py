@@ -65,7 +65,10 @@ def test_arms_share_one_budget_and_differ_only_where_named():
         assert len(topology.writers) == 1 and topology.final.sees == "none"
     seeds = {(a.name, a.task) for a in arms if a.seed > 0}  # where the claims are
     assert seeds == {(n, relay.DIGITS) for n in ("coupled", "detached", "pause", "coupled_anneal", "detached_anneal",
-                                                 "pause_anneal")} | {("open", relay.CHAIN)}
+                                                 "pause_anneal", "gated_anneal")} | {("open", relay.CHAIN)}
+    on_sums = trained[Arm("gated_anneal", relay.CHAIN).id]  # the sums' curriculum with the gated map
+    coupled_sums = trained[Arm("coupled_anneal", relay.CHAIN).id]
+    assert (on_sums.latent_map, on_sums.grad_mode, on_sums.channel) == ("gated", "coupled", coupled_sums.channel)
 
 
 def test_the_split_task_waits_until_a_latent_channel_passes_a_sum(tmp_path):
@@ -339,21 +342,33 @@ def test_controls_run_to_the_cap_and_the_goals_flag_unequal_budgets(tmp_path):
     assert pause.endswith("not at equal budgets: trained 500 vs 300 steps") and "equal budgets" not in same
 
 
-def test_the_sums_goals_judge_the_best_latent_recipe_against_its_own_controls(tmp_path):
+def _sums_goals(tmp_path, right: dict[str, int]) -> str:
+    """The report's goals for relay:chain_sum arms answering ``right[name]`` of the same 8 items at seed 0."""
     for sub in ("arms", "samples"):
         (tmp_path / sub).mkdir()
-    for name, right in (("coupled", 0), ("coupled_anneal", 3), ("detached_anneal", 0), ("open", 6)):
-        rec = {"task": relay.CHAIN, "label": f"{name}/s0", "seed": 0, "accuracy": right / 8, "stderr": 0.1,
+    for name, n_right in right.items():
+        rec = {"task": relay.CHAIN, "label": f"{name}/s0", "seed": 0, "accuracy": n_right / 8, "stderr": 0.1,
                "floor": 0.1, "positions_passed": 6.0 if name != "open" else 80.0, "kv_bytes_passed": 1.0,
                "steps_trained": 500, "stopped_early": False, "eval_seconds": 1, "latent_steps": 6,
                "system": "diffmas", "machine": "test"}
         (tmp_path / "arms" / f"relay_chain_sum--{name}--s0.json").write_text(json.dumps(rec))
         (tmp_path / "samples" / f"relay_chain_sum--{name}--s0.jsonl").write_text("".join(
-            json.dumps({"id": f"q{i}", "correct": i < right, "extracted": "1"}) + "\n" for i in range(8)))
+            json.dumps({"id": f"q{i}", "correct": i < n_right, "extracted": "1"}) + "\n" for i in range(8)))
     write_report(tmp_path, n_boot=100)
-    goals = (tmp_path / "README.md").read_text().split("## Goals")[1].split("##")[0]
+    return (tmp_path / "README.md").read_text().split("## Goals")[1].split("##")[0]
+
+
+def test_the_sums_goals_judge_the_best_latent_recipe_against_its_own_controls(tmp_path):
+    goals = _sums_goals(tmp_path, {"coupled": 0, "coupled_anneal": 3, "detached_anneal": 0, "open": 6})
     assert "relay:chain_sum, coupled_anneal / open accuracy 0.50" in goals
     assert "coupled_anneal - detached_anneal = +37.5 points" in goals
+
+
+def test_gated_on_the_sums_counts_as_a_coupled_recipe_and_is_paired_with_pause(tmp_path):
+    goals = _sums_goals(tmp_path, {"coupled_anneal": 3, "gated_anneal": 5, "pause_anneal": 2, "open": 6})
+    assert "relay:chain_sum, gated_anneal / open accuracy 0.83" in goals
+    assert "relay:chain_sum: gated_anneal - pause_anneal = +37.5 points" in goals
+    assert "relay:chain_sum: coupled_anneal - gated_anneal = -25.0 points" in goals
 
 
 def test_sum_closeness_counts_exact_answers_per_number_of_terms_the_sign_and_near_misses():
@@ -404,8 +419,14 @@ def test_the_digits_seeds_come_before_the_other_controls():
     assert max(controls) < third < min(small) and small == sorted(small) and max(small) < min(seeds)
     # kvonly at m = 1 (plan change 16) right after the sweep's m = 1 and 2, before its m = 4.
     assert ids.index(Arm("kvonly_anneal", relay.DIGITS, latent_steps=1).id) == small[3] + 1 == small[4] - 1
-    # gated at m = 1 (plan change 18) right after the sweep's m = 4, before the controls' seeds.
-    assert ids.index(Arm("gated_anneal", relay.DIGITS, latent_steps=1).id) == small[5] + 1 == min(seeds) - 1
+    # gated at m = 1 (plan change 18) right after the sweep's m = 4; then (plan change 19) its seeds 1 and 2 each
+    # with pause's at m = 1, gated on the sums between them, all before the controls' seeds.
+    gated = [ids.index(a.id) for s in (0, 1, 2) for a in (Arm("gated_anneal", relay.DIGITS, s, latent_steps=1),
+                                                         Arm("pause_anneal", relay.DIGITS, s, latent_steps=1))
+             if s or a.name == "gated_anneal"]
+    on_sums = ids.index(Arm("gated_anneal", relay.CHAIN).id)
+    assert gated[0] == small[5] + 1 and gated[1:3] == [gated[0] + 1, gated[0] + 2]
+    assert gated[3:] == [on_sums + 1, on_sums + 2] and on_sums == gated[2] + 1 and gated[-1] == min(seeds) - 1
     plain = [ids.index(Arm("pause", relay.DIGITS, 1).id), ids.index(Arm("coupled", relay.DIGITS, 2).id)]
     assert max(seeds) < plain[0] < plain[1] and min(large) > max(i for i, a in enumerate(ids) if "-m" not in a)
     assert ids.index(Arm("pause", relay.DIGITS, 2).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)

@@ -248,6 +248,12 @@ def plan_arms(docs: Path | None = None) -> list[Arm]:
     # is 0) and lets the task loss open the gate, asking whether thought content adds to a reader that first learned
     # to read slots filled from the prompt, or drags it into the token (plan change 18).
     arms += [Arm("gated_anneal", DIGITS, phase=4, latent_steps=1)]
+    # Gated beat pause at m = 1 at seed 0 (+10.6 [+7.6, +13.8]), the first arm in which the thought adds: the claim
+    # needs its seeds, and pause's at m = 1 beside them (pairs resampled over seeds). Gated on the sums, where no
+    # latents-only recipe nears open (pause_anneal 0.160, coupled_anneal 0.122, open 0.358), goes between the two
+    # seeds: one decisive arm before the second replicate (plan change 19).
+    gated = [[Arm(n, DIGITS, s, phase=4, latent_steps=1) for n in ("gated_anneal", "pause_anneal")] for s in SEEDS[1:]]
+    arms += gated[0] + [Arm("gated_anneal", CHAIN, phase=3)] + gated[1]
     arms += [Arm(n, DIGITS, s, phase=3) for s in SEEDS[1:] for n in controls[:2]]
     arms += [Arm("open", CHAIN, s, phase=3) for s in SEEDS[1:]]
     # The plain recipe's controls on the sums ask something only where plain coupled passed a sum: a control of a

@@ -57,7 +57,7 @@ PAIRS = {
     "relay:chain_sum": [("coupled", "blind"), ("coupled", "text_m"), ("coupled", "text_4m"), ("coupled", "text_sft_m"),
                         ("text_sft_m", "text_m"), ("coupled", "open"), ("open", "skyline"), ("open", "blind"),
                         ("coupled_ae", "coupled"), ("coupled_anneal", "coupled")]
-    + _against_controls(("detached", "pause"), _RECIPES)
+    + _against_controls(("detached", "pause", "gated"), _RECIPES) + _against_controls(("pause",), RECIPES, base="gated")
     + [(f"coupled{r}", b) for r in RECIPES for b in ("blind", "open")],
     "split:chain_sum": _against_controls(("half_a", "half_b"), _RECIPES),
     "relay:digits": _against_controls(("detached", "frozen", "pause", "kvonly"), _RECIPES)
@@ -248,7 +248,8 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
         lines.append(f"- relay:digits, {key}, k = 1: accuracy {k1.accuracy:.3f} ± {k1.stderr:.3f} (n = {k1.n}"
                      f"{per_seed}; goal >= 0.9, chance 0.1): " + ("met" if k1.accuracy >= 0.9 else "not met"))
     chain = by_arm.get("relay:chain_sum", {})
-    latent = [f"coupled{r}" for r in _RECIPES if f"coupled{r}" in chain]
+    # Gated trains coupled (its thought's gradient reaches the writer), so it counts as a coupled recipe here.
+    latent = [f"{a}{r}" for a in ("coupled", "gated") for r in _RECIPES if f"{a}{r}" in chain]
     if latent and "open" in chain:  # the best latents-only recipe
         best = max(latent, key=lambda a: chain[a]["accuracy"])
         c, o = chain[best], chain["open"]
@@ -258,7 +259,8 @@ def _goals(outcomes: dict, by_arm: dict, comps: dict[str, list[Comparison]]) -> 
                      f"{share:.3f} of its positions (goal <= 0.1): "
                      + ("met" if ratio >= 0.9 and share <= 0.1 else "not met"))
     # Coupled against its controls (at m = 6 and at each m of the sweep) and against text, trained or not.
-    wanted = set(_against_controls(CONTROLS, _RECIPES)) | set(SWEEP_PAIRS) | {("coupled", "text_m")} | {
+    wanted = set(_against_controls(CONTROLS, _RECIPES)) | set(_against_controls(("pause",), RECIPES, base="gated")) \
+        | set(SWEEP_PAIRS) | {("coupled", "text_m")} | {
         (f"coupled{r}", "text_sft_m") for r in _RECIPES}
     for task, pairs in comps.items():
         for c in pairs:
