@@ -21,6 +21,7 @@ from torch import Tensor
 from diffmas.assets import diffmas_home
 from diffmas.backbone import Backbone
 from diffmas.config import LATENT_MAPS
+from diffmas.errors import DiffMASError
 from diffmas.kv import Trace, TraceBuilder
 
 
@@ -239,6 +240,19 @@ def save_latent_map(latent_map, folder, state_dict: dict | None = None) -> str:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(Path(folder) / MAP_FILE))
     kinds = {LearnedLink: "link", PauseEmbedding: "pause", GatedThought: "gated"}
     return kinds[type(latent_map)]
+
+
+def set_gate(folder, value: float) -> None:
+    """Set the gate of the gated map saved in ``folder`` (an evaluation-time substitution: at 0 every latent position
+    is fed pause's trained embedding alone, so the reader gets none of the writer's thought)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / MAP_FILE
+    tensors = load_file(str(path)) if path.is_file() else {}
+    if "gate" not in tensors:
+        raise DiffMASError(f"{folder} holds no gated latent map (one trained with --latent-map gated)")
+    tensors["gate"] = torch.full_like(tensors["gate"], value)
+    save_file(tensors, str(path))
 
 
 def load_latent_map(backbone: Backbone, kind: str, folder, realign: bool = True):

@@ -146,7 +146,7 @@ def test_fano_bits_are_zero_at_chance_and_grow_with_accuracy():
 
 
 def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    arms = [Arm("coupled", "relay:digits"), Arm("text_m", relay.CHAIN)]
+    arms = [Arm("coupled", "relay:digits"), Arm("text_m", relay.CHAIN), Arm("gated_anneal", relay.CHAIN)]
     monkeypatch.setattr(relay, "plan_arms", lambda docs=None: arms)
     cfg = RelayConfig(latent_steps=2, min_steps=2, max_steps=4, batch_size=2, heldout=4, eval_every=2, n_eval=6,
                       max_new_tokens=3, eval_batch_size=6, model=str(tiny_model_dir), autoencode_steps=1,
@@ -162,6 +162,19 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     assert text["steps_trained"] == 0 and text["positions_passed"] <= 2  # the message alone, at most m tokens
     kept = {a.id: [json.loads(line) for line in (docs / "samples" / f"{a.id}.jsonl").read_text().splitlines()]
             for a in arms}
+    # The gated arm's test items again with its gate closed: a copy of its adapter whose gate is 0 (the run's moved).
+    from diffmas.latent import MAP_FILE
+    from safetensors.torch import load_file
+
+    gated = json.loads((docs / "arms" / f"{arms[2].id}.json").read_text())
+    closed = [json.loads(line) for line in (docs / "gate-closed" / f"{arms[2].id}.jsonl").read_text().splitlines()]
+    assert gated["gate_closed"]["n"] == 6 and [s["id"] for s in closed] == [s["id"] for s in kept[arms[2].id]]
+    assert gated["gate_closed"]["accuracy"] == sum(s["correct"] for s in closed) / 6
+    assert load_file(str(tmp_path / "out" / "runs" / arms[2].id / MAP_FILE))["gate"].item() != 0
+    copy = tmp_path / "out" / "eval" / f"{arms[2].id}--gate-closed" / "adapter"
+    assert load_file(str(copy / MAP_FILE))["gate"].item() == 0 and not (copy / "checkpoints").exists()
+    assert not (docs / "gate-closed" / f"{arms[0].id}.jsonl").exists()  # only gated arms'
+    assert f"| {arms[2].id} | 6 | " in (docs / "README.md").read_text()
     assert all(len(s["messages"]) == 1 for s in kept[arms[1].id])  # what crossed the text channel is kept
     assert not any("messages" in s for s in kept[arms[0].id])
     results = json.loads((docs / "results.json").read_text())

@@ -126,7 +126,7 @@ def test_a_gated_map_starts_as_pause_and_its_gate_opens_the_fed_back_path():
 
 
 def test_a_gated_map_saves_and_loads_with_its_gate(tmp_path):
-    from diffmas.latent import build_latent_map, load_latent_map, save_latent_map
+    from diffmas.latent import build_latent_map, load_latent_map, save_latent_map, set_gate
 
     backbone = make_backbone()
     gated = build_latent_map(backbone, "gated")
@@ -138,6 +138,15 @@ def test_a_gated_map_saves_and_loads_with_its_gate(tmp_path):
     assert loaded.gate.item() == 0.25 and torch.equal(loaded.embedding, gated.embedding)
     hidden = torch.randn(3, backbone.lm.config.hidden_size)
     torch.testing.assert_close(loaded(hidden), gated(hidden), rtol=0, atol=0)
+    # Closed in the saved folder (the study's evaluation without the thought): the trained embedding alone.
+    set_gate(tmp_path, 0.0)
+    closed = load_latent_map(backbone, "gated", tmp_path)
+    torch.testing.assert_close(closed(hidden), gated.embedding.expand(3, -1), rtol=0, atol=0)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    save_latent_map(build_latent_map(backbone, "pause"), pause)
+    with pytest.raises(DiffMASError, match="no gated latent map"):
+        set_gate(pause, 0.0)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -1,5 +1,5 @@
 """The held-out loss curves of a study's runs, one panel per task (both studies' reports draw them), and the gates
-of gated runs over training."""
+of gated runs: over training, and closed at evaluation."""
 
 from __future__ import annotations
 
@@ -86,3 +86,23 @@ def gate_table(runs: list[tuple[str, Path]], every: int = 50) -> list[str]:
     return ["How far the gated runs let the thought in (input = pause's embedding + gate x the realigned thought; "
             "gate 0 is the pause control): step: gate (held-out loss).", "", "| run | gate over training |",
             "|---|---|", *rows, ""]
+
+
+def gate_closed_table(runs: list[tuple[str, dict[str, bool], dict[str, bool]]], n_boot: int = 10_000) -> list[str]:
+    """Each gated run's test items as trained and with its gate closed (``(label, trained, closed)``: item id ->
+    correct), with the paired difference; [] where no run was evaluated closed."""
+    from diffmas.eval.compare import paired_bootstrap
+
+    rows = []
+    for label, trained, closed in runs:
+        ci = paired_bootstrap({0: closed}, {0: trained}, n_boot=n_boot)
+        n = len(set(trained) & set(closed))
+        rows.append(f"| {label} | {n} | {sum(trained.values()) / len(trained):.3f} | "
+                    f"{sum(closed.values()) / len(closed):.3f} | {100 * ci.diff:+.1f} [{100 * ci.low:+.1f}, "
+                    f"{100 * ci.high:+.1f}] |")
+    if not rows:
+        return []
+    return ["The same test items with the gate closed (set to 0 at evaluation: every position is fed pause's trained "
+            "embedding alone, the adapters as trained): how much of the answer the reader takes from the thought.",
+            "", "| run | n | accuracy as trained | gate closed | closed - trained, points [95% CI] |",
+            "|---|---|---|---|---|", *rows, ""]

@@ -4,6 +4,7 @@ trained latents-only digits arm) and the record ``docs/arms/<id>.json`` that mar
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -78,12 +79,47 @@ def probe_arm(arm: Arm, run: Path, cfg: RelayConfig, docs: Path, device: str) ->
         plot_lens_curve(read, curve.with_suffix(".png"), ("1", "2"), title=f"logit lens over training: {arm.id}")
 
 
+GATE_CLOSED = "gate-closed"
+"""Where a gated arm's test items evaluated with its gate closed go: ``docs/gate-closed/<id>.jsonl``."""
+
+
+def gated(arm: Arm, cfg: RelayConfig) -> bool:
+    """Whether an arm feeds its latent positions through a gated map (``--latent-map gated``)."""
+    return arm_settings(arm.name, cfg)[1].get("latent_map") == "gated"
+
+
+def evaluate_gate_closed(arm: Arm, run: Path, cfg: RelayConfig, out: Path, docs: Path, device: str) -> dict:
+    """Evaluate a gated arm's test items again with its gate set to 0 (every position fed pause's trained embedding
+    alone; adapters as trained) into ``docs/gate-closed/<id>.jsonl``: whether its reader takes the answer from the
+    writer's thought. Returns the evaluation's n, accuracy and stderr."""
+    from diffmas.latent import set_gate
+
+    folder = out / "eval" / f"{arm.id}--{GATE_CLOSED}"
+    adapter = folder / "adapter"
+    if not adapter.is_dir():  # built aside and renamed: a copy whose gate is still open is never evaluated
+        building = folder / "adapter.partial"
+        shutil.rmtree(building, ignore_errors=True)
+        shutil.copytree(run, building, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))
+        set_gate(building, 0.0)
+        building.rename(adapter)
+    result = _evaluate(arm, adapter, folder / "eval", cfg, device)["results"][0]
+    samples = [json.loads(line) for line in (folder / "eval" / "samples.jsonl").read_text().splitlines()]
+    (docs / GATE_CLOSED).mkdir(parents=True, exist_ok=True)
+    (docs / GATE_CLOSED / f"{arm.id}.jsonl").write_text(
+        "".join(json.dumps({**_kept(s), "seconds": s["seconds"]}) + "\n" for s in samples))
+    return {k: result[k] for k in ("n", "accuracy", "stderr")}
+
+
 def channel_seconds(docs: Path, arm_id: str) -> float | None:
-    """Seconds spent reading an arm's channel after its evaluation: its probe and its lens curve (None: neither)."""
+    """Seconds spent reading an arm's channel after its evaluation: its probe, its lens curve and, for a gated arm,
+    its evaluation with the gate closed (None: none of them)."""
     probe, curve = docs / "probes" / f"{arm_id}.json", docs / "lens" / "curves" / f"{arm_id}.json"
+    closed = docs / GATE_CLOSED / f"{arm_id}.jsonl"
     spent = [json.loads(probe.read_text())["settings"].get("seconds", 0.0)] if probe.is_file() else []
     if curve.is_file():
         spent.append(sum(point.get("seconds", 0.0) for point in json.loads(curve.read_text())["points"]))
+    if closed.is_file():
+        spent.append(sum(json.loads(line).get("seconds", 0.0) for line in closed.read_text().splitlines()))
     return sum(spent) if spent else None
 
 
@@ -159,6 +195,8 @@ def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cp
     (docs / "samples" / f"{arm.id}.jsonl").write_text("".join(json.dumps(_kept(s)) + "\n" for s in samples))
     if run and probed(arm, cfg):  # before the record: a worker killed in between probes again on resume
         probe_arm(arm, run, cfg, docs, device)
+    if run and gated(arm, cfg):
+        record["gate_closed"] = evaluate_gate_closed(arm, run, cfg, out, docs, device)
     (docs / "arms" / f"{arm.id}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
