@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_backbone  # noqa: E402
 
 from diffmas.adapters import LoraSettings  # noqa: E402
+from diffmas.cli import close_process_group  # noqa: E402
 from diffmas.config import TrainConfig  # noqa: E402
 from diffmas.train import loop  # noqa: E402
 from diffmas.train.checkpoint import full_state_dict, load_checkpoint, save_checkpoint  # noqa: E402
@@ -122,3 +123,4 @@ torch.distributed.all_gather(gathered, matrix.contiguous())
 assert torch.equal(gathered[0], gathered[1])
 acc.wait_for_everyone()
 print(json.dumps({"rank": rank, "heldout": sharded}), "FSDP2 OK", flush=True)
+close_process_group()  # as the command line does: without it, gloo's threads abort the exit now and then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -106,3 +107,28 @@ def test_a_study_lists_its_plan_without_running_it(tmp_path):
     assert result.exit_code == 0, result.output
     assert all(arm.id in result.output for arm in plan_arms()) and "│ pending │" in result.output
     assert not (tmp_path / "runs").exists()  # nothing trained, nothing claimed
+
+
+_MAIN_UNDER_A_PROCESS_GROUP = """
+import json, sys
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+from diffmas.cli import main
+sys.argv = ["diffmas", *sys.argv[2:]]
+try:
+    main()
+except SystemExit as exc:
+    print(json.dumps({"code": exc.code, "initialized": dist.is_initialized()}))
+"""
+
+
+@pytest.mark.parametrize("args, clean", [(["--help"], True), (["no-such-command"], False)])
+def test_the_command_line_tears_down_its_process_group_only_after_a_clean_finish(tmp_path, args, clean):
+    """Under `accelerate launch` the command tears the process group down itself: left to the interpreter's exit,
+    gloo's threads abort it now and then (SIGABRT). After a failure it leaves the group (a peer may be waiting)."""
+    done = subprocess.run([sys.executable, "-c", _MAIN_UNDER_A_PROCESS_GROUP, str(tmp_path / "rendezvous"), *args],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DIFFMAS_MALLOC": "glibc", "OMP_NUM_THREADS": "1"})
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert (result["code"] in (0, None)) == clean, done.stderr[-2000:]
+    assert result["initialized"] == (not clean)

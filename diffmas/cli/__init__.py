@@ -344,4 +344,25 @@ def main() -> None:  # pragma: no cover - console entry point
     except DiffMASError as exc:  # a bad DIFFMAS_MALLOC: one line, as every other error of the command line
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            close_process_group()
+        raise
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """Tear down the process group `accelerate launch` set up, once the command has finished cleanly.
+
+    Left to the interpreter's exit, gloo's worker threads can still hold tensors while Python is being torn down,
+    and the process aborts now and then (SIGABRT, "terminate called without an active exception"; see
+    pytorch/pytorch#190489). Not after a failure: a peer may be waiting in a collective and teardown would hang.
+    """
+    if "torch" not in sys.modules:  # no torch, no process group (``diffmas --help``)
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
