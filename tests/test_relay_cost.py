@@ -74,7 +74,9 @@ def test_a_recipe_not_run_on_a_task_yet_costs_what_the_arm_under_another_recipe_
     _finished(docs, "coupled_anneal", relay.DIGITS, step_s=7.0, heldout_s=70.0, eval_s=300)
     assert estimate_seconds(Arm("coupled_anneal", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(
         (500 * 7.0 + 21 * 70.0 + 300) * MARGIN)
-    # A gated arm on the sums (no gated arm yet: the curriculum's steps there) also evaluates with its gate closed.
+    # A gated arm on the sums (no gated arm there yet: the curriculum's steps there, not the digits' gated arm at
+    # m = 1 scaled to m = 6) also evaluates with its gate closed.
+    _finished(docs, "gated_anneal", relay.DIGITS, step_s=5.0, heldout_s=50.0, eval_s=300, m=1)
     assert estimate_seconds(Arm("gated_anneal", relay.CHAIN), cfg, out, docs) == pytest.approx(
         (500 * 12.0 + 21 * 120.0 + 2 * 900) * MARGIN)
 

@@ -64,15 +64,17 @@ def _references(arm: Arm, records: list[dict], trained: bool) -> list[dict]:
     """The finished arms most like ``arm`` (text arms for a text arm, trained ones with a timed curve for a trained
     one): the same arm (any seed, its run to the cap included) on the same task, else the same arm under another
     recipe on the task (the task's prompts set most of a step's cost; a recipe changes what the reader may see, and
-    autoencoding only its first steps' targets), else the same arm on any task, else any arm of the task, else any
-    arm at all."""
+    autoencoding only its first steps' targets), else any arm of the task, else the same arm on another task, else
+    any arm at all. The task goes before the arm: the same arm on another task was measured at that task's prompt
+    lengths and often at another m, which :func:`_at` can only scale up by (a gated arm at m = 1 on the digits put
+    the sums' gated arm at m = 6 at 12.5 h; it took about 2.5)."""
     root = arm.name.removesuffix(FULL)
     kind = [r for r in records if (r.get("system") not in TEXT) == trained and (not trained or r["step_times"])]
     for same in (lambda r: r.get("arm", "").removesuffix(FULL) == root and r["task"] == arm.task,
                  lambda r: split_name(r.get("arm", "").removesuffix(FULL))[0] == split_name(root)[0]
                  and r["task"] == arm.task,
-                 lambda r: r.get("arm", "").removesuffix(FULL) == root,
                  lambda r: r["task"] == arm.task,
+                 lambda r: r.get("arm", "").removesuffix(FULL) == root,
                  lambda r: True):
         found = [r for r in kind if same(r)]
         if found:
