@@ -50,7 +50,8 @@ def _at_columns(layers: tuple[Tensor, ...], columns: Tensor) -> tuple[Tensor, ..
 
 
 def agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *, lens_top_k: int = 0,
-             lens_out: list | None = None, capture: bool = False, per_row: bool = False):
+             lens_out: list | None = None, capture: bool = False, per_row: bool = False,
+             fed: Tensor | None = None, fed_out: list | None = None):
     """A checkpointable agent call: prefill the segment, take ``steps`` latent steps, then teacher-force a
     continuation (if given) with a summed cross-entropy on its labelled tokens.
 
@@ -62,7 +63,8 @@ def agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *,
     then the trace's tensors.
     With ``lens_top_k`` the logit lens of every step is appended to ``lens_out`` (strings cannot be outputs
     of a checkpointed function, so they leave through this list). With ``per_row`` the loss is per row [B, 2]
-    (float64: summed NLL, labels that are not the argmax) instead of a scalar (evaluation's scoring).
+    (float64: summed NLL, labels that are not the argmax) instead of a scalar (evaluation's scoring). ``fed`` and
+    ``fed_out``: the latent steps' input embeddings, given or collected (:func:`diffmas.latent.take_latent_steps`).
     """
 
     def run(ids: Tensor, mask: Tensor, labels: Tensor | None, forced_ids: Tensor | None,
@@ -76,7 +78,8 @@ def agent_fn(backbone: Backbone, adapter: str | None, steps: int, latent_map, *,
         hidden = hidden[-1] if capture_here else hidden
         loss = _forced_ce(backbone, hidden[:, :-1], labels[:, 1:], per_row) if labels is not None else \
             hidden.new_zeros((ids.shape[0], 2) if per_row else (), dtype=torch.float64 if per_row else None)
-        trace, last, lens = take_latent_steps(backbone, trace, hidden[:, -1], steps, latent_map, lens_top_k)
+        trace, last, lens = take_latent_steps(backbone, trace, hidden[:, -1], steps, latent_map, lens_top_k,
+                                             fed, fed_out)
         if lens_out is not None:
             lens_out.append(lens)
         if forced_ids is not None:

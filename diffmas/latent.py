@@ -124,11 +124,15 @@ def take_latent_steps(
     steps: int,
     latent_map,
     lens_top_k: int = 0,
+    fed: Tensor | None = None,
+    fed_out: list[Tensor] | None = None,
 ) -> tuple[Trace, Tensor, list[list[list[str]]]]:
     """Take ``steps`` latent steps from ``last_hidden`` [B, D]; nothing is decoded.
 
     ``latent_map`` turns a last hidden state into the next input embedding (a :class:`Realigner`,
-    :class:`LearnedLink`, :class:`PauseEmbedding` or :class:`GatedThought`).
+    :class:`LearnedLink`, :class:`PauseEmbedding` or :class:`GatedThought`). ``fed`` [B, steps, D] replaces the
+    map's outputs with given input embeddings (the shuffled-thought control feeds those computed on another
+    question); ``fed_out`` collects the embeddings fed, [B, D] per step.
 
     Returns the extended trace, the final last hidden state, and (when ``lens_top_k`` > 0) a logit lens:
     for each row and step, the top-k vocabulary tokens the hidden state that was fed would have decoded to.
@@ -136,13 +140,17 @@ def take_latent_steps(
     lens: list[list[list[str]]] = [[] for _ in range(trace.batch_size)]
     step_mask = torch.ones(trace.batch_size, 1, dtype=torch.long, device=trace.mask.device)
     builder = TraceBuilder(trace)
-    for _ in range(steps):
+    if fed is not None and tuple(fed.shape[:2]) != (trace.batch_size, steps):
+        raise DiffMASError(f"{tuple(fed.shape[:2])} fed inputs for {trace.batch_size} rows x {steps} latent steps")
+    for step in range(steps):
         if lens_top_k:
             with torch.no_grad():
                 top = backbone.logits(last_hidden).topk(lens_top_k, dim=-1).indices.tolist()
             for row, ids in enumerate(top):
                 lens[row].append([backbone.tokenizer.decode([i]) for i in ids])
-        embeds = latent_map(last_hidden)[:, None, :]
+        embeds = (latent_map(last_hidden) if fed is None else fed[:, step])[:, None, :]
+        if fed_out is not None:
+            fed_out.append(embeds[:, 0])
         last_hidden = builder.append(backbone.body, step_mask, inputs_embeds=embeds)[:, -1]
     return builder.freeze(), last_hidden, lens
 

@@ -218,6 +218,7 @@ def rollout(
     thinker_latent_steps: int | None = None,
     capture: bool = False,
     writer_prompts: list[Prompt] | None = None,
+    thought_prompts: list[Prompt] | None = None,
     grad_mode: str = "coupled",
     checkpoint: bool = False,
     keep_trace: bool = False,
@@ -235,7 +236,11 @@ def rollout(
     writer, or the final agent when there are no writers); ``thinker_latent_steps`` overrides its number of
     latent steps; ``capture`` returns the final agent's every-layer hidden states at the position that
     predicts the answer's value. ``writer_prompts`` makes the writers work on other questions than the final
-    agent (the shuffled-trace control). ``gold_targets`` (inference): also score these targets teacher-forced
+    agent (the shuffled-trace control). ``thought_prompts`` (inference, latent writers): each writer prefills its
+    own question but is fed, at its latent steps, the input embeddings it computed on these questions (the
+    shuffled-thought control: does the reader take the answer from the thoughts' content, or from what the latent
+    positions read of the writer's own prompt?); a first pass of the writers on ``thought_prompts`` computes
+    them, so a row's result does not depend on its batch. ``gold_targets`` (inference): also score these targets teacher-forced
     after the writers' trace (:func:`gold_nll`), in the columns the final agent then reuses. ``reveal`` (scope
     ``latents``, training's bottleneck curriculum): each writer-prompt column stays visible downstream with this
     probability (drawn per row and column from ``reveal_seed``) instead of being dropped. ``on_final_step``
@@ -253,6 +258,8 @@ def rollout(
         raise DiffMASError("thinker_texts and capture are training options: pass targets too")
     if gold_targets is not None and training:
         raise DiffMASError("gold_targets is an evaluation option: training already scores its targets")
+    if thought_prompts is not None and (training or spec.writer_mode != "latent"):
+        raise DiffMASError("thought_prompts is an evaluation option of latent writers (the shuffled-thought control)")
     scope = spec.scope
     if reveal and scope != "latents":
         raise DiffMASError(f"reveal applies to the trace scope 'latents', not '{scope}'")
@@ -263,7 +270,7 @@ def rollout(
     adapters = spec.adapters or {}
     batch, device, tok = len(prompts), backbone.device, backbone.tokenizer
     for name, rows in (("targets", targets), ("thinker_texts", thinker_texts), ("writer_prompts", writer_prompts),
-                       ("gold_targets", gold_targets)):
+                       ("thought_prompts", thought_prompts), ("gold_targets", gold_targets)):
         if rows is not None and len(rows) != batch:
             raise DiffMASError(f"{len(rows)} {name} for {batch} prompts")
     writers = spec.topology.writers
@@ -280,76 +287,91 @@ def rollout(
     rendered = [_render(backbone, agent, writer_prompts or prompts, spec.think) for agent in writers]
     prompt_seqs = [render_agent(tok, final, view_text(final, p), spec.think) for p in prompts]
     gold_width = max((len(render_target(tok, t)) for t in gold_targets), default=0) if gold_targets else 0
-    capacity = None if training else _inference_columns(spec, rendered, prompt_seqs, final_steps, decode_cfg,
-                                                        gold_width)
-    trace = Trace.empty(batch, device, capacity=capacity)
-    records: list[AgentRecord] = []
     stage_one_grad = training and grad_mode != "detached"
     generator = torch.Generator().manual_seed(reveal_seed) if reveal else None
     loss_sum = torch.zeros((), device=device)
     n_forced = 0
 
-    with torch.set_grad_enabled(stage_one_grad):
-        for number, agent in enumerate(writers):
-            start = time.perf_counter()
-            seqs, ids, mask = rendered[number]
-            branch = trace if agent.reads_trace else Trace.empty(batch, device, start=trace.next_positions)
-            lens = texts = None
-            generated = [0] * batch
-            steps = spec.latent_steps if agent.latent_steps is None else agent.latent_steps
-            budget = agent.max_new_tokens or spec.writer_max_new_tokens
-            thinker = number == len(writers) - 1
-            if spec.writer_mode == "latent" and thinker and thinker_latent_steps is not None:
-                steps = thinker_latent_steps
-            forced = [render_target(tok, t) if t else [] for t in writer_text] if thinker and writer_text else None
-            if spec.writer_mode == "latent" and scope == "drop" and steps == 0 and not (forced and any(forced)):
-                # LatentMAS: a writer with no latent thoughts contributes nothing (so it is not run at all).
-                records.append(AgentRecord(agent.role, [0] * batch, 0, generated, 0.0, sees=agent.sees))
-                continue
-            own = seqs  # what this writer's segment prefills: the whole prompts, or what follows a shared prefix
-            if not trace.length:  # nothing written yet: every row's prompt starts at position 0
-                branch, own = _as_agent(agent.role, _prefill_shared_prefix, backbone, adapters.get(agent.role),
-                                        seqs, branch, checkpoint and stage_one_grad)
-                ids, mask = left_pad(own, backbone.pad_id, device)
-            prompt_width = branch.length + ids.shape[1]
-            if spec.writer_mode == "latent":
-                labels = f_ids = f_mask = f_labels = None
-                if forced and any(forced) and steps == 0:  # one prefill: prompt + text, loss on the text
-                    ids, mask, labels = labelled(own, forced, backbone.pad_id, device)
-                elif forced and any(forced):
-                    f_ids, f_mask, f_labels = labelled([[] for _ in forced], forced, backbone.pad_id, device,
-                                                       allow_empty=True)
-                n_forced += sum(len(f) for f in forced or [])
-                lens_out: list | None = [] if spec.lens_top_k else None
-                fn = agent_fn(backbone, adapters.get(agent.role), steps, latent_map,
-                              lens_top_k=spec.lens_top_k, lens_out=lens_out)
-                out = _as_agent(agent.role, maybe_checkpoint, checkpoint and stage_one_grad, fn, branch, ids, mask,
-                                labels, f_ids, f_mask, f_labels, None)
-                branch = Trace.unflatten(out[2:])
-                loss_sum = loss_sum + out[0]
-                lens = lens_out[-1] if lens_out else None
-            else:
-                activate(backbone, adapters.get(agent.role))
-                branch, hidden = _as_agent(agent.role, branch.extend, backbone.body, mask, input_ids=ids)
-                caps = None
-                if spec.text_context_limit is not None:  # per row: what is left under the limit
-                    used = branch.real_lengths + (0 if agent.reads_trace else trace.real_lengths)
-                    caps = (spec.text_context_limit - used).clamp(min=0, max=budget).tolist()
-                reply_from = branch.length
-                reply = _as_agent(agent.role, decode, backbone, branch, hidden[:, -1],
-                                  writer_decode_config(decode_cfg, budget if caps is None else max(1, *caps), number),
-                                  keep_in_trace=True)
-                branch, texts, generated = reply.trace, reply.texts, [len(t) for t in reply.tokens]
-                if caps is not None:
-                    branch, texts, generated = _cap_replies(tok, reply, reply_from, caps)
-            if scope == "latents":  # downstream agents see the writer's output, not its prompt
-                lo = trace.length if agent.reads_trace else 0
-                branch = _outputs_only(branch, lo, lo + prompt_width, reveal, generator)
-            trace = branch if agent.reads_trace else trace.concat(branch)
-            records.append(AgentRecord(agent.role, [len(s) for s in seqs],
-                                       steps if spec.writer_mode == "latent" else 0, generated,
-                                       (time.perf_counter() - start) / batch, texts, lens,
-                                       budget if spec.writer_mode == "text" else None, agent.sees))
+    def write(rendered: list, fed: list | None = None, fed_out: list | None = None
+              ) -> tuple[Trace, list[AgentRecord]]:
+        """Stage I on the writers' ``rendered`` prompts: the trace they leave and their records. ``fed`` /
+        ``fed_out``: per writer, the input embeddings its latent steps are given / collect."""
+        nonlocal loss_sum, n_forced
+        capacity = None if training else _inference_columns(spec, rendered, prompt_seqs, final_steps, decode_cfg,
+                                                            gold_width)
+        trace = Trace.empty(batch, device, capacity=capacity)
+        records: list[AgentRecord] = []
+        with torch.set_grad_enabled(stage_one_grad):
+            for number, agent in enumerate(writers):
+                start = time.perf_counter()
+                seqs, ids, mask = rendered[number]
+                branch = trace if agent.reads_trace else Trace.empty(batch, device, start=trace.next_positions)
+                lens = texts = None
+                generated = [0] * batch
+                steps = spec.latent_steps if agent.latent_steps is None else agent.latent_steps
+                budget = agent.max_new_tokens or spec.writer_max_new_tokens
+                thinker = number == len(writers) - 1
+                if spec.writer_mode == "latent" and thinker and thinker_latent_steps is not None:
+                    steps = thinker_latent_steps
+                forced = [render_target(tok, t) if t else [] for t in writer_text] if thinker and writer_text else None
+                if spec.writer_mode == "latent" and scope == "drop" and steps == 0 and not (forced and any(forced)):
+                    # LatentMAS: a writer with no latent thoughts contributes nothing (so it is not run at all).
+                    records.append(AgentRecord(agent.role, [0] * batch, 0, generated, 0.0, sees=agent.sees))
+                    continue
+                own = seqs  # what this writer's segment prefills: the whole prompts, or what follows a shared prefix
+                if not trace.length:  # nothing written yet: every row's prompt starts at position 0
+                    branch, own = _as_agent(agent.role, _prefill_shared_prefix, backbone, adapters.get(agent.role),
+                                            seqs, branch, checkpoint and stage_one_grad)
+                    ids, mask = left_pad(own, backbone.pad_id, device)
+                prompt_width = branch.length + ids.shape[1]
+                if spec.writer_mode == "latent":
+                    labels = f_ids = f_mask = f_labels = None
+                    if forced and any(forced) and steps == 0:  # one prefill: prompt + text, loss on the text
+                        ids, mask, labels = labelled(own, forced, backbone.pad_id, device)
+                    elif forced and any(forced):
+                        f_ids, f_mask, f_labels = labelled([[] for _ in forced], forced, backbone.pad_id, device,
+                                                           allow_empty=True)
+                    n_forced += sum(len(f) for f in forced or [])
+                    lens_out: list | None = [] if spec.lens_top_k else None
+                    fn = agent_fn(backbone, adapters.get(agent.role), steps, latent_map,
+                                  lens_top_k=spec.lens_top_k, lens_out=lens_out,
+                                  fed=None if fed is None else fed[number],
+                                  fed_out=None if fed_out is None else fed_out[number])
+                    out = _as_agent(agent.role, maybe_checkpoint, checkpoint and stage_one_grad, fn, branch, ids, mask,
+                                    labels, f_ids, f_mask, f_labels, None)
+                    branch = Trace.unflatten(out[2:])
+                    loss_sum = loss_sum + out[0]
+                    lens = lens_out[-1] if lens_out else None
+                else:
+                    activate(backbone, adapters.get(agent.role))
+                    branch, hidden = _as_agent(agent.role, branch.extend, backbone.body, mask, input_ids=ids)
+                    caps = None
+                    if spec.text_context_limit is not None:  # per row: what is left under the limit
+                        used = branch.real_lengths + (0 if agent.reads_trace else trace.real_lengths)
+                        caps = (spec.text_context_limit - used).clamp(min=0, max=budget).tolist()
+                    reply_from = branch.length
+                    cap = budget if caps is None else max(1, *caps)
+                    reply = _as_agent(agent.role, decode, backbone, branch, hidden[:, -1],
+                                      writer_decode_config(decode_cfg, cap, number), keep_in_trace=True)
+                    branch, texts, generated = reply.trace, reply.texts, [len(t) for t in reply.tokens]
+                    if caps is not None:
+                        branch, texts, generated = _cap_replies(tok, reply, reply_from, caps)
+                if scope == "latents":  # downstream agents see the writer's output, not its prompt
+                    lo = trace.length if agent.reads_trace else 0
+                    branch = _outputs_only(branch, lo, lo + prompt_width, reveal, generator)
+                trace = branch if agent.reads_trace else trace.concat(branch)
+                records.append(AgentRecord(agent.role, [len(s) for s in seqs],
+                                           steps if spec.writer_mode == "latent" else 0, generated,
+                                           (time.perf_counter() - start) / batch, texts, lens,
+                                           budget if spec.writer_mode == "text" else None, agent.sees))
+        return trace, records
+
+    fed = None
+    if thought_prompts is not None:  # the writers on the thoughts' questions, for their latent steps' inputs
+        collected: list[list[Tensor]] = [[] for _ in writers]
+        write([_render(backbone, agent, thought_prompts, spec.think) for agent in writers], fed_out=collected)
+        fed = [torch.stack(steps, 1) if steps else None for steps in collected]
+    trace, records = write(rendered, fed)
 
     if training and grad_mode == "detached":
         trace = trace.detach()

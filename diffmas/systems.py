@@ -80,17 +80,20 @@ class System:
 
     def run(self, prompts: list[Prompt], decode_cfg: DecodeConfig, batch_size: int = 8,
             on_batch: Callable[[int], None] | None = None, writer_prompts: list[Prompt] | None = None,
-            targets: list[str] | None = None) -> list[dict]:
+            targets: list[str] | None = None, thought_prompts: list[Prompt] | None = None) -> list[dict]:
         """Answer every prompt; returns one JSON-ready record per prompt, in input order.
 
         Prompts are grouped by length to cut padding; batch invariance makes the grouping invisible in results.
-        ``writer_prompts`` (one per prompt) makes the writers work on other questions (shuffled-trace control).
+        ``writer_prompts`` (one per prompt) makes the writers work on other questions (shuffled-trace control);
+        ``thought_prompts`` feeds the writers' latent steps the inputs computed on other questions, each writer
+        prefilling its own (shuffled-thought control, :func:`diffmas.rollout.rollout`).
         ``targets`` (gold references, one per prompt, in the task's target format) add ``gold_nll_sum`` and
         ``gold_tokens`` to each record: the final agent teacher-forced on its target after the same writers'
         trace (see :func:`diffmas.rollout.gold_nll`, run inside the rollout).
         """
-        if writer_prompts is not None and len(writer_prompts) != len(prompts):
-            raise DiffMASError(f"{len(writer_prompts)} writer prompts for {len(prompts)} prompts")
+        for name, rows in (("writer prompts", writer_prompts), ("thought prompts", thought_prompts)):
+            if rows is not None and len(rows) != len(prompts):
+                raise DiffMASError(f"{len(rows)} {name} for {len(prompts)} prompts")
         if targets is not None and len(targets) != len(prompts):
             raise DiffMASError(f"{len(targets)} targets for {len(prompts)} prompts")
         if batch_size < 1:
@@ -100,9 +103,10 @@ class System:
         for lo in range(0, len(order), batch_size):
             idx = order[lo: lo + batch_size]
             others = [writer_prompts[i] for i in idx] if writer_prompts is not None else None
+            thoughts = [thought_prompts[i] for i in idx] if thought_prompts is not None else None
             batch = [prompts[i] for i in idx]
             result: RolloutResult = rollout(self.backbone, self.spec, batch, decode_cfg=decode_cfg,
-                                            writer_prompts=others,
+                                            writer_prompts=others, thought_prompts=thoughts,
                                             gold_targets=None if targets is None else [targets[i] for i in idx])
             gold = result.gold
             for n, (i, rec) in enumerate(zip(idx, result.per_question())):

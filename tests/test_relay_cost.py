@@ -39,28 +39,29 @@ def test_an_arm_costs_its_references_steps_heldout_evaluations_and_test_evaluati
     _finished(docs, "coupled", relay.DIGITS, step_s=10.0, heldout_s=100.0, eval_s=400)
     _finished(docs, "skyline", relay.DIGITS, step_s=4.0, heldout_s=30.0, eval_s=200)
     _finished(docs, "text_m", relay.DIGITS, step_s=0, heldout_s=0, eval_s=500, system="text_mas")
-    # A fresh seed of coupled: 500 steps, 21 held-out evaluations (step 0 included), the test evaluation.
-    fresh = (500 * 10.0 + 21 * 100.0 + 400) * MARGIN
+    # A fresh seed of coupled: 500 steps, 21 held-out evaluations (step 0 included), the test evaluation and the
+    # same items with its thoughts shuffled (a latents-only writer that feeds its states back).
+    fresh = (500 * 10.0 + 21 * 100.0 + 2 * 400) * MARGIN
     assert estimate_seconds(Arm("coupled", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(fresh)
     assert estimate_seconds(Arm("text_4m", relay.CHAIN), cfg, out, docs) == pytest.approx(500 * MARGIN)
     # Resuming from its own checkpoint: only the steps left.
     _checkpoint(out, Arm("coupled", relay.DIGITS, 1).id, 300)
     assert steps_done(Arm("coupled", relay.DIGITS, 1), out) == 300
     assert estimate_seconds(Arm("coupled", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(
-        (200 * 10.0 + 8 * 100.0 + 400) * MARGIN)
+        (200 * 10.0 + 8 * 100.0 + 2 * 400) * MARGIN)
     # A run to the cap continues its stopped run's checkpoint.
     _checkpoint(out, Arm("pause", relay.DIGITS).id, 325)
     assert steps_done(Arm("pause_full", relay.DIGITS), out) == 325
     # More latent steps than the reference: steps and held-out evaluations scale with m (conservative).
     assert estimate_seconds(Arm("coupled", relay.DIGITS, latent_steps=12), cfg, out, docs) == pytest.approx(
-        (500 * 20.0 + 21 * 200.0 + 400) * MARGIN)
+        (500 * 20.0 + 21 * 200.0 + 2 * 400) * MARGIN)
     # Three times the cap, and no reference of its own name: every trained arm of the task (10 s and 4 s steps).
     long = estimate_seconds(Arm("coupled_long", relay.DIGITS), cfg, out, docs)
-    assert long == pytest.approx((1500 * 7.0 + 61 * 65.0 + 300) * MARGIN)
+    assert long == pytest.approx((1500 * 7.0 + 61 * 65.0 + 2 * 300) * MARGIN)
     # Measured at two m: a line through them (m = 2: 6 s steps, 60 s held-out; m = 6: 10 s, 100 s).
     _finished(docs, "coupled", relay.DIGITS, step_s=6.0, heldout_s=60.0, eval_s=400, m=2)
     assert estimate_seconds(Arm("coupled", relay.DIGITS, latent_steps=16), cfg, out, docs) == pytest.approx(
-        (500 * 20.0 + 21 * 200.0 + 400) * MARGIN)
+        (500 * 20.0 + 21 * 200.0 + 2 * 400) * MARGIN)
 
 
 def test_a_recipe_not_run_on_a_task_yet_costs_what_the_arm_under_another_recipe_costs_there(tmp_path):
@@ -69,16 +70,16 @@ def test_a_recipe_not_run_on_a_task_yet_costs_what_the_arm_under_another_recipe_
     _finished(docs, "coupled_anneal", relay.CHAIN, step_s=12.0, heldout_s=120.0, eval_s=900)
     # The task's prompts set a step's cost: the digits' coupled, not the sums' curriculum.
     assert estimate_seconds(Arm("coupled_anneal", relay.DIGITS), cfg, out, docs) == pytest.approx(
-        (500 * 6.0 + 21 * 60.0 + 300) * MARGIN)
+        (500 * 6.0 + 21 * 60.0 + 2 * 300) * MARGIN)
     # Under its own recipe where that has run on the task.
     _finished(docs, "coupled_anneal", relay.DIGITS, step_s=7.0, heldout_s=70.0, eval_s=300)
     assert estimate_seconds(Arm("coupled_anneal", relay.DIGITS, 1), cfg, out, docs) == pytest.approx(
-        (500 * 7.0 + 21 * 70.0 + 300) * MARGIN)
+        (500 * 7.0 + 21 * 70.0 + 2 * 300) * MARGIN)
     # A gated arm on the sums (no gated arm there yet: the curriculum's steps there, not the digits' gated arm at
-    # m = 1 scaled to m = 6) also evaluates with its gate closed.
+    # m = 1 scaled to m = 6) also evaluates with its gate closed and with its thoughts shuffled.
     _finished(docs, "gated_anneal", relay.DIGITS, step_s=5.0, heldout_s=50.0, eval_s=300, m=1)
     assert estimate_seconds(Arm("gated_anneal", relay.CHAIN), cfg, out, docs) == pytest.approx(
-        (500 * 12.0 + 21 * 120.0 + 2 * 900) * MARGIN)
+        (500 * 12.0 + 21 * 120.0 + 3 * 900) * MARGIN)
 
 
 def test_the_command_line_reads_the_deadline_and_rejects_a_bad_one(tmp_path):

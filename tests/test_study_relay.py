@@ -119,6 +119,16 @@ def test_only_trained_latents_only_channels_on_the_digits_are_probed():
     assert not relay_arm.probed(Arm("coupled", relay.DIGITS), RelayConfig(probe_items=0))
 
 
+def test_the_thoughts_are_shuffled_only_where_a_writer_feeds_its_states_back():
+    cfg = RelayConfig()
+    for arm in (Arm("coupled_anneal", relay.DIGITS, latent_steps=1), Arm("gated_anneal", relay.CHAIN),
+                Arm("detached_anneal_full", relay.DIGITS), Arm("kvonly_anneal", relay.DIGITS, latent_steps=1)):
+        assert relay_arm.thinks(arm, cfg), arm
+    for arm in (Arm("pause_anneal", relay.DIGITS, latent_steps=1), Arm("blind", relay.CHAIN),
+                Arm("open", relay.CHAIN), Arm("text_m", relay.DIGITS), Arm("skyline", relay.DIGITS)):
+        assert not relay_arm.thinks(arm, cfg), arm
+
+
 def test_ladder_reads_the_number_of_digits_from_item_ids():
     outcomes = {0: {"digits1-5": True, "digits1-6": False, "digits3-7": True}, 1: {"digits1-5": True}}
     rungs = ladder(outcomes)
@@ -175,6 +185,17 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
     assert load_file(str(copy / MAP_FILE))["gate"].item() == 0 and not (copy / "checkpoints").exists()
     assert not (docs / "gate-closed" / f"{arms[0].id}.jsonl").exists()  # only gated arms'
     assert f"| {arms[2].id} | 6 | " in (docs / "README.md").read_text()
+    # Each arm whose writer feeds back thoughts is evaluated again with them shuffled (the text arm has none).
+    for arm in (arms[0], arms[2]):
+        path = docs / "shuffled-thought" / f"{arm.id}.jsonl"
+        shuffled = [json.loads(line) for line in path.read_text().splitlines()]
+        record = json.loads((docs / "arms" / f"{arm.id}.json").read_text())
+        assert record["shuffled_thought"]["n"] == 6
+        assert sorted(s["id"] for s in shuffled) == sorted(s["id"] for s in kept[arm.id])
+        assert all(s["thought_from"] != s["id"] for s in shuffled)
+        assert sorted(s["thought_gold"] for s in shuffled) == sorted(s["gold"] for s in shuffled)  # a derangement
+    assert not (docs / "shuffled-thought" / f"{arms[1].id}.jsonl").exists() and "shuffled_thought" not in text
+    assert "| run | n | accuracy as trained | thoughts shuffled |" in (docs / "README.md").read_text()
     assert all(len(s["messages"]) == 1 for s in kept[arms[1].id])  # what crossed the text channel is kept
     assert not any("messages" in s for s in kept[arms[0].id])
     results = json.loads((docs / "results.json").read_text())

@@ -289,6 +289,9 @@ def eval_(
                                                help="Control on a split task: only this part of each question "
                                                     "(e.g. part:b) comes from another question of the set; the "
                                                     "writers that see it work on that part, the others on their own."),
+    shuffle_thought: bool = typer.Option(False, "--shuffle-thought", help="Control on latent writers: each "
+                                         "writer prefills its own question but its latent steps are fed the "
+                                         "inputs it computed on another question of the set."),
     report: bool = typer.Option(False, "--report", help="Only re-render table, plots and each dir's report.html."),
     dirs: Optional[list[Path]] = typer.Argument(None, metavar="DIR", help="With --report: result dirs to merge.",
                                               show_default=False),
@@ -319,7 +322,8 @@ def eval_(
             seeds=tuple(range(seeds)), batch_size=batch_size, max_new_tokens=max_new_tokens,
             writer_max_new_tokens=writer_max_new_tokens, topology=topology, latent_steps=latent_steps, device=device,
             dtype=dtype, source=source, temperature=temperature, top_p=top_p, show_progress=not no_progress,
-            shuffle_trace=shuffle_trace, shuffle_part=shuffle_part, realign=realign, think=think, trace=trace,
+            shuffle_trace=shuffle_trace, shuffle_part=shuffle_part, shuffle_thought=shuffle_thought,
+            realign=realign, think=think, trace=trace,
             text_context_limit=text_context_limit, budget_from=budget_from)
         if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: the main process reports (same results)
             return

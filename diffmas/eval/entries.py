@@ -20,9 +20,10 @@ __all__ = ["BUDGET_SUFFIX", "SystemEntry", "check_resumable", "parse_systems", "
 # Settings that change what a sample is: resuming into a folder written with other values would mix experiments.
 # (The trace scope is compared per system, resolved, in its settings: the run's --trace may be left to defaults.)
 _SAMPLE_SETTINGS = ("model", "dtype", "max_new_tokens", "writer_max_new_tokens", "topology", "latent_steps",
-                    "temperature", "top_p", "source", "shuffle_trace", "shuffle_part", "realign", "think")
+                    "temperature", "top_p", "source", "shuffle_trace", "shuffle_part", "shuffle_thought", "realign",
+                    "think")
 # What a folder written before a setting existed was run with (``think``: see _legacy_think).
-_SETTING_DEFAULTS = {"realign": True, "top_p": 1.0, "shuffle_part": None}
+_SETTING_DEFAULTS = {"realign": True, "top_p": 1.0, "shuffle_part": None, "shuffle_thought": False}
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ def run_eval(
     show_progress: bool = True,
     shuffle_trace: bool = False,
     shuffle_part: str | None = None,
+    shuffle_thought: bool = False,
     realign: bool = True,
     think: bool = False,
     trace: str | None = None,
@@ -76,7 +77,9 @@ def run_eval(
     their answer budget: the "full thinking budget" baseline. ``shuffle_trace``: every writer of question i works
     on another question of the set; ``shuffle_part`` (e.g. ``part:b``): only that part of each question's views
     comes from the other question, so the writers that see it work on another question's part and the rest on
-    their own (which writer's information an answer follows).
+    their own (which writer's information an answer follows); ``shuffle_thought``: every writer of question i
+    prefills question i but its latent steps are fed the inputs it computed on another question (does the answer
+    follow the thoughts' content or what the latent positions read of the writer's own prompt?).
 
     Returns the results.json contents (also written to ``out``).
     """
@@ -87,8 +90,9 @@ def run_eval(
         raise DiffMASError("--source names one task's data: give a single --task with it")
     if limit is not None and limit < 1:
         raise DiffMASError("--limit must be >= 1")
-    if shuffle_trace and shuffle_part:
-        raise DiffMASError("give --shuffle-trace (every writer) or --shuffle-part (the writers of one part), not both")
+    if sum(map(bool, (shuffle_trace, shuffle_part, shuffle_thought))) > 1:
+        raise DiffMASError("give one of --shuffle-trace (every writer), --shuffle-part (the writers of one part) and "
+                           "--shuffle-thought (the writers' latent inputs)")
     if batch_size < 1 or not seeds or len(set(seeds)) != len(seeds):
         raise DiffMASError("need batch size >= 1 and distinct seeds")
     try:
@@ -100,7 +104,8 @@ def run_eval(
         "seeds": list(seeds), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
         "writer_max_new_tokens": writer_max_new_tokens, "topology": topology, "latent_steps": latent_steps,
         "device": str(resolve_device(device)), "dtype": dtype, "source": source, "temperature": temperature,
-        "top_p": top_p, "shuffle_trace": shuffle_trace, "shuffle_part": shuffle_part, "realign": realign,
+        "top_p": top_p, "shuffle_trace": shuffle_trace, "shuffle_part": shuffle_part,
+        "shuffle_thought": shuffle_thought, "realign": realign,
         "think": think, "trace": trace, "text_context_limit": text_context_limit, "budget_from": budget_from,
     }
     build_args = dict(topology=topology, latent_steps=latent_steps, writer_max_new_tokens=writer_max_new_tokens,
@@ -108,6 +113,11 @@ def run_eval(
                       default_topology=task_topology(config["tasks"], topology))
     for item, settings in zip(config["systems"], system_settings(entries, build_args, max_new_tokens, budget_from)):
         item["settings"] = settings
+    if shuffle_thought:  # before any model loads: the control needs writers that take latent steps
+        thoughtless = [s["label"] for s in config["systems"]
+                       if not any(a["latent_steps"] for a in s["settings"]["agents"][:-1])]
+        if thoughtless:
+            raise DiffMASError(f"--shuffle-thought: {', '.join(thoughtless)} has no writer that takes latent steps")
     notice = settings_notice(config["systems"])
     if notice:
         print(notice, file=sys.stderr)
@@ -156,7 +166,8 @@ def run_eval(
                 for seed in seeds:
                     bar.set_description(f"{entry.label} {task.name} seed {seed}")
                     _run_one(system, entry.label, task, seed, examples, log, batch_size, answer_budget,
-                             temperature, bar, shuffle_trace, shuffle_part, shard=(rank, world), top_p=top_p)
+                             temperature, bar, shuffle_trace, shuffle_part, shard=(rank, world), top_p=top_p,
+                             shuffle_thought=shuffle_thought)
     barrier()
     if rank == 0:
         log = merge_rank_logs(out)
@@ -222,23 +233,25 @@ def _record(label: str, task: Task, seed: int, ex: Example, rec: dict, max_new_t
         "seconds": sum(a["seconds"] for a in rec["agents"]), "nll_sum": rec["nll_sum"],
         "gold_nll_sum": rec.get("gold_nll_sum"), "gold_tokens": rec.get("gold_tokens"),
         "trace_tokens": rec["trace_tokens"], "agents": rec["agents"],
-        **({"trace_from": rec["trace_from"]} if "trace_from" in rec else {}),
+        **{key: rec[key] for key in ("trace_from", "thought_from") if key in rec},
     }
 
 
 def _run_one(system: System, label: str, task: Task, seed: int, examples: list[Example], log: SampleLog,
              batch_size: int, max_new_tokens: int, temperature: float, bar: tqdm, shuffle_trace: bool = False,
-             shuffle_part: str | None = None, shard: tuple[int, int] = (0, 1), top_p: float = 1.0) -> None:
+             shuffle_part: str | None = None, shard: tuple[int, int] = (0, 1), top_p: float = 1.0,
+             shuffle_thought: bool = False) -> None:
     """Run the pending examples of one (system, task, seed), appending each finished batch to ``log``.
 
     With ``shuffle_trace`` the writers of question i work on another question of the set (the control that
     asks whether the trace carries question-specific information); with ``shuffle_part`` only that view comes
-    from the other question. Each record names that question.
+    from the other question; with ``shuffle_thought`` the writers' latent steps are fed the inputs they computed
+    on the other question. Each record names that question (``trace_from``, or ``thought_from``).
     Every record also gets the gold-target NLL (see :func:`gold_target`), from the same writers' trace.
     """
     prompts = [task.views(ex) for ex in examples]
     targets = [gold_target(ex) for ex in examples]
-    partners = trace_partners(len(examples), seed) if shuffle_trace or shuffle_part else None
+    partners = trace_partners(len(examples), seed) if shuffle_trace or shuffle_part or shuffle_thought else None
     # Batches are cut from the full example list (length-sorted), not from what is pending, and a batch that a
     # kill left half-written is rerun whole: a resumed run computes exactly what an uninterrupted one does (same
     # padding, so the same floating-point sums, and with sampling the same random streams).
@@ -252,15 +265,17 @@ def _run_one(system: System, label: str, task: Task, seed: int, examples: list[E
             continue
         # One stream per batch: with a single seed per call, row r of every batch would draw the same numbers.
         cfg = DecodeConfig(max_new_tokens, temperature, top_p, seed=seed * 1_000_003 + number)
-        writer_prompts = None
-        if partners:
+        writer_prompts = thought_prompts = None
+        if shuffle_thought:
+            thought_prompts = [prompts[partners[i]] for i in batch]
+        elif partners:
             writer_prompts = [{**prompts[i], shuffle_part: prompts[partners[i]][shuffle_part]} if shuffle_part
                               else prompts[partners[i]] for i in batch]
         records = system.run([prompts[i] for i in batch], cfg, batch_size, writer_prompts=writer_prompts,
-                             targets=[targets[i] for i in batch])
+                             targets=[targets[i] for i in batch], thought_prompts=thought_prompts)
         if partners:
             for i, rec in zip(batch, records):
-                rec["trace_from"] = examples[partners[i]].id
+                rec["thought_from" if shuffle_thought else "trace_from"] = examples[partners[i]].id
         log.append([_record(label, task, seed, examples[i], rec, max_new_tokens) for i, rec in zip(batch, records)
                     if i in todo])
         bar.update(len(todo))

@@ -1,5 +1,6 @@
-"""The held-out loss curves of a study's runs, one panel per task (both studies' reports draw them), and the gates
-of gated runs: over training, and closed at evaluation."""
+"""The held-out loss curves of a study's runs, one panel per task (both studies' reports draw them), the gates of
+gated runs over training, and the tables of the controls evaluated after training (gate closed, thoughts
+shuffled)."""
 
 from __future__ import annotations
 
@@ -88,20 +89,37 @@ def gate_table(runs: list[tuple[str, Path]], every: int = 50) -> list[str]:
             "|---|---|", *rows, ""]
 
 
-def gate_closed_table(runs: list[tuple[str, dict[str, bool], dict[str, bool]]], n_boot: int = 10_000) -> list[str]:
-    """Each gated run's test items as trained and with its gate closed (``(label, trained, closed)``: item id ->
-    correct), with the paired difference; [] where no run was evaluated closed."""
+def control_table(control: str, runs: list[tuple[str, dict[str, bool], list[dict]]], n_boot: int = 10_000
+                  ) -> list[str]:
+    """Each run's test items as trained and under ``control`` (``gate-closed`` or ``shuffled-thought``; ``runs``:
+    ``(label, trained, controlled)``, item id -> correct and the control's kept samples), with the paired
+    difference; [] where no run was evaluated so. Under shuffled thoughts, also how often the answer is the
+    answer of the item whose thoughts were fed (items whose answers differ)."""
     from diffmas.eval.compare import paired_bootstrap
 
+    shuffled = control == "shuffled-thought"
     rows = []
-    for label, trained, closed in runs:
-        ci = paired_bootstrap({0: closed}, {0: trained}, n_boot=n_boot)
-        n = len(set(trained) & set(closed))
-        rows.append(f"| {label} | {n} | {sum(trained.values()) / len(trained):.3f} | "
-                    f"{sum(closed.values()) / len(closed):.3f} | {100 * ci.diff:+.1f} [{100 * ci.low:+.1f}, "
-                    f"{100 * ci.high:+.1f}] |")
+    for label, trained, samples in runs:
+        controlled = {s["id"]: s["correct"] for s in samples}
+        ci = paired_bootstrap({0: controlled}, {0: trained}, n_boot=n_boot)
+        n = len(set(trained) & set(controlled))
+        row = (f"| {label} | {n} | {sum(trained.values()) / len(trained):.3f} | "
+               f"{sum(controlled.values()) / len(controlled):.3f} | {100 * ci.diff:+.1f} [{100 * ci.low:+.1f}, "
+               f"{100 * ci.high:+.1f}] |")
+        if shuffled:
+            differ = [s for s in samples if s["thought_gold"] != s["gold"]]
+            other = sum(s["extracted"] == s["thought_gold"] for s in differ)
+            row += f" {other / len(differ):.3f} ({len(differ)}) |" if differ else " – |"
+        rows.append(row)
     if not rows:
         return []
+    if shuffled:
+        return ["The same test items with each writer fed, at its latent steps, the thoughts it computed on another "
+                "item of the set (its own prompt prefilled as trained; `diffmas eval --shuffle-thought`): how much of "
+                "the answer comes from the thoughts' content, and how often the reader answers the other item's "
+                "answer instead (items whose answers differ).", "",
+                "| run | n | accuracy as trained | thoughts shuffled | shuffled - trained, points [95% CI] | "
+                "the other item's answer (n) |", "|---|---|---|---|---|---|", *rows, ""]
     return ["The same test items with the gate closed (set to 0 at evaluation: every position is fed pause's trained "
             "embedding alone, the adapters as trained): how much of the answer the reader takes from the thought.",
             "", "| run | n | accuracy as trained | gate closed | closed - trained, points [95% CI] |",

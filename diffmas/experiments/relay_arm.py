@@ -31,7 +31,8 @@ def train_config(arm: Arm, cfg: RelayConfig, device: str = "cpu"):
     return load_config(None, overrides)
 
 
-def _evaluate(arm: Arm, adapter: Path | None, out: Path, cfg: RelayConfig, device: str) -> dict:
+def _evaluate(arm: Arm, adapter: Path | None, out: Path, cfg: RelayConfig, device: str, **options) -> dict:
+    """The arm's test items (``options``: run_eval's, e.g. a control's ``shuffle_thought``)."""
     from diffmas.eval.runner import run_eval
 
     system, _ = arm_settings(arm.name, cfg)
@@ -41,7 +42,7 @@ def _evaluate(arm: Arm, adapter: Path | None, out: Path, cfg: RelayConfig, devic
         extra = dict(trace="latents", writer_max_new_tokens=m * (4 if arm.name.endswith("_4m") else 1))
     entry = f"{arm.label}={system}" + (f":{adapter}" if adapter else "")
     return run_eval([entry], [arm.task], out, model=cfg.model, limit=cfg.n_eval, batch_size=cfg.eval_batch_size,
-                    max_new_tokens=cfg.max_new_tokens, device=device, show_progress=True, **extra)
+                    max_new_tokens=cfg.max_new_tokens, device=device, show_progress=True, **extra, **options)
 
 
 def probed(arm: Arm, cfg: RelayConfig) -> bool:
@@ -81,6 +82,10 @@ def probe_arm(arm: Arm, run: Path, cfg: RelayConfig, docs: Path, device: str) ->
 
 GATE_CLOSED = "gate-closed"
 """Where a gated arm's test items evaluated with its gate closed go: ``docs/gate-closed/<id>.jsonl``."""
+SHUFFLED_THOUGHT = "shuffled-thought"
+"""Where an arm's test items evaluated with each writer fed the thoughts it computed on another item go:
+``docs/shuffled-thought/<id>.jsonl`` (``diffmas eval --shuffle-thought``)."""
+CONTROLS_RUN = (GATE_CLOSED, SHUFFLED_THOUGHT)
 
 
 def gated(arm: Arm, cfg: RelayConfig) -> bool:
@@ -88,38 +93,62 @@ def gated(arm: Arm, cfg: RelayConfig) -> bool:
     return arm_settings(arm.name, cfg)[1].get("latent_map") == "gated"
 
 
+def thinks(arm: Arm, cfg: RelayConfig) -> bool:
+    """Whether a trained latents-only arm's writer feeds its latent positions thoughts (a map of its state: not
+    pause's one embedding, and m > 0): the arms whose thoughts the shuffled-thought control can swap."""
+    system, changes = arm_settings(arm.name, cfg)
+    m = changes.get("latent_steps", arm.latent_steps or cfg.latent_steps)
+    return system == "diffmas" and changes.get("trace") == "latents" and changes.get("latent_map") != "pause" \
+        and m > 0
+
+
+def _evaluate_control(arm: Arm, adapter: Path, control: str, cfg: RelayConfig, out: Path, docs: Path,
+                      device: str, **options) -> dict:
+    """The test items again under a control into ``docs/<control>/<id>.jsonl``; its n, accuracy and stderr."""
+    folder = out / "eval" / f"{arm.id}--{control}" / "eval"
+    result = _evaluate(arm, adapter, folder, cfg, device, **options)["results"][0]
+    samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    gold = {s["id"]: s["gold"] for s in samples}
+    (docs / control).mkdir(parents=True, exist_ok=True)
+    (docs / control / f"{arm.id}.jsonl").write_text("".join(json.dumps(
+        {**_kept(s), "seconds": s["seconds"], **({"gold": s["gold"], "thought_from": s["thought_from"],
+                                                     "thought_gold": gold[s["thought_from"]]}
+                                                  if "thought_from" in s else {})}) + "\n" for s in samples))
+    return {k: result[k] for k in ("n", "accuracy", "stderr")}
+
+
 def evaluate_gate_closed(arm: Arm, run: Path, cfg: RelayConfig, out: Path, docs: Path, device: str) -> dict:
     """Evaluate a gated arm's test items again with its gate set to 0 (every position fed pause's trained embedding
-    alone; adapters as trained) into ``docs/gate-closed/<id>.jsonl``: whether its reader takes the answer from the
-    writer's thought. Returns the evaluation's n, accuracy and stderr."""
+    alone; adapters as trained): whether its reader takes the answer from the writer's thought."""
     from diffmas.latent import set_gate
 
-    folder = out / "eval" / f"{arm.id}--{GATE_CLOSED}"
-    adapter = folder / "adapter"
+    adapter = out / "eval" / f"{arm.id}--{GATE_CLOSED}" / "adapter"
     if not adapter.is_dir():  # built aside and renamed: a copy whose gate is still open is never evaluated
-        building = folder / "adapter.partial"
+        building = adapter.with_name("adapter.partial")
         shutil.rmtree(building, ignore_errors=True)
         shutil.copytree(run, building, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))
         set_gate(building, 0.0)
         building.rename(adapter)
-    result = _evaluate(arm, adapter, folder / "eval", cfg, device)["results"][0]
-    samples = [json.loads(line) for line in (folder / "eval" / "samples.jsonl").read_text().splitlines()]
-    (docs / GATE_CLOSED).mkdir(parents=True, exist_ok=True)
-    (docs / GATE_CLOSED / f"{arm.id}.jsonl").write_text(
-        "".join(json.dumps({**_kept(s), "seconds": s["seconds"]}) + "\n" for s in samples))
-    return {k: result[k] for k in ("n", "accuracy", "stderr")}
+    return _evaluate_control(arm, adapter, GATE_CLOSED, cfg, out, docs, device)
+
+
+def evaluate_shuffled_thought(arm: Arm, run: Path, cfg: RelayConfig, out: Path, docs: Path, device: str) -> dict:
+    """Evaluate an arm's test items again with each writer prefilling its own item but fed, at its latent steps,
+    the thoughts it computed on another item (a seeded derangement): whether the reader answers from the thoughts'
+    content (the other item's answer, ``thought_gold``) or from what the latent positions read of the prompt."""
+    return _evaluate_control(arm, run, SHUFFLED_THOUGHT, cfg, out, docs, device, shuffle_thought=True)
 
 
 def channel_seconds(docs: Path, arm_id: str) -> float | None:
-    """Seconds spent reading an arm's channel after its evaluation: its probe, its lens curve and, for a gated arm,
-    its evaluation with the gate closed (None: none of them)."""
+    """Seconds spent reading an arm's channel after its evaluation: its probe, its lens curve and its controls'
+    evaluations (gate closed, shuffled thought; None: none of them)."""
     probe, curve = docs / "probes" / f"{arm_id}.json", docs / "lens" / "curves" / f"{arm_id}.json"
-    closed = docs / GATE_CLOSED / f"{arm_id}.jsonl"
     spent = [json.loads(probe.read_text())["settings"].get("seconds", 0.0)] if probe.is_file() else []
     if curve.is_file():
         spent.append(sum(point.get("seconds", 0.0) for point in json.loads(curve.read_text())["points"]))
-    if closed.is_file():
-        spent.append(sum(json.loads(line).get("seconds", 0.0) for line in closed.read_text().splitlines()))
+    for control in (docs / c / f"{arm_id}.jsonl" for c in CONTROLS_RUN):
+        if control.is_file():
+            spent.append(sum(json.loads(line).get("seconds", 0.0) for line in control.read_text().splitlines()))
     return sum(spent) if spent else None
 
 
@@ -197,6 +226,8 @@ def run_arm(arm: Arm, cfg: RelayConfig, out: Path, docs: Path, device: str = "cp
         probe_arm(arm, run, cfg, docs, device)
     if run and gated(arm, cfg):
         record["gate_closed"] = evaluate_gate_closed(arm, run, cfg, out, docs, device)
+    if run and thinks(arm, cfg):
+        record["shuffled_thought"] = evaluate_shuffled_thought(arm, run, cfg, out, docs, device)
     (docs / "arms" / f"{arm.id}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 

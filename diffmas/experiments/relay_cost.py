@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from diffmas.experiments.relay import FULL, TEXT, Arm, RelayConfig, arm_settings, continued_from, run_id, split_name
-from diffmas.experiments.relay_arm import channel_seconds, gated, probed
+from diffmas.experiments.relay_arm import channel_seconds, gated, probed, thinks
 from diffmas.train.checkpoint import latest_checkpoint, read_state
 from diffmas.train.resume import INHERITED
 
@@ -110,8 +110,8 @@ def _at(m: int, times: dict[int, list[float]]) -> float | None:
 
 def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path | None, docs: Path) -> float | None:
     """Wall-clock seconds ``arm`` will still take (training from where it would resume in ``out``, or from step 0,
-    held-out evaluations, the test evaluation, the probe of its channel where it gets one, a gated arm's evaluation
-    with its gate closed), with :data:`MARGIN`;
+    held-out evaluations, the test evaluation, the probe of its channel where it gets one, its controls' evaluations
+    (a gated arm's with its gate closed, a thinking arm's with its thoughts shuffled)), with :data:`MARGIN`;
     None where no finished arm gives a reference.
     Conservative where the flat-loss rule may stop the arm early (the step cap is assumed); step and held-out times
     follow m (:func:`_at`)."""
@@ -139,8 +139,9 @@ def estimate_seconds(arm: Arm, cfg: RelayConfig, out: Path | None, docs: Path) -
     read = [r for r in records if r.get("probe_seconds")]
     alike = [r for r in read if r["lens_read"] == bool(cfg.lens_items)]
     probe = statistics.median(r["probe_seconds"] for r in alike or read) if read and probed(arm, cfg) else 0.0
-    closed = evaluation if gated(arm, cfg) else 0.0  # the test items again with the gate closed
-    return (left * step + evaluations * heldout + evaluation + probe + closed) * MARGIN
+    # The test items again under each control the arm gets: its gate closed, its thoughts shuffled.
+    controls = evaluation * (gated(arm, cfg) + thinks(arm, cfg))
+    return (left * step + evaluations * heldout + evaluation + probe + controls) * MARGIN
 
 
 def remaining_line(plan: list[Arm], cfg: RelayConfig, docs: Path) -> str:

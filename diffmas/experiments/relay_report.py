@@ -13,9 +13,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
-from diffmas.experiments.curves import gate_closed_table, gate_table, plot_heldout
+from diffmas.experiments.curves import control_table, gate_table, plot_heldout
 from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, SWEEP, TEXT, arm_key, plan_arms, run_id, study_config
-from diffmas.experiments.relay_arm import GATE_CLOSED, channel_seconds
+from diffmas.experiments.relay_arm import CONTROLS_RUN, channel_seconds
 from diffmas.experiments.relay_capacity import capacity_plot, channel, sweep_points, sweep_table, without_m
 from diffmas.experiments.relay_answers import (closeness_table, digit_places, ladder, messages_table, near_outcomes,
                                                near_table, places_table)
@@ -383,10 +383,11 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                  "its first 300 steps are X's.", "",
                  f"![held-out loss]({curves.name})", ""]
         text += gate_table([run for task in runs.values() for run in task])
-    closed = {i: docs / GATE_CLOSED / f"{i}.jsonl" for i in dict.fromkeys(map(run_id, records))}  # runs, once each
-    text += gate_closed_table([(i, {s["id"]: s["correct"] for s in samples[i]},
-                                {s["id"]: s["correct"] for s in map(json.loads, path.read_text().splitlines())})
-                               for i, path in closed.items() if path.is_file()], n_boot)
+    for control in CONTROLS_RUN:
+        paths = {i: docs / control / f"{i}.jsonl" for i in dict.fromkeys(map(run_id, records))}  # runs, once each
+        text += control_table(control, [(i, {s["id"]: s["correct"] for s in samples[i]},
+                                         [json.loads(line) for line in path.read_text().splitlines()])
+                                        for i, path in paths.items() if path.is_file()], n_boot)
     if records:
         text += [f"Machine: {records[-1]['machine']}. Config of each run: `arms/<id>.json`.", ""]
     results = {"arms": records and [{k: v for k, v in r.items() if k != "config"} for r in records],
