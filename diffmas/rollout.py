@@ -369,9 +369,12 @@ def rollout(
     fed = None
     if thought_prompts is not None:  # the writers on the thoughts' questions, for their latent steps' inputs
         collected: list[list[Tensor]] = [[] for _ in writers]
-        write([_render(backbone, agent, thought_prompts, spec.think) for agent in writers], fed_out=collected)
+        _, first = write([_render(backbone, agent, thought_prompts, spec.think) for agent in writers],
+                         fed_out=collected)
         fed = [torch.stack(steps, 1) if steps else None for steps in collected]
     trace, records = write(rendered, fed)
+    if thought_prompts is not None:  # a writer's time includes its pass on the thoughts' question
+        records = [replace(r, seconds=r.seconds + f.seconds) for r, f in zip(records, first)]
 
     if training and grad_mode == "detached":
         trace = trace.detach()

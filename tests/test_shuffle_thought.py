@@ -79,6 +79,18 @@ def test_a_shuffled_thought_does_not_depend_on_the_batch_and_is_neither_the_own_
     assert _nll(same) == _nll(plain) and same.tokens == plain.tokens
 
 
+def test_a_writers_time_counts_its_pass_on_the_thoughts_question_too(monkeypatch):
+    """What the control costs is on the record: a clock that ticks once per reading makes each pass one tick."""
+    backbone = make_backbone()
+    spec = _relay(backbone, 2).spec
+    views, _ = _items(2)
+    ticks = iter(range(10_000))
+    monkeypatch.setattr("diffmas.rollout.time.perf_counter", lambda: float(next(ticks)))
+    plain = rollout(backbone, spec, views, decode_cfg=CFG)
+    shuffled = rollout(backbone, spec, views, decode_cfg=CFG, thought_prompts=views[::-1])
+    assert shuffled.agents[0].seconds == 2 * plain.agents[0].seconds > 0
+
+
 def test_a_pause_channel_has_no_thought_to_shuffle():
     """Pause feeds one learned embedding whatever the state: the control leaves it as it is."""
     backbone = make_backbone()
