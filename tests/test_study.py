@@ -132,6 +132,8 @@ def test_a_worker_restarts_on_newly_committed_code_between_arms(tmp_path, monkey
         raise SystemExit(0)  # exec never returns: the process goes on as the new command
 
     monkeypatch.setattr(workers.os, "execv", execv)
+    preloaded = []
+    monkeypatch.setattr(workers, "preload_package", lambda: preloaded.append(next(iter(ran), None)))
     ran = []
     run = _finishing(docs, ran)
     try:
@@ -139,6 +141,7 @@ def test_a_worker_restarts_on_newly_committed_code_between_arms(tmp_path, monkey
     except SystemExit:
         pass
     assert ran == (["a--s0"] if restarts else ["a--s0", "b--s0"])
+    assert preloaded == [None]  # every module imported once, before the first arm
     assert execs == ([[sys.executable, *sys.argv]] if restarts else [])
     assert not (out / "claims" / "a--s0.claim").exists()  # the finished arm's claim is released before the restart
 
@@ -301,3 +304,21 @@ def test_the_gate_table_follows_each_gated_run_and_skips_the_others(tmp_path):
     runs = [line for line in table if line.startswith("| ") and "---" not in line][1:]
     # Every 50 steps and the last, with the held-out loss where one was measured.
     assert runs == ["| gated_anneal-m1/s0 | 50: +0.050 (1.500), 100: +0.100 (1.000), 120: +0.120 |"]
+
+
+def test_a_preloaded_worker_keeps_running_the_code_it_started_with(tmp_path, monkeypatch):
+    """A module a worker imports lazily mid-arm must not come from files edited after it started."""
+    package = tmp_path / "pkg_started"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text("raise SystemExit('a __main__ module is never imported')")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "late.py").write_text("VERSION = 1\n")
+    (package / "needs.py").write_text("import a_module_nobody_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert workers.preload_package("pkg_started") == ["pkg_started.needs"]
+    assert "pkg_started.sub.late" in sys.modules
+    (package / "sub" / "late.py").write_text("VERSION = 2\n")  # edited while the worker runs
+    import importlib
+
+    assert importlib.import_module("pkg_started.sub.late").VERSION == 1

@@ -1,13 +1,16 @@
 """Several one-thread worker processes working through a study's arms: each claims the next arm that is ready
 (an exclusive claim file; a dead worker's claim is taken over), runs it, rebuilds the report, and with
 ``commit`` commits the results folder, so a study carries on where it stopped, on a fresh machine too. A worker
-whose package code was changed and committed while it ran an arm restarts itself on that code before the next."""
+whose package code was changed and committed while it ran an arm restarts itself on that code before the next;
+until then it runs the code it started with, every module imported up front (:func:`preload_package`)."""
 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 import time
@@ -15,8 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["claim", "code_tree", "code_version", "commit_docs", "plan_status", "restart_on_new_code",
-           "snapshot_unfinished", "work_through"]
+__all__ = ["claim", "code_tree", "code_version", "commit_docs", "plan_status", "preload_package",
+           "restart_on_new_code", "snapshot_unfinished", "work_through"]
 
 
 class ArmLike(Protocol):
@@ -82,6 +85,23 @@ def code_tree() -> str | None:
     return None if dirty.stdout.strip() else tree.stdout.strip()
 
 
+def preload_package(name: str = "diffmas") -> list[str]:
+    """Import every module of package ``name`` now (``__main__`` modules excepted), so that a long-running worker
+    runs the code it started with: a module imported lazily mid-arm would come from the files as edited since (a
+    worker once evaluated with a newer ``systems.py`` calling the ``rollout`` it had loaded, and crashed).
+    Returns the modules that could not be imported (an optional dependency missing)."""
+    package = importlib.import_module(name)
+    missing = []
+    for info in pkgutil.walk_packages(package.__path__, f"{name}.", onerror=missing.append):
+        if info.name.rsplit(".", 1)[-1] == "__main__":
+            continue
+        try:
+            importlib.import_module(info.name)
+        except ImportError:
+            missing.append(info.name)
+    return missing
+
+
 def restart_on_new_code(started: str | None) -> None:
     """Replace this process by a fresh run of the same command (same pid, so its claims stay its own) when the
     package's committed code differs from ``started`` (the tree it was loaded from)."""
@@ -119,6 +139,7 @@ def work_through(plan: Callable[[], Sequence[ArmLike]], run: Callable[[ArmLike],
     resumes them from their checkpoints; one that does not loses only time its cores would have idled)."""
     docs.mkdir(parents=True, exist_ok=True)
     started = code_tree()
+    preload_package()
     done_here = 0
     while max_arms is None or done_here < max_arms:
         pending = [a for a in plan() if not (docs / "arms" / f"{a.id}.json").is_file()]
