@@ -12,7 +12,7 @@ from diffmas.config import to_dict
 from diffmas.experiments import relay, relay_arm, relay_capacity, relay_report
 from diffmas.experiments.relay import Arm, RelayConfig, arm_settings, continued_from, plan_arms, run_study
 from diffmas.experiments.relay_arm import train_config
-from diffmas.experiments.relay_answers import Rung, digit_places, ladder, sum_closeness
+from diffmas.experiments.relay_answers import Rung, digit_places, ladder, sum_closeness, thought_places
 from diffmas.experiments.relay_report import _hours_line, _seconds, write_report
 from diffmas.tasks import get_task
 from diffmas.train.checkpoint import checkpoints
@@ -136,6 +136,14 @@ def test_ladder_reads_the_number_of_digits_from_item_ids():
     assert rungs[3].bits == math.log2(900)  # every 3-digit number repeated: all of its information
 
 
+def test_thought_places_count_each_place_where_the_two_numbers_differ():
+    samples = [{"extracted": "1299", "gold": "1234", "thought_gold": "5299"},  # 1 own, 2 equal, 3-4 thought's
+               {"extracted": "58", "gold": "58", "thought_gold": "17"},        # both places own
+               {"extracted": None, "gold": "7", "thought_gold": "30"}]         # no answer: neither
+    places = thought_places(samples)
+    assert places == {1: (0.0, 2 / 3, 3), 2: (0.0, 1.0, 1), 3: (1.0, 0.0, 1), 4: (1.0, 0.0, 1)}
+
+
 def test_digit_places_count_the_length_and_each_digit_against_the_regenerated_number():
     task = get_task("relay:digits")
     three = next(f"digits3-{seed}" for seed in range(100) if task.item(seed).meta["n_digits"] == 3)
@@ -195,7 +203,10 @@ def test_a_trained_arm_a_text_arm_and_the_report_end_to_end(tmp_path, tiny_model
         assert all(s["thought_from"] != s["id"] for s in shuffled)
         assert sorted(s["thought_gold"] for s in shuffled) == sorted(s["gold"] for s in shuffled)  # a derangement
     assert not (docs / "shuffled-thought" / f"{arms[1].id}.jsonl").exists() and "shuffled_thought" not in text
-    assert "| run | n | accuracy as trained | thoughts shuffled |" in (docs / "README.md").read_text()
+    report = (docs / "README.md").read_text()
+    assert "| run | n | accuracy as trained | thoughts shuffled |" in report
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.count(" | ") == 6}
+    assert " 1: " in rows[arms[0].id] and rows[arms[2].id].endswith("| – |")  # places on the digits only
     assert all(len(s["messages"]) == 1 for s in kept[arms[1].id])  # what crossed the text channel is kept
     assert not any("messages" in s for s in kept[arms[0].id])
     results = json.loads((docs / "results.json").read_text())

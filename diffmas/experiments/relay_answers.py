@@ -70,6 +70,22 @@ def digit_places(answers: list[tuple[str, str | None]]) -> dict[str, tuple[int, 
     return {key: (right, n) for key, (right, n) in counts.items()}
 
 
+def thought_places(samples: list[dict]) -> dict[int, tuple[float, float, int]]:
+    """Under shuffled thoughts (relay:digits, the samples of ``docs/shuffled-thought``): per place of the number,
+    over the items whose own number and the thought's differ there, the share of answers with the thought's digit
+    there, the share with the item's own, and how many items: which places travel in the thoughts."""
+    counts: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for s in samples:
+        said, own, other = s.get("extracted") or "", s["gold"], s["thought_gold"]
+        for place in range(1, min(len(own), len(other)) + 1):
+            if own[place - 1] != other[place - 1]:
+                row = counts[place]
+                row[0] += said[place - 1:place] == other[place - 1]
+                row[1] += said[place - 1:place] == own[place - 1]
+                row[2] += 1
+    return {place: (t / n, o / n, n) for place, (t, o, n) in sorted(counts.items())}
+
+
 def number_sent(item: str, messages: list[str]) -> bool:
     """Whether a text channel's messages hold the relay:digits item's whole number (not as part of a longer one)."""
     gold = get_task("relay:digits").item(int(item.split("-")[1])).answer

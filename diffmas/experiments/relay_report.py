@@ -13,12 +13,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
-from diffmas.experiments.curves import control_table, gate_table, plot_heldout
-from diffmas.experiments.relay import CONTROLS, FULL, RECIPES, SWEEP, TEXT, arm_key, plan_arms, run_id, study_config
+from diffmas.experiments.curves import controls_tables, gate_table, plot_heldout
+from diffmas.experiments.relay import (CONTROLS, DIGITS, FULL, RECIPES, SWEEP, TEXT, arm_key, plan_arms, run_id,
+                                      study_config)
 from diffmas.experiments.relay_arm import CONTROLS_RUN, channel_seconds
 from diffmas.experiments.relay_capacity import capacity_plot, channel, sweep_points, sweep_table, without_m
 from diffmas.experiments.relay_answers import (closeness_table, digit_places, ladder, messages_table, near_outcomes,
-                                               near_table, places_table)
+                                               near_table, places_table, thought_places)
 from diffmas.experiments.relay_cost import remaining_line
 from diffmas.train.resume import INHERITED
 
@@ -383,11 +384,9 @@ def write_report(docs: Path, n_boot: int = 10_000) -> dict:
                  "its first 300 steps are X's.", "",
                  f"![held-out loss]({curves.name})", ""]
         text += gate_table([run for task in runs.values() for run in task])
-    for control in CONTROLS_RUN:
-        paths = {i: docs / control / f"{i}.jsonl" for i in dict.fromkeys(map(run_id, records))}  # runs, once each
-        text += control_table(control, [(i, {s["id"]: s["correct"] for s in samples[i]},
-                                         [json.loads(line) for line in path.read_text().splitlines()])
-                                        for i, path in paths.items() if path.is_file()], n_boot)
+    task_of = {run_id(r): r["task"] for r in records}  # runs, once each
+    text += controls_tables(docs, CONTROLS_RUN, {i: samples[i] for i in task_of}, n_boot,
+                            lambda i, kept: thought_places(kept) if task_of[i] == DIGITS else None)
     if records:
         text += [f"Machine: {records[-1]['machine']}. Config of each run: `arms/<id>.json`.", ""]
     results = {"arms": records and [{k: v for k, v in r.items() if k != "config"} for r in records],
