@@ -241,9 +241,10 @@ def rollout(
     shuffled-thought control: does the reader take the answer from the thoughts' content, or from what the latent
     positions read of the writer's own prompt?); a first pass of the writers on ``thought_prompts`` computes
     them, so a row's result does not depend on its batch. ``gold_targets`` (inference): also score these targets
-    teacher-forced after the writers' trace (:func:`gold_nll`), in the columns the final agent then reuses. ``reveal`` (scope
-    ``latents``, training's bottleneck curriculum): each writer-prompt column stays visible downstream with this
-    probability (drawn per row and column from ``reveal_seed``) instead of being dropped. ``on_final_step``
+    teacher-forced after the writers' trace (:func:`gold_nll`), in the columns the final agent then reuses.
+    ``reveal`` (scope ``latents``, training's bottleneck curriculum): each writer-prompt column stays visible
+    downstream with this probability (drawn per row and column from ``reveal_seed``) instead of being dropped.
+    ``on_final_step``
     (inference): called after each step of the final agent's decoding, as :func:`diffmas.decode.decode`'s
     ``on_step`` (streaming).
     """
