@@ -244,9 +244,8 @@ def rollout(
     teacher-forced after the writers' trace (:func:`gold_nll`), in the columns the final agent then reuses.
     ``reveal`` (scope ``latents``, training's bottleneck curriculum): each writer-prompt column stays visible
     downstream with this probability (drawn per row and column from ``reveal_seed``) instead of being dropped.
-    ``on_final_step``
-    (inference): called after each step of the final agent's decoding, as :func:`diffmas.decode.decode`'s
-    ``on_step`` (streaming).
+    ``on_final_step`` (inference): called after each step of the final agent's decoding, as
+    :func:`diffmas.decode.decode`'s ``on_step`` (streaming).
     """
     if not prompts:
         raise DiffMASError("no questions to run")
