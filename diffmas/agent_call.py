@@ -13,12 +13,12 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from diffmas.adapters import activate
 from diffmas.backbone import Backbone
 from diffmas.errors import DiffMASError
-from diffmas.kv import Trace
+from diffmas.kv import Trace, TraceTooLong
 from diffmas.positions import left_pad
 from diffmas.latent import take_latent_steps
 from diffmas.prompts import ANSWER_KEY, render_target
 
-__all__ = ["agent_fn", "answer_predictor_index", "final_inputs", "labelled", "maybe_checkpoint"]
+__all__ = ["agent_fn", "answer_predictor_index", "as_agent", "final_inputs", "labelled", "maybe_checkpoint"]
 
 
 def maybe_checkpoint(enabled: bool, fn, trace: Trace, *tensors: Tensor | None) -> tuple[Tensor, ...]:
@@ -26,6 +26,14 @@ def maybe_checkpoint(enabled: bool, fn, trace: Trace, *tensors: Tensor | None) -
     if enabled:
         return torch_checkpoint(fn, *tensors, *trace.flatten(), use_reentrant=False)
     return fn(*tensors, *trace.flatten())
+
+
+def as_agent(role: str, fn, *args, **kwargs):
+    """Call ``fn``; a trace-length error names the agent whose segment would not fit."""
+    try:
+        return fn(*args, **kwargs)
+    except TraceTooLong as exc:
+        raise TraceTooLong(f"agent '{role}': {exc}") from None
 
 
 def _forced_ce(backbone: Backbone, predictors: Tensor, labels: Tensor, per_row: bool = False) -> Tensor:

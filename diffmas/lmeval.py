@@ -53,7 +53,7 @@ from diffmas.kv import Trace
 from diffmas.positions import left_pad
 from diffmas.latent import get_realigner, take_latent_steps
 from diffmas.prompts import render_agent
-from diffmas.rollout import score_forced
+from diffmas.forced import score_forced
 from diffmas.systems import System, build_system
 
 __all__ = ["DiffMASLM", "score_continuations", "main"]
@@ -88,7 +88,7 @@ def score_continuations(system: System, questions: list[str], prompts: list[list
                         continuations: list[list[int]]) -> list[tuple[float, bool]]:
     """Per row: the writers work on ``questions[i]``, the final agent reads their trace, then its segment
     ``prompts[i]`` followed by ``continuations[i]`` (teacher-forced, through the rollout's own final-agent path,
-    :func:`diffmas.rollout.score_forced`). Returns (summed log-probability of the continuation, whether every
+    :func:`diffmas.forced.score_forced`). Returns (summed log-probability of the continuation, whether every
     continuation token is the argmax)."""
     backbone = system.backbone
     unique = list(dict.fromkeys(questions))  # the writers' trace is computed once per distinct question

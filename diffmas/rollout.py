@@ -24,11 +24,12 @@ import torch
 from torch import Tensor
 
 from diffmas.adapters import activate
-from diffmas.agent_call import agent_fn, answer_predictor_index, final_inputs, labelled, maybe_checkpoint
+from diffmas.agent_call import agent_fn, answer_predictor_index, as_agent, final_inputs, labelled, maybe_checkpoint
 from diffmas.backbone import Backbone
 from diffmas.decode import DecodeConfig, decode
 from diffmas.errors import DiffMASError
-from diffmas.kv import Trace, TraceBuilder, TraceTooLong
+from diffmas.forced import final_latent_steps, forced_texts, gold_nll
+from diffmas.kv import Trace, TraceBuilder
 from diffmas.positions import left_pad
 from diffmas.latent import get_realigner, take_latent_steps
 from diffmas.prompts import Agent, render_agent, render_target, view_text
@@ -90,14 +91,6 @@ def _outputs_only(trace: Trace, lo: int, hi: int, reveal: float, generator: torc
     return trace.hide(hidden)
 
 
-def _as_agent(role: str, fn, *args, **kwargs):
-    """Call ``fn``; a trace-length error names the agent whose segment would not fit."""
-    try:
-        return fn(*args, **kwargs)
-    except TraceTooLong as exc:
-        raise TraceTooLong(f"agent '{role}': {exc}") from None
-
-
 def _fed_detached(latent_map):
     """``latent_map`` applied to the state cut from the graph (grad mode ``kv_only``); a trainable map (link,
     pause) keeps its own parameters' gradient."""
@@ -130,29 +123,6 @@ def _cap_replies(tokenizer, reply, reply_from: int, caps: list[int]) -> tuple[Tr
     return replace(trace, next_positions=trace.next_positions - cut.sum(1)), texts, generated
 
 
-def forced_texts(spec: RolloutSpec, targets: list[str], thinker_texts: list[str] | None
-                 ) -> tuple[list[str] | None, list[str]]:
-    """What training teacher-forces: (the last writer's continuation or None, the final agent's target).
-
-    The thinker is the last writer; with no writers (``single_latent``) the final agent thinks, and its
-    continuation is written before its answer in its own segment.
-    """
-    if thinker_texts is None:
-        return None, list(targets)
-    if spec.topology.writers:
-        return list(thinker_texts), list(targets)
-    return None, [f"{t}\n{a}" if t else a for t, a in zip(thinker_texts, targets)]
-
-
-def count_forced_tokens(backbone: Backbone, spec: RolloutSpec, targets: list[str],
-                        thinker_texts: list[str] | None = None) -> int:
-    """Tokens that carry loss in a training rollout (known before it runs, for a global token mean)."""
-    writer, final = forced_texts(spec, targets, thinker_texts)
-    tok = backbone.tokenizer
-    return sum(len(render_target(tok, t)) for t in final) + \
-        sum(len(render_target(tok, t)) for t in (writer or []) if t)
-
-
 def _inference_columns(spec: RolloutSpec, rendered: list, final_prompts: list[list[int]], final_steps: int,
                        cfg: DecodeConfig, gold_width: int = 0) -> int:
     """An upper bound on the trace's columns in an inference rollout, preallocated so that it grows in place
@@ -165,46 +135,6 @@ def _inference_columns(spec: RolloutSpec, rendered: list, final_prompts: list[li
         else:
             columns += ids.shape[1] + (agent.max_new_tokens or spec.writer_max_new_tokens)
     return columns
-
-
-def _final_steps(spec: RolloutSpec) -> int:
-    """Latent steps the final agent takes before it answers (a topology entry's own budget wins)."""
-    final = spec.topology.final
-    if final.latent_steps is not None and spec.writer_mode == "latent":  # per-agent budgets (topology YAML)
-        return final.latent_steps
-    return spec.final_latent_steps
-
-
-def score_forced(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompt_seqs: list[list[int]],
-                 forced: list[list[int]]) -> list[tuple[float, int]]:
-    """Per row, (summed NLL of ``forced``, how many of its tokens are not the argmax) when the final agent (its
-    adapter and latent steps) reads the writers' ``trace`` (``rollout(..., keep_trace=True).trace``), then its
-    segment ``prompt_seqs``, and is teacher-forced on ``forced`` (token ids), without grad: the computation training
-    runs on its targets. Gold-target scoring and lm-eval's log-likelihoods both come through here."""
-    if len(prompt_seqs) != len(forced) or len(forced) != trace.batch_size:
-        raise DiffMASError(f"{len(forced)} targets and a trace of {trace.batch_size} rows for {len(prompt_seqs)} prompts")
-    final = spec.topology.final
-    steps = _final_steps(spec)
-    latent_map = (spec.latent_map or get_realigner(backbone, spec.realign)) if steps else None
-    with torch.no_grad():
-        inputs = final_inputs(backbone, prompt_seqs, forced, steps)
-        fn = agent_fn(backbone, (spec.adapters or {}).get(final.role), steps, latent_map, per_row=True)
-        out = _as_agent(final.role, maybe_checkpoint, False, fn, trace, *inputs, None)
-    return [(float(nll), int(missed)) for nll, missed in out[0].tolist()]
-
-
-def gold_nll(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompts: list[Prompt], targets: list[str]
-             ) -> list[tuple[float, int]]:
-    """Per row, (summed NLL, token count) of ``render_target(target)`` when the final agent (its adapter, prompt
-    rendering and latent steps) is teacher-forced on it after the writers' ``trace`` (:func:`score_forced`): the
-    quantity training's loss averages, so the writers need not run twice. ``exp(sum NLL / sum tokens)`` is the
-    gold-target perplexity."""
-    if len(prompts) != len(targets):
-        raise DiffMASError(f"{len(targets)} targets for {len(prompts)} prompts")
-    tok, final = backbone.tokenizer, spec.topology.final
-    forced = [render_target(tok, t) for t in targets]
-    prompt_seqs = [render_agent(tok, final, view_text(final, p), spec.think) for p in prompts]
-    return [(nll, len(f)) for (nll, _), f in zip(score_forced(backbone, spec, trace, prompt_seqs, forced), forced)]
 
 
 def rollout(
@@ -241,7 +171,7 @@ def rollout(
     shuffled-thought control: does the reader take the answer from the thoughts' content, or from what the latent
     positions read of the writer's own prompt?); a first pass of the writers on ``thought_prompts`` computes
     them, so a row's result does not depend on its batch. ``gold_targets`` (inference): also score these targets
-    teacher-forced after the writers' trace (:func:`gold_nll`), in the columns the final agent then reuses.
+    teacher-forced after the writers' trace (:func:`diffmas.forced.gold_nll`), in the columns the final agent then reuses.
     ``reveal`` (scope ``latents``, training's bottleneck curriculum): each writer-prompt column stays visible
     downstream with this probability (drawn per row and column from ``reveal_seed``) instead of being dropped.
     ``on_final_step`` (inference): called after each step of the final agent's decoding, as
@@ -275,7 +205,7 @@ def rollout(
             raise DiffMASError(f"{len(rows)} {name} for {batch} prompts")
     writers = spec.topology.writers
     final = spec.topology.final
-    final_steps = _final_steps(spec)
+    final_steps = final_latent_steps(spec)
     writer_text, final_text = forced_texts(spec, targets, thinker_texts) if training else (None, None)
     if thinker_latent_steps is not None and not writers:
         final_steps = thinker_latent_steps
@@ -320,7 +250,7 @@ def rollout(
                     continue
                 own = seqs  # what this writer's segment prefills: the whole prompts, or what follows a shared prefix
                 if not trace.length:  # nothing written yet: every row's prompt starts at position 0
-                    branch, own = _as_agent(agent.role, _prefill_shared_prefix, backbone, adapters.get(agent.role),
+                    branch, own = as_agent(agent.role, _prefill_shared_prefix, backbone, adapters.get(agent.role),
                                             seqs, branch, checkpoint and stage_one_grad)
                     ids, mask = left_pad(own, backbone.pad_id, device)
                 prompt_width = branch.length + ids.shape[1]
@@ -337,21 +267,21 @@ def rollout(
                                   lens_top_k=spec.lens_top_k, lens_out=lens_out,
                                   fed=None if fed is None else fed[number],
                                   fed_out=None if fed_out is None else fed_out[number])
-                    out = _as_agent(agent.role, maybe_checkpoint, checkpoint and stage_one_grad, fn, branch, ids, mask,
+                    out = as_agent(agent.role, maybe_checkpoint, checkpoint and stage_one_grad, fn, branch, ids, mask,
                                     labels, f_ids, f_mask, f_labels, None)
                     branch = Trace.unflatten(out[2:])
                     loss_sum = loss_sum + out[0]
                     lens = lens_out[-1] if lens_out else None
                 else:
                     activate(backbone, adapters.get(agent.role))
-                    branch, hidden = _as_agent(agent.role, branch.extend, backbone.body, mask, input_ids=ids)
+                    branch, hidden = as_agent(agent.role, branch.extend, backbone.body, mask, input_ids=ids)
                     caps = None
                     if spec.text_context_limit is not None:  # per row: what is left under the limit
                         used = branch.real_lengths + (0 if agent.reads_trace else trace.real_lengths)
                         caps = (spec.text_context_limit - used).clamp(min=0, max=budget).tolist()
                     reply_from = branch.length
                     cap = budget if caps is None else max(1, *caps)
-                    reply = _as_agent(agent.role, decode, backbone, branch, hidden[:, -1],
+                    reply = as_agent(agent.role, decode, backbone, branch, hidden[:, -1],
                                       writer_decode_config(decode_cfg, cap, number), keep_in_trace=True)
                     branch, texts, generated = reply.trace, reply.texts, [len(t) for t in reply.tokens]
                     if caps is not None:
@@ -393,7 +323,7 @@ def rollout(
             width = (ids if f_ids is None else f_ids).shape[1]
             capture_col = width - torch.tensor([len(f) for f in forced], device=device) + capture_col
         fn = agent_fn(backbone, adapters.get(final.role), final_steps, latent_map, capture=capture)
-        out = _as_agent(final.role, maybe_checkpoint, checkpoint, fn, trace, ids, mask, labels, f_ids, f_mask,
+        out = as_agent(final.role, maybe_checkpoint, checkpoint, fn, trace, ids, mask, labels, f_ids, f_mask,
                         f_labels, capture_col)
         n_captured = backbone.lm.config.num_hidden_layers + 1 if capture else 0
         loss_sum = loss_sum + out[0]
@@ -410,8 +340,8 @@ def rollout(
     with torch.no_grad():
         activate(backbone, adapters.get(final.role))
         ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
-        final_trace, hidden = _as_agent(final.role, trace.extend, backbone.body, mask, input_ids=ids)
-        final_trace, last, _ = _as_agent(final.role, take_latent_steps, backbone, final_trace, hidden[:, -1], final_steps,
+        final_trace, hidden = as_agent(final.role, trace.extend, backbone.body, mask, input_ids=ids)
+        final_trace, last, _ = as_agent(final.role, take_latent_steps, backbone, final_trace, hidden[:, -1], final_steps,
                                          latent_map)
         if final.max_new_tokens is not None:
             decode_cfg = replace(decode_cfg, max_new_tokens=final.max_new_tokens)
@@ -419,7 +349,7 @@ def rollout(
         builder, final_trace = TraceBuilder(final_trace), None
         if not keep_trace:
             trace = None
-        reply = _as_agent(final.role, decode, backbone, builder, last, decode_cfg, on_step=on_final_step)
+        reply = as_agent(final.role, decode, backbone, builder, last, decode_cfg, on_step=on_final_step)
     records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], final_steps,
                                [len(t) for t in reply.tokens], (time.perf_counter() - start) / batch,
                                max_new_tokens=decode_cfg.max_new_tokens, sees=final.sees))

@@ -105,7 +105,7 @@ class RolloutResult:
     captured: tuple[Tensor, ...] = ()
     """Training with ``capture``: the final agent's hidden states [B, D] per layer at the answer-predicting position."""
     gold: list[tuple[float, int]] | None = None
-    """With ``gold_targets``: per row, the gold target's summed NLL and token count (see :func:`gold_nll`)."""
+    """With ``gold_targets``: per row, the gold target's summed NLL and token count (see :func:`diffmas.forced.gold_nll`)."""
 
     def per_question(self) -> list[dict]:
         """JSON-ready records: answer, per-agent stats, trace_tokens, and the final reply's NLL."""

@@ -89,7 +89,7 @@ class System:
         prefilling its own (shuffled-thought control, :func:`diffmas.rollout.rollout`).
         ``targets`` (gold references, one per prompt, in the task's target format) add ``gold_nll_sum`` and
         ``gold_tokens`` to each record: the final agent teacher-forced on its target after the same writers'
-        trace (see :func:`diffmas.rollout.gold_nll`, run inside the rollout).
+        trace (see :func:`diffmas.forced.gold_nll`, run inside the rollout).
         """
         for name, rows in (("writer prompts", writer_prompts), ("thought prompts", thought_prompts)):
             if rows is not None and len(rows) != len(prompts):

@@ -18,7 +18,8 @@ from diffmas.errors import DiffMASError
 from diffmas.kv import Trace
 from diffmas.prompts import RELAY, SPLIT, Agent, Topology, load_topology, render_agent, view_text
 from diffmas import rollout as rollout_module
-from diffmas.rollout import RolloutSpec, gold_nll, rollout
+from diffmas.forced import gold_nll
+from diffmas.rollout import RolloutSpec, rollout
 
 VIEWS = [
     {"question": "What is 12 + 30?", "none": "Answer with a number.", "part:a": "12", "part:b": "+ 30"},

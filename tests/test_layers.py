@@ -13,7 +13,7 @@ LAYERS = [
     ("errors", "positions", "memory", "kv", "sandbox", "sandbox_reap"),
     ("assets", "backbone", "prompts", "tasks"),
     ("config", "adapters", "latent", "decode"),
-    ("agent_call", "rollout", "rollout_spec"),
+    ("agent_call", "forced", "rollout", "rollout_spec"),
     ("systems", "train"),
     ("eval",),
     ("experiments", "demo", "lmeval", "lmeval_tasks", "serve"),

@@ -110,12 +110,13 @@ def test_generate_until_is_the_system_rollout(tiny_model_dir):
 
 def test_loglikelihood_is_the_rollouts_gold_target_score(tiny_model_dir):
     """One computation scores a final agent: lm-eval's log-likelihood of a request equals the gold-target NLL the
-    evaluation harness gets from the rollout (diffmas.rollout.gold_nll) for the same context and target."""
+    evaluation harness gets from the rollout (diffmas.forced.gold_nll) for the same context and target."""
     from lm_eval.api.instance import Instance
 
     from diffmas.decode import DecodeConfig
     from diffmas.lmeval import DiffMASLM
-    from diffmas.rollout import gold_nll, rollout
+    from diffmas.forced import gold_nll
+    from diffmas.rollout import rollout
 
     lm = DiffMASLM(system="latent_mas", topology="duo", latent_steps=2, model=str(tiny_model_dir), device="cpu",
                    batch_size=2)

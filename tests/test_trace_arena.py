@@ -101,7 +101,7 @@ def test_an_evaluation_rollout_with_gold_targets_never_copies_its_trace(monkeypa
     preallocated trace: the copying cache path (kv.cache.as_cache) is never taken, and answers and gold NLLs are
     those of separate passes."""
     import diffmas.kv.trace as kv_trace
-    from diffmas.rollout import gold_nll
+    from diffmas.forced import gold_nll
 
     bb = _ragged("llama")
     spec = RolloutSpec(SEQUENTIAL, "latent", latent_steps=3)

@@ -36,8 +36,9 @@ from torch import Tensor
 from diffmas.backbone import Backbone
 from diffmas.config import TrainConfig
 from diffmas.errors import DiffMASError
+from diffmas.forced import count_forced_tokens
 from diffmas.prompts import Topology, view_text
-from diffmas.rollout import RolloutSpec, count_forced_tokens, rollout
+from diffmas.rollout import RolloutSpec, rollout
 from diffmas.train.data import TrainExample
 
 
