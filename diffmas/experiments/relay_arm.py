@@ -12,6 +12,7 @@ from diffmas.config import load_config, to_dict
 from diffmas.errors import DiffMASError
 from diffmas.experiments.presets import machine_description, train_once
 from diffmas.experiments.relay import DIGITS, TEXT, Arm, RelayConfig, arm_settings, continued_from
+from diffmas.experiments.relay_controls import CONTROLS_RUN, GATE_CLOSED, SHUFFLED_THOUGHT
 from diffmas.experiments.workers import code_version
 from diffmas.train.resume import INHERITED
 
@@ -78,14 +79,6 @@ def probe_arm(arm: Arm, run: Path, cfg: RelayConfig, docs: Path, device: str) ->
             print(f"[study] {arm.id}: no lens curve: {err}", flush=True)
             return
         plot_lens_curve(read, curve.with_suffix(".png"), ("1", "2"), title=f"logit lens over training: {arm.id}")
-
-
-GATE_CLOSED = "gate-closed"
-"""Where a gated arm's test items evaluated with its gate closed go: ``docs/gate-closed/<id>.jsonl``."""
-SHUFFLED_THOUGHT = "shuffled-thought"
-"""Where an arm's test items evaluated with each writer fed the thoughts it computed on another item go:
-``docs/shuffled-thought/<id>.jsonl`` (``diffmas eval --shuffle-thought``)."""
-CONTROLS_RUN = (GATE_CLOSED, SHUFFLED_THOUGHT)
 
 
 def gated(arm: Arm, cfg: RelayConfig) -> bool:

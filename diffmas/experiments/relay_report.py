@@ -13,10 +13,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from diffmas.eval.compare import Comparison, common_items, compare, markdown_table
-from diffmas.experiments.curves import controls_tables, gate_table, plot_heldout
+from diffmas.experiments.curves import gate_table, plot_heldout
 from diffmas.experiments.relay import (CONTROLS, DIGITS, FULL, RECIPES, SWEEP, TEXT, arm_key, plan_arms, run_id,
                                       study_config)
-from diffmas.experiments.relay_arm import CONTROLS_RUN, channel_seconds
+from diffmas.experiments.relay_arm import channel_seconds
+from diffmas.experiments.relay_controls import CONTROLS_RUN, controls_tables
 from diffmas.experiments.relay_capacity import capacity_plot, channel, sweep_points, sweep_table, without_m
 from diffmas.experiments.relay_answers import (closeness_table, digit_places, ladder, messages_table, near_outcomes,
                                                near_table, places_table, thought_places)
