@@ -60,6 +60,10 @@ class DataConfig:
     """``answer``: "Answer: <gold>" only; ``worked``: a short worked solution, then the answer."""
     heldout_examples: int = 32
     """Examples held out for the held-out loss (disjoint from training)."""
+    seed: int | None = None
+    """Seed of the training and held-out draws (which examples, in which order); None: the run's ``seed``, which
+    also seeds the adapters' initialisation, dropout and the bottleneck curriculum's masks. Set it to tell the
+    data's share in a seed's outcome from the rest's."""
 
 
 METHODS = ("answer", "curriculum", "distill")

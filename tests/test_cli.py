@@ -101,9 +101,10 @@ def test_a_study_lists_its_plan_without_running_it(tmp_path):
 
     from diffmas.experiments.relay import plan_arms
 
-    # In a narrow terminal every arm's id is printed whole: they differ only at their ends.
+    # In a narrow terminal (the longest id, 40 characters, and the state just fit) every arm's id is printed
+    # whole: they differ only at their ends.
     result = CliRunner().invoke(app, ["study-relay", "--plan", "--out", str(tmp_path / "runs"), "--docs",
-                                      str(tmp_path / "docs")], env={"COLUMNS": "50"}, terminal_width=50)
+                                      str(tmp_path / "docs")], env={"COLUMNS": "60"}, terminal_width=60)
     assert result.exit_code == 0, result.output
     assert all(arm.id in result.output for arm in plan_arms()) and "│ pending │" in result.output
     assert not (tmp_path / "runs").exists()  # nothing trained, nothing claimed

@@ -87,6 +87,17 @@ def test_training_data_carries_the_views():
     assert not any(ex.prompt["question"].split("\n")[0] in evaluated for ex in train_set + heldout)
 
 
+def test_the_data_seed_draws_the_items_and_the_run_seed_keeps_the_rest():
+    def items(**changes):
+        cfg = load_config(None, {"data.task": "relay:digits", "data.heldout_examples": 3, **changes})
+        return [[e.prompt["question"] for e in part] for part in build_datasets(cfg, 4)]
+
+    assert items(seed=2, **{"data.seed": 0}) == items(seed=0)  # the items (training and held-out) are seed 0's
+    assert items(seed=2) != items(seed=0) and items(seed=2, **{"data.seed": 2}) == items(seed=2)
+    with pytest.raises(DiffMASError, match="data.seed"):
+        load_config(None, {"data.seed": "zero"})
+
+
 def test_autoencoding_steps_ask_the_reader_to_repeat_what_the_writers_saw():
     cfg = load_config(None, {"channel.autoencode_steps": 2, "steps": 10, "trace": "latents"})
     views = {"question": "Q: 3 + 4 =", "none": "Answer with a number.", "part:a": "3", "part:b": "+ 4"}

@@ -82,6 +82,15 @@ def test_a_recipe_not_run_on_a_task_yet_costs_what_the_arm_under_another_recipe_
         (500 * 12.0 + 21 * 120.0 + 3 * 900) * MARGIN)
 
 
+def test_an_arm_on_another_data_seed_costs_what_the_arm_costs(tmp_path):
+    out, docs, cfg = tmp_path / "out", tmp_path / "docs", RelayConfig()
+    _finished(docs, "pause_anneal", relay.DIGITS, step_s=5.0, heldout_s=50.0, eval_s=300, m=1)
+    _finished(docs, "coupled_anneal", relay.DIGITS, step_s=15.0, heldout_s=150.0, eval_s=300, m=1)
+    # pause_anneal's own steps, not the mean of every arm on the task.
+    assert estimate_seconds(Arm("pause_anneal_data0", relay.DIGITS, 2, latent_steps=1), cfg, out, docs) == \
+        pytest.approx((500 * 5.0 + 21 * 50.0 + 300) * MARGIN)
+
+
 def test_the_command_line_reads_the_deadline_and_rejects_a_bad_one(tmp_path):
     from typer.testing import CliRunner
 

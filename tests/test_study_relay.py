@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -65,7 +66,14 @@ def test_arms_share_one_budget_and_differ_only_where_named():
         assert len(topology.writers) == 1 and topology.final.sees == "none"
     seeds = {(a.name, a.task) for a in arms if a.seed > 0}  # where the claims are
     assert seeds == {(n, relay.DIGITS) for n in ("coupled", "detached", "pause", "coupled_anneal", "detached_anneal",
-                                                 "pause_anneal", "gated_anneal")} | {("open", relay.CHAIN)}
+                                                 "pause_anneal", "gated_anneal", "pause_anneal_data0")} | \
+        {("open", relay.CHAIN)}
+    # The data-seed probes (plan change 20): pause at m = 1 with its items drawn by the other seed, nothing else moved.
+    for seed, data in ((0, 2), (2, 0)):
+        probe = trained[Arm(f"pause_anneal_data{data}", relay.DIGITS, seed, latent_steps=1).id]
+        same = train_config(Arm("pause_anneal", relay.DIGITS, seed, latent_steps=1), cfg)
+        assert (probe.seed, probe.data.seed) == (seed, data) and same.data.seed is None
+        assert replace(probe, data=same.data) == same
     on_sums = trained[Arm("gated_anneal", relay.CHAIN).id]  # the sums' curriculum with the gated map
     coupled_sums = trained[Arm("coupled_anneal", relay.CHAIN).id]
     assert (on_sums.latent_map, on_sums.grad_mode, on_sums.channel) == ("gated", "coupled", coupled_sums.channel)
@@ -477,6 +485,9 @@ def test_the_digits_seeds_come_before_the_other_controls():
     assert ids.index(Arm("pause", relay.DIGITS, 2).id) < ids.index(Arm("coupled_long", relay.DIGITS).id)
     sums = [ids.index(Arm(n, relay.CHAIN, s).id) for n, s in (("open", 1), ("open", 2), ("coupled_ae", 0))]
     assert max(seeds) < sums[0] < sums[1] < sums[2] < plain[0]
+    # The data-seed probes (plan change 20) right after the controls' seeds, before open's.
+    probes = [ids.index(Arm(f"pause_anneal_data{d}", relay.DIGITS, s, latent_steps=1).id) for s, d in ((0, 2), (2, 0))]
+    assert probes == [max(seeds) + 1, max(seeds) + 2] and probes[1] + 1 == sums[0]
 
 
 def test_an_arm_evaluated_without_its_record_goes_after_every_other_arm(tmp_path):

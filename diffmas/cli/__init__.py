@@ -174,7 +174,9 @@ def train(
     grad_mode: Optional[str] = typer.Option(None, help="coupled | kv_only (not through the fed-back latent "
                                             "inputs) | detached"),
     adapters: Optional[str] = typer.Option(None, help="shared | per-agent"),
-    seed: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, help="Seed of the adapters' initialisation, dropout, the curriculum's "
+                                                 "masks and (unless --data-seed) the data."),
+    data_seed: Optional[int] = typer.Option(None, help="Seed of the training and held-out draws (default: --seed)."),
     checkpoint_every: Optional[int] = typer.Option(None),
     activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing"),
     mixed_precision: Optional[str] = typer.Option(
@@ -219,7 +221,7 @@ def train(
         "distill.teacher_weight": distill_teacher_weight, "link.pretrain_steps": link_pretrain_steps,
         "think": think, "realign": realign, "trace": trace, "channel.anneal": anneal,
         "channel.autoencode_steps": autoencode_steps, "stop.enabled": stop, "eval_every": eval_every,
-        "data.heldout_examples": heldout_examples,
+        "data.heldout_examples": heldout_examples, "data.seed": data_seed,
     }
     cfg = load_config(config, overrides)
     summary = run_training(cfg, out, resume=resume)

@@ -14,7 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from diffmas.experiments.relay import FULL, TEXT, Arm, RelayConfig, arm_settings, continued_from, run_id, split_name
+from diffmas.experiments.relay import (FULL, TEXT, Arm, RelayConfig, arm_settings, continued_from, data_seed_of, run_id,
+                                      split_name)
 from diffmas.experiments.relay_arm import channel_seconds, gated, probed, thinks
 from diffmas.train.checkpoint import latest_checkpoint, read_state
 from diffmas.train.resume import INHERITED
@@ -62,19 +63,21 @@ def _read(paths: list[Path], docs: Path) -> list[dict]:
 
 def _references(arm: Arm, records: list[dict], trained: bool) -> list[dict]:
     """The finished arms most like ``arm`` (text arms for a text arm, trained ones with a timed curve for a trained
-    one): the same arm (any seed, its run to the cap included) on the same task, else the same arm under another
+    one): the same arm (any seed or data seed, its run to the cap included) on the same task, else the same arm under another
     recipe on the task (the task's prompts set most of a step's cost; a recipe changes what the reader may see, and
     autoencoding only its first steps' targets), else any arm of the task, else the same arm on another task, else
     any arm at all. The task goes before the arm: the same arm on another task was measured at that task's prompt
     lengths and often at another m, which :func:`_at` can only scale up by (a gated arm at m = 1 on the digits put
     the sums' gated arm at m = 6 at 12.5 h; it took about 2.5)."""
-    root = arm.name.removesuffix(FULL)
+    def name(arm_name: str) -> str:  # the run to the cap and another data seed train the same steps
+        return data_seed_of(arm_name.removesuffix(FULL))[0]
+
+    root = name(arm.name)
     kind = [r for r in records if (r.get("system") not in TEXT) == trained and (not trained or r["step_times"])]
-    for same in (lambda r: r.get("arm", "").removesuffix(FULL) == root and r["task"] == arm.task,
-                 lambda r: split_name(r.get("arm", "").removesuffix(FULL))[0] == split_name(root)[0]
-                 and r["task"] == arm.task,
+    for same in (lambda r: name(r.get("arm", "")) == root and r["task"] == arm.task,
+                 lambda r: split_name(name(r.get("arm", "")))[0] == split_name(root)[0] and r["task"] == arm.task,
                  lambda r: r["task"] == arm.task,
-                 lambda r: r.get("arm", "").removesuffix(FULL) == root,
+                 lambda r: name(r.get("arm", "")) == root,
                  lambda r: True):
         found = [r for r in kind if same(r)]
         if found:

@@ -109,11 +109,12 @@ def evaluation_questions(task) -> set[str]:
 
 def build_datasets(cfg: TrainConfig, n_train: int) -> tuple[list[TrainExample], list[TrainExample]]:
     """``n_train`` training examples and ``cfg.data.heldout_examples`` held-out ones, all disjoint from the
-    task's evaluation questions (and from each other)."""
+    task's evaluation questions (and from each other), drawn with ``cfg.data.seed`` (default: the run's seed)."""
     task = get_task(cfg.data.task)
     exclude = evaluation_questions(task)
-    train = _draw(cfg, n_train, cfg.seed, exclude, announce=True)
-    heldout = _draw(cfg, cfg.data.heldout_examples, cfg.seed + 1_000_003, exclude | {ex.question for ex in train})
+    seed = cfg.seed if cfg.data.seed is None else cfg.data.seed
+    train = _draw(cfg, n_train, seed, exclude, announce=True)
+    heldout = _draw(cfg, cfg.data.heldout_examples, seed + 1_000_003, exclude | {ex.question for ex in train})
 
     def render(examples: list[Example]) -> list[TrainExample]:
         return [TrainExample(task.views(ex), ex.target or "") for ex in examples]
