@@ -65,10 +65,10 @@ def _references(arm: Arm, records: list[dict], trained: bool) -> list[dict]:
     """The finished arms most like ``arm`` (text arms for a text arm, trained ones with a timed curve for a trained
     one): the same arm (any seed or data seed, its run to the cap included) on the same task, else the same arm
     under another recipe on the task (the task's prompts set most of a step's cost; a recipe changes what the reader
-    may see, and autoencoding only its first steps' targets), else any arm of the task, else the same arm on another task, else
-    any arm at all. The task goes before the arm: the same arm on another task was measured at that task's prompt
-    lengths and often at another m, which :func:`_at` can only scale up by (a gated arm at m = 1 on the digits put
-    the sums' gated arm at m = 6 at 12.5 h; it took about 2.5)."""
+    may see, and autoencoding only its first steps' targets), else any arm of the task, else the same arm on another
+    task, else any arm at all. The task goes before the arm: the same arm on another task was measured at that
+    task's prompt lengths and often at another m, which :func:`_at` can only scale up by (a gated arm at m = 1 on
+    the digits put the sums' gated arm at m = 6 at 12.5 h; it took about 2.5)."""
     def name(arm_name: str) -> str:  # the run to the cap and another data seed train the same steps
         return data_seed_of(arm_name.removesuffix(FULL))[0]
 
