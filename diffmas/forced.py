@@ -56,7 +56,8 @@ def score_forced(backbone: Backbone, spec: RolloutSpec, trace: Trace, prompt_seq
     segment ``prompt_seqs``, and is teacher-forced on ``forced`` (token ids), without grad: the computation training
     runs on its targets. Gold-target scoring and lm-eval's log-likelihoods both come through here."""
     if len(prompt_seqs) != len(forced) or len(forced) != trace.batch_size:
-        raise DiffMASError(f"{len(forced)} targets and a trace of {trace.batch_size} rows for {len(prompt_seqs)} prompts")
+        raise DiffMASError(f"{len(forced)} targets and a trace of {trace.batch_size} rows for "
+                           f"{len(prompt_seqs)} prompts")
     final = spec.topology.final
     steps = final_latent_steps(spec)
     latent_map = (spec.latent_map or get_realigner(backbone, spec.realign)) if steps else None

@@ -171,8 +171,8 @@ def rollout(
     shuffled-thought control: does the reader take the answer from the thoughts' content, or from what the latent
     positions read of the writer's own prompt?); a first pass of the writers on ``thought_prompts`` computes
     them, so a row's result does not depend on its batch. ``gold_targets`` (inference): also score these targets
-    teacher-forced after the writers' trace (:func:`diffmas.forced.gold_nll`), in the columns the final agent then reuses.
-    ``reveal`` (scope ``latents``, training's bottleneck curriculum): each writer-prompt column stays visible
+    teacher-forced after the writers' trace (:func:`diffmas.forced.gold_nll`), in the columns the final agent then
+    reuses. ``reveal`` (scope ``latents``, training's bottleneck curriculum): each writer-prompt column stays visible
     downstream with this probability (drawn per row and column from ``reveal_seed``) instead of being dropped.
     ``on_final_step`` (inference): called after each step of the final agent's decoding, as
     :func:`diffmas.decode.decode`'s ``on_step`` (streaming).
@@ -251,7 +251,7 @@ def rollout(
                 own = seqs  # what this writer's segment prefills: the whole prompts, or what follows a shared prefix
                 if not trace.length:  # nothing written yet: every row's prompt starts at position 0
                     branch, own = as_agent(agent.role, _prefill_shared_prefix, backbone, adapters.get(agent.role),
-                                            seqs, branch, checkpoint and stage_one_grad)
+                                           seqs, branch, checkpoint and stage_one_grad)
                     ids, mask = left_pad(own, backbone.pad_id, device)
                 prompt_width = branch.length + ids.shape[1]
                 if spec.writer_mode == "latent":
@@ -268,7 +268,7 @@ def rollout(
                                   fed=None if fed is None else fed[number],
                                   fed_out=None if fed_out is None else fed_out[number])
                     out = as_agent(agent.role, maybe_checkpoint, checkpoint and stage_one_grad, fn, branch, ids, mask,
-                                    labels, f_ids, f_mask, f_labels, None)
+                                   labels, f_ids, f_mask, f_labels, None)
                     branch = Trace.unflatten(out[2:])
                     loss_sum = loss_sum + out[0]
                     lens = lens_out[-1] if lens_out else None
@@ -282,7 +282,7 @@ def rollout(
                     reply_from = branch.length
                     cap = budget if caps is None else max(1, *caps)
                     reply = as_agent(agent.role, decode, backbone, branch, hidden[:, -1],
-                                      writer_decode_config(decode_cfg, cap, number), keep_in_trace=True)
+                                     writer_decode_config(decode_cfg, cap, number), keep_in_trace=True)
                     branch, texts, generated = reply.trace, reply.texts, [len(t) for t in reply.tokens]
                     if caps is not None:
                         branch, texts, generated = _cap_replies(tok, reply, reply_from, caps)
@@ -324,7 +324,7 @@ def rollout(
             capture_col = width - torch.tensor([len(f) for f in forced], device=device) + capture_col
         fn = agent_fn(backbone, adapters.get(final.role), final_steps, latent_map, capture=capture)
         out = as_agent(final.role, maybe_checkpoint, checkpoint, fn, trace, ids, mask, labels, f_ids, f_mask,
-                        f_labels, capture_col)
+                       f_labels, capture_col)
         n_captured = backbone.lm.config.num_hidden_layers + 1 if capture else 0
         loss_sum = loss_sum + out[0]
         records.append(AgentRecord(final.role, [len(s) for s in prompt_seqs], final_steps, [0] * batch,
@@ -341,8 +341,8 @@ def rollout(
         activate(backbone, adapters.get(final.role))
         ids, mask = left_pad(prompt_seqs, backbone.pad_id, device)
         final_trace, hidden = as_agent(final.role, trace.extend, backbone.body, mask, input_ids=ids)
-        final_trace, last, _ = as_agent(final.role, take_latent_steps, backbone, final_trace, hidden[:, -1], final_steps,
-                                         latent_map)
+        final_trace, last, _ = as_agent(final.role, take_latent_steps, backbone, final_trace, hidden[:, -1],
+                                        final_steps, latent_map)
         if final.max_new_tokens is not None:
             decode_cfg = replace(decode_cfg, max_new_tokens=final.max_new_tokens)
         # The decode takes the trace over: with no other reference left, the rows it drops are freed.

@@ -18,8 +18,8 @@ CONTROLS_RUN = (GATE_CLOSED, SHUFFLED_THOUGHT)
 def control_table(control: str, runs: list[tuple[str, dict[str, bool], list[dict]]], n_boot: int = 10_000,
                   places: Callable[[str, list[dict]], dict[int, tuple[float, float, int]] | None] | None = None
                   ) -> list[str]:
-    """Each run's test items as trained and under ``control`` (:data:`GATE_CLOSED` or :data:`SHUFFLED_THOUGHT`; ``runs``:
-    ``(label, trained, controlled)``, item id -> correct and the control's kept samples), with the paired
+    """Each run's test items as trained and under ``control`` (:data:`GATE_CLOSED` or :data:`SHUFFLED_THOUGHT`;
+    ``runs``: ``(label, trained, controlled)``, item id -> correct and the control's kept samples), with the paired
     difference; [] where no run was evaluated so. Under shuffled thoughts, also how often the answer is the
     answer of the item whose thoughts were fed (items whose answers differ), and where ``places(label, samples)``
     reads them (the digits), place by place: the thought's digit / the item's own (items that differ there)."""
